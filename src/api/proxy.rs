@@ -1,0 +1,549 @@
+//! The OpenAI-compatible endpoints: authenticate, parse, route and reserve, forward (with
+//! fallbacks before the first byte), meter, record, answer.
+//!
+//! Forwarding runs in a task the server tracks, not in the client's connection future: a
+//! client that hangs up does not cancel the upstream call or its metering, and SIGTERM
+//! waits for it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::auth::{self, Caller};
+use crate::config::{Model, OnLedgerError};
+use crate::error::ApiError;
+use crate::ledger::now_ms;
+use crate::metering::sse::SseParser;
+use crate::metering::usage::{self, ChunkKind, StreamAccumulator};
+use crate::metering::{LocalPrompt, Meter, Outcome, Produced};
+use crate::request::{self, Endpoint, ParsedRequest};
+use crate::routing::{self, Admission, Decision, PromptCounter};
+use crate::server::AppState;
+use crate::upstream::{ReadError, SendError, UpstreamResponse};
+
+/// Largest single SSE event accepted from an upstream.
+const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+/// Generated text kept per stream for estimating output tokens.
+const MAX_STREAM_TEXT: usize = 4 * 1024 * 1024;
+/// Events buffered between the upstream reader and a slow client.
+const STREAM_BUFFER: usize = 64;
+
+pub async fn chat_completions(State(app): State<AppState>, req: Request) -> Response {
+    proxy(app, Endpoint::Chat, req).await
+}
+
+pub async fn completions(State(app): State<AppState>, req: Request) -> Response {
+    proxy(app, Endpoint::Completions, req).await
+}
+
+pub async fn embeddings(State(app): State<AppState>, req: Request) -> Response {
+    proxy(app, Endpoint::Embeddings, req).await
+}
+
+/// `GET /v1/models`: the models this key may use.
+pub async fn list_models(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let caller = auth::authenticate(&app.directory, &headers)?;
+    let data: Vec<_> = app
+        .config
+        .model_order
+        .iter()
+        .filter(|name| caller.allows(name))
+        .map(|name| json!({"id": name, "object": "model", "created": 0, "owned_by": "tollgate"}))
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// A request id that sorts by time: `req_` + start time (ms, hex) + 64 random bits.
+fn new_request_id(time_ms: i64) -> String {
+    format!("req_{:012x}{:016x}", time_ms, rand::random::<u64>())
+}
+
+async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
+    let started = Instant::now();
+    let time_ms = now_ms();
+    let request_id = new_request_id(time_ms);
+    let mut response = match handle(&app, endpoint, req, started, time_ms, &request_id).await {
+        Ok(response) => response,
+        Err(e) => {
+            app.metrics.record_refusal(&e.code());
+            tracing::info!(request_id = %request_id, status = e.status().as_u16(), code = %e.code(), "request refused");
+            e.into_response()
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-tollgate-request-id", v);
+    }
+    response
+}
+
+async fn read_body(body: Body, limit: usize, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            || e.to_string().contains("length limit");
+        if too_large {
+            ApiError::TooLarge { limit }
+        } else {
+            ApiError::InvalidJson("The request body could not be read.".into())
+        }
+    })
+}
+
+fn dry_run_asked(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-tollgate-dry-run")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+async fn handle(
+    app: &AppState,
+    endpoint: Endpoint,
+    req: Request,
+    started: Instant,
+    time_ms: i64,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    // Authenticate before reading the body: an anonymous client gets no buffering from us.
+    let caller = auth::authenticate(&app.directory, &parts.headers)?;
+    let body = read_body(body, app.config.max_body_bytes, &parts.headers).await?;
+    let parsed = request::parse(endpoint, &body)?;
+    let asked = app.config.models.get(&parsed.model).cloned().ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
+    if !caller.allows(&asked.name) {
+        return Err(ApiError::ModelNotAllowed(asked.name.clone()));
+    }
+    let wants_embedding = endpoint == Endpoint::Embeddings;
+    if wants_embedding != (asked.kind == crate::pricing::ModelKind::Embedding) {
+        return Err(ApiError::param(
+            "model",
+            format!("The model `{}` does not serve {} requests.", asked.name, endpoint.name()),
+        ));
+    }
+    if let Some(max) = parsed.max_output {
+        if asked.kind == crate::pricing::ModelKind::Chat && max > asked.max_output_tokens {
+            let param = if parsed.value.get("max_completion_tokens").is_some_and(|v| !v.is_null()) {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            return Err(ApiError::param(
+                param,
+                format!(
+                    "{param} is too large: {max}. This model supports at most {} completion tokens.",
+                    asked.max_output_tokens
+                ),
+            ));
+        }
+    }
+    let dry_run = dry_run_asked(&parts.headers);
+    if !dry_run && app.config.on_ledger_error == OnLedgerError::Reject && app.ledger.health().failing() {
+        return Err(ApiError::LedgerUnavailable);
+    }
+
+    let now = app.clock.now();
+    let budgets = caller.budgets();
+    routing::load_accounts(&app.budgets, app.ledger.backend(), &budgets, now).await?;
+    let mut counter = PromptCounter::new(&parsed);
+    let admitted = routing::admit(&app.config, &app.budgets, &caller, &parsed, &asked, &mut counter, now);
+    if dry_run {
+        return Ok(dry_run_answer(app, &caller, &parsed, &asked, admitted, &mut counter, now));
+    }
+    let admission = match admitted {
+        Ok(a) => a,
+        Err((reason, refusal)) => {
+            tracing::info!(request_id, key_id = %caller.key.id, team = %caller.team.name, %reason, "budget refused");
+            return Err(ApiError::BudgetExceeded {
+                message: format!("Budget exceeded: {reason}."),
+                retry_after_s: refusal.and_then(|r| r.retry_after_s),
+            });
+        }
+    };
+    // Rate limits count admitted requests; tpm needs the prompt's tokens.
+    let limited_tpm = budgets.iter().any(|b| b.spec.tpm.is_some());
+    let rate_tokens = if limited_tpm { counter.exact(&admission.model.name) } else { admission.prompt_tokens };
+    let rate = match app.rates.admit(&budgets, rate_tokens, now.timestamp_millis()) {
+        Ok(t) => t,
+        Err(refusal) => {
+            app.budgets.settle(admission.reservation, crate::pricing::NanoUsd::ZERO);
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "Rate limit reached for this {}: {} {}. Retry after {} s.",
+                    refusal.scope.label(),
+                    refusal.limit,
+                    refusal.what,
+                    refusal.retry_after_s
+                ),
+                retry_after_s: refusal.retry_after_s,
+            });
+        }
+    };
+    let local_prompt = if admission.prompt_exact || limited_tpm {
+        LocalPrompt::Exact(counter.exact(&admission.model.name))
+    } else {
+        LocalPrompt::Deferred(Arc::new(parsed.value.clone()), endpoint)
+    };
+    let Admission { model, decision, reason, reservation, .. } = admission;
+    tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");
+    let downgraded_from = (decision == Decision::Downgrade).then(|| asked.name.clone());
+    let meter = Meter {
+        app: app.clone(),
+        caller,
+        request_id: request_id.to_string(),
+        time_ms,
+        started,
+        endpoint: endpoint.name(),
+        asked: asked.name.clone(),
+        stream: parsed.stream,
+        local_prompt_tokens: local_prompt,
+        reservation,
+        rate,
+    };
+    let job = Forward { parsed, body, model, downgraded_from, meter };
+    // The forward runs in a tracked task: if this handler is dropped (client gone), the
+    // request is still metered and recorded.
+    let task = app.tracker.spawn(job.run());
+    match task.await {
+        Ok(response) => Ok(response),
+        Err(e) => {
+            tracing::error!(error = %e, request_id, "forwarding task failed");
+            Err(ApiError::Internal)
+        }
+    }
+}
+
+fn dry_run_answer(
+    app: &AppState,
+    caller: &Caller,
+    parsed: &ParsedRequest,
+    asked: &Arc<Model>,
+    admitted: Result<Admission, (String, Option<crate::budget::Refusal>)>,
+    counter: &mut PromptCounter,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Response {
+    let budgets = caller.budgets();
+    let (decision, served, reason, max_cost, estimated) = match admitted {
+        Ok(a) => {
+            let exact = counter.exact(&a.model.name);
+            let estimated = a.model.price.worst_case(exact, 0);
+            let max_cost = a.model.price.worst_case(exact, routing::max_output(parsed, &a.model));
+            // A dry run charges nothing: give the reservation straight back.
+            app.budgets.settle(a.reservation, crate::pricing::NanoUsd::ZERO);
+            (a.decision, Some(a.model.name.clone()), a.reason, max_cost, estimated)
+        }
+        Err((reason, _)) => {
+            let exact = counter.exact(&asked.name);
+            let max_cost = asked.price.worst_case(exact, routing::max_output(parsed, asked));
+            (Decision::Refuse, None, reason, max_cost, asked.price.worst_case(exact, 0))
+        }
+    };
+    let remaining = app.budgets.headroom(&budgets, now);
+    axum::Json(json!({
+        "dry_run": true,
+        "decision": decision.as_str(),
+        "model": asked.name,
+        "served_model": served,
+        "reason": reason,
+        "estimated_cost_usd": estimated.as_usd(),
+        "max_cost_usd": max_cost.as_usd(),
+        "remaining_usd": remaining.map(|r| r.as_usd()),
+    }))
+    .into_response()
+}
+
+/// A routed request on its way upstream.
+struct Forward {
+    parsed: ParsedRequest,
+    body: Bytes,
+    model: Arc<Model>,
+    downgraded_from: Option<String>,
+    meter: Meter,
+}
+
+/// Whether a failure is worth trying the next deployment for.
+fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+impl Forward {
+    async fn run(self) -> Response {
+        let Forward { parsed, body, model, downgraded_from, meter } = self;
+        let app = meter.app.clone();
+        let path = parsed.endpoint.upstream_path();
+        // The serving model, then its fallback deployments (allowed ones only).
+        let mut deployments = vec![model.clone()];
+        if let Some(list) = app.config.fallbacks.get(&model.name) {
+            for name in list {
+                if let Some(m) = app.config.models.get(name) {
+                    if meter.caller.allows(&m.name) && m.capabilities.covers(&parsed.needs) {
+                        deployments.push(m.clone());
+                    }
+                }
+            }
+        }
+        let mut last_failure: Option<ApiError> = None;
+        let mut last_response: Option<(Arc<Model>, UpstreamResponse)> = None;
+        let count = deployments.len();
+        for (i, deployment) in deployments.into_iter().enumerate() {
+            let upstream_body = parsed.rewrite(&body, &deployment.upstream_model);
+            let sent = Instant::now();
+            let result = app.upstreams.send(&deployment.provider, path, upstream_body).await;
+            app.metrics.observe_upstream(&deployment.name, sent.elapsed());
+            match result {
+                Ok(resp) if retryable(resp.status) && i + 1 < count => {
+                    tracing::warn!(model = %deployment.name, status = resp.status.as_u16(), "upstream failed; trying fallback");
+                    last_failure = Some(ApiError::Upstream { status: Some(resp.status.as_u16()), message: String::new() });
+                }
+                Ok(resp) => {
+                    last_response = Some((deployment, resp));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(model = %deployment.name, error = %e, "upstream request failed");
+                    last_failure = Some(e.to_api_error());
+                    if let SendError::Timeout = e {
+                        app.metrics.record_refusal("upstream_timeout");
+                    }
+                }
+            }
+        }
+        let Some((served, upstream)) = last_response else {
+            let error = last_failure.unwrap_or(ApiError::Internal);
+            let error = match error {
+                ApiError::Upstream { status: Some(s), .. } => ApiError::Upstream {
+                    status: Some(s),
+                    message: format!("The upstream failed with status {s} and no fallback succeeded."),
+                },
+                other => other,
+            };
+            let status = error.status().as_u16();
+            meter.settle(Outcome { status, model: &model, reported: None, produced: None }).await;
+            return error.into_response();
+        };
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(&served.name) {
+            headers.insert("x-tollgate-model", v);
+        }
+        if let Some(from) = &downgraded_from {
+            if let Ok(v) = HeaderValue::from_str(from) {
+                headers.insert("x-tollgate-downgraded-from", v);
+            }
+        }
+        let is_sse = upstream.content_type().starts_with("text/event-stream");
+        if parsed.stream && upstream.status.is_success() {
+            if !is_sse {
+                let mut upstream = upstream;
+                let _ = upstream.read_all(app.config.max_response_bytes).await;
+                let error = ApiError::InvalidUpstreamResponse;
+                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+                return error.into_response();
+            }
+            return relay_stream(meter, served, upstream, parsed.client_wants_usage, headers);
+        }
+        whole_response(meter, served, upstream, headers).await
+    }
+}
+
+/// A non-streamed answer: read it whole, meter, record durably, then answer.
+async fn whole_response(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse, mut headers: HeaderMap) -> Response {
+    let app = meter.app.clone();
+    let status = upstream.status;
+    let body = match upstream.read_all(app.config.max_response_bytes).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(model = %served.name, error = %e, "upstream body failed");
+            let error = match e {
+                ReadError::Body(crate::upstream::BodyError::Idle) => ApiError::UpstreamTimeout,
+                ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
+                ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
+            };
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+            return error.into_response();
+        }
+    };
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    if status.is_success() {
+        let Some(value) = parsed.filter(|v| v.is_object()) else {
+            let error = ApiError::InvalidUpstreamResponse;
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+            return error.into_response();
+        };
+        let reported = usage::usage_from_json(&value);
+        let text = usage::response_text(&value);
+        let settled = meter
+            .settle(Outcome {
+                status: status.as_u16(),
+                model: &served,
+                reported,
+                produced: Some(Produced { text: &text, overflow_bytes: 0 }),
+            })
+            .await;
+        if settled.durable.is_err() && app.config.on_ledger_error == OnLedgerError::Reject {
+            return ApiError::LedgerUnavailable.into_response();
+        }
+        if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
+            headers.insert("x-tollgate-cost-usd", v);
+        }
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return (status, headers, body).into_response();
+    }
+    // The upstream refused the request itself (4xx): its error body reaches the client
+    // unchanged; 401/403 mean tollgate's provider credentials are wrong, which is not the
+    // client's to see as its own key's fault.
+    let reported = parsed.as_ref().and_then(usage::usage_from_json);
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || retryable(status) {
+        let error = ApiError::Upstream {
+            status: Some(status.as_u16()),
+            message: format!("The upstream failed with status {}.", status.as_u16()),
+        };
+        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None }).await;
+        let mut response = error.into_response();
+        if let Some(retry) = upstream.headers.get(header::RETRY_AFTER) {
+            response.headers_mut().insert(header::RETRY_AFTER, retry.clone());
+        }
+        return response;
+    }
+    let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None }).await;
+    if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
+        headers.insert("x-tollgate-cost-usd", v);
+    }
+    let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned().unwrap_or(HeaderValue::from_static("application/json"));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    (status, headers, body).into_response()
+}
+
+/// Starts relaying a stream: the response goes out at once with the upstream's status; a
+/// tracked task reads the upstream, forwards each event as it completes, and settles.
+fn relay_stream(meter: Meter, served: Arc<Model>, upstream: UpstreamResponse, client_wants_usage: bool, mut headers: HeaderMap) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(STREAM_BUFFER);
+    let app = meter.app.clone();
+    let drain = std::time::Duration::from_millis(app.config.disconnect_drain_ms);
+    let status = upstream.status;
+    app.tracker.spawn(pump(meter, served, upstream, client_wants_usage, tx, drain));
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    let body = Body::from_stream(tokio_stream_from(rx));
+    (status, headers, body).into_response()
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Reads the upstream stream to its end, forwarding events to the client while it listens.
+/// `[DONE]` is held back until the record is durable. If the client goes away, reading
+/// continues (for at most `drain`) to learn the usage; if the upstream stops early, the
+/// client's stream is cut off too, without `[DONE]`.
+async fn pump(
+    meter: Meter,
+    served: Arc<Model>,
+    mut upstream: UpstreamResponse,
+    client_wants_usage: bool,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    drain: std::time::Duration,
+) {
+    let mut parser = SseParser::new(MAX_EVENT_BYTES);
+    let mut acc = StreamAccumulator::new(MAX_STREAM_TEXT);
+    let mut client_gone = false;
+    let mut gone_at: Option<Instant> = None;
+    let mut done_event: Option<Bytes> = None;
+    let mut failure: Option<String> = None;
+    'read: loop {
+        if let Some(at) = gone_at {
+            if at.elapsed() > drain {
+                failure = Some("client gone; stopped draining the upstream".into());
+                break;
+            }
+        }
+        let chunk = match upstream.next_chunk().await {
+            None => {
+                // End of body: a final event may still be waiting on its line ending.
+                match parser.finish() {
+                    Ok(events) => {
+                        for event in events {
+                            if let Some(data) = &event.data {
+                                if acc.observe(data) == ChunkKind::Done {
+                                    done_event = Some(event.raw);
+                                    break 'read;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => failure = Some(format!("malformed SSE from the upstream: {e}")),
+                }
+                break;
+            }
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                failure = Some(e.to_string());
+                break;
+            }
+        };
+        let events = match parser.push(&chunk) {
+            Ok(events) => events,
+            Err(e) => {
+                failure = Some(format!("malformed SSE from the upstream: {e:?}"));
+                break;
+            }
+        };
+        for event in events {
+            let kind = match &event.data {
+                Some(data) => acc.observe(data),
+                None => ChunkKind::Content,
+            };
+            match kind {
+                ChunkKind::Done => {
+                    done_event = Some(event.raw);
+                    break 'read;
+                }
+                ChunkKind::UsageOnly if !client_wants_usage => continue,
+                _ => {}
+            }
+            if !client_gone && tx.send(Ok(event.raw)).await.is_err() {
+                client_gone = true;
+                gone_at = Some(Instant::now());
+                tracing::info!(request_id = %meter.request_id, "client disconnected mid-stream; still metering");
+            }
+        }
+    }
+    let complete = done_event.is_some();
+    if let Some(why) = &failure {
+        tracing::warn!(request_id = %meter.request_id, model = %served.name, reason = %why, "stream ended early");
+    }
+    let app = meter.app.clone();
+    let settled = meter
+        .settle(Outcome {
+            status: upstream.status.as_u16(),
+            model: &served,
+            reported: acc.usage(),
+            produced: Some(Produced { text: acc.produced_text(), overflow_bytes: acc.overflow_bytes() }),
+        })
+        .await;
+    if client_gone {
+        return;
+    }
+    let keep = settled.durable.is_ok() || app.config.on_ledger_error == OnLedgerError::Serve;
+    match done_event {
+        Some(done) if complete && keep => {
+            let _ = tx.send(Ok(done)).await;
+        }
+        _ => {
+            // Cut the client's stream off: an error ends the chunked body without its terminator.
+            let _ = tx.send(Err(std::io::Error::other("upstream stream ended early"))).await;
+        }
+    }
+}

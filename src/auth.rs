@@ -1,0 +1,174 @@
+//! Virtual keys: generation, hashing, and the in-memory directory every request
+//! authenticates against (no database round trip per request).
+//!
+//! A presented key is hashed with SHA-256 and the hash looked up; secrets are never stored
+//! or compared directly, so lookup time says nothing about how many leading characters of a
+//! guess were right. The directory is a snapshot of the teams and keys tables, swapped whole
+//! when they change: at once after an admin API write, and within `POLL_INTERVAL` after a
+//! change made by the CLI in another process (it bumps `directory_version`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use rand::distr::{Alphanumeric, SampleString};
+use sha2::{Digest, Sha256};
+
+use crate::budget::{Applicable, Scope};
+use crate::error::ApiError;
+use crate::ledger::{Backend, KeyRow, LedgerError, TeamRow};
+
+/// How often a running server checks whether teams or keys changed in the database.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Random base62 characters after `tg-`.
+const KEY_RANDOM_CHARS: usize = 40;
+
+/// Generates a new virtual key secret: `tg-` and 40 random base62 characters (~238 bits).
+pub fn generate_secret() -> String {
+    format!("tg-{}", Alphanumeric.sample_string(&mut rand::rng(), KEY_RANDOM_CHARS))
+}
+
+/// Generates a key id (not secret): `key_` and 16 base62 characters.
+pub fn generate_key_id() -> String {
+    format!("key_{}", Alphanumeric.sample_string(&mut rand::rng(), 16))
+}
+
+/// SHA-256 of a key secret.
+pub fn hash_secret(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// The display prefix stored beside the hash: `tg-` and the first 4 random characters.
+pub fn display_prefix(secret: &str) -> String {
+    secret.chars().take(7).collect()
+}
+
+/// The authenticated caller of a request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub key: Arc<KeyRow>,
+    pub team: Arc<TeamRow>,
+}
+
+impl Caller {
+    /// The budgets and limits this request must fit: the key's, then the team's.
+    pub fn budgets(&self) -> [Applicable; 2] {
+        [
+            Applicable { scope: Scope::Key(self.key.id.clone()), spec: self.key.budget.clone() },
+            Applicable { scope: Scope::Team(self.team.name.clone()), spec: self.team.budget.clone() },
+        ]
+    }
+
+    /// Whether both the key's and the team's allow-lists admit `model`.
+    pub fn allows(&self, model: &str) -> bool {
+        self.key.budget.allows(model) && self.team.budget.allows(model)
+    }
+}
+
+/// A snapshot of teams and keys.
+#[derive(Default)]
+pub struct Snapshot {
+    version: i64,
+    by_hash: HashMap<[u8; 32], Arc<KeyRow>>,
+    teams: HashMap<String, Arc<TeamRow>>,
+}
+
+/// The directory: the current snapshot, swapped whole on change.
+#[derive(Default)]
+pub struct Directory {
+    current: RwLock<Arc<Snapshot>>,
+}
+
+impl Directory {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reloads from the database if its version moved (or `force`).
+    pub async fn refresh(&self, db: &Backend, force: bool) -> Result<(), LedgerError> {
+        let version = db.directory_version().await?;
+        if !force && version == self.snapshot().version {
+            return Ok(());
+        }
+        let teams = db.load_teams().await?;
+        let keys = db.load_keys().await?;
+        let teams: HashMap<String, Arc<TeamRow>> = teams.into_iter().map(|t| (t.name.clone(), Arc::new(t))).collect();
+        let by_hash = keys
+            .into_iter()
+            .filter(|k| k.revoked_ms.is_none() && teams.contains_key(&k.team))
+            .map(|k| (k.key_hash, Arc::new(k)))
+            .collect();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { version, by_hash, teams });
+        Ok(())
+    }
+
+    /// Authenticates a bearer secret.
+    pub fn authenticate(&self, secret: &str) -> Option<Caller> {
+        let snapshot = self.snapshot();
+        let key = snapshot.by_hash.get(&hash_secret(secret))?.clone();
+        let team = snapshot.teams.get(&key.team)?.clone();
+        Some(Caller { key, team })
+    }
+
+    /// The team named `name`, as of the snapshot.
+    pub fn team(&self, name: &str) -> Option<Arc<TeamRow>> {
+        self.snapshot().teams.get(name).cloned()
+    }
+}
+
+/// The bearer token of a request (`Authorization: Bearer …`, or `api-key:` as Azure clients send).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+        let value = value.to_str().ok()?.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty());
+    }
+    headers.get("api-key").and_then(|v| v.to_str().ok()).map(str::trim).filter(|t| !t.is_empty())
+}
+
+/// Authenticates a virtual key, or answers 401.
+pub fn authenticate(directory: &Directory, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(secret) = bearer(headers) else {
+        return Err(ApiError::InvalidApiKey(
+            "You didn't provide an API key. Provide your tollgate virtual key as a Bearer token in the Authorization header.",
+        ));
+    };
+    directory.authenticate(secret).ok_or(ApiError::InvalidApiKey("Incorrect API key provided, or the key was revoked."))
+}
+
+/// Checks the master key for the admin API. Both sides are hashed first, so the comparison
+/// takes the same time wherever a guess goes wrong.
+pub fn is_master(master: Option<&crate::config::Secret>, headers: &HeaderMap) -> bool {
+    match (master, bearer(headers)) {
+        (Some(master), Some(given)) => hash_secret(master.expose()) == hash_secret(given),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_tg_prefixed_base62() {
+        let s = generate_secret();
+        assert!(s.starts_with("tg-"));
+        assert!(s.len() >= 3 + 32);
+        assert!(s[3..].chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(s, generate_secret());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert("authorization", "Bearer tg-abc".parse().unwrap());
+        assert_eq!(bearer(&h), Some("tg-abc"));
+        h.insert("authorization", "bearer   tg-abc ".parse().unwrap());
+        assert_eq!(bearer(&h), Some("tg-abc"));
+        h.insert("authorization", "Basic xyz".parse().unwrap());
+        assert_eq!(bearer(&h), None);
+    }
+}

@@ -1,0 +1,512 @@
+//! Budgets and rate limits: pure decisions over one atomic store.
+//!
+//! Every budget (a team's or a key's) is an `Account` of the current period: `spent` (settled
+//! records) and `reserved` (worst-case costs of requests in flight). A request reserves its
+//! worst case against all of its budgets under one lock, so however many requests race,
+//! `spent + reserved` never passes a limit; after the upstream answers the reservation is
+//! settled to the real cost. Accounts are rebuilt from the ledger on first use after a start.
+//!
+//! The lock is a std `Mutex`: it is never held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::pricing::NanoUsd;
+
+/// How often a budget resets. Periods start at 00:00 UTC; weeks on Monday, months on the 1st.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Daily,
+    Weekly,
+    #[default]
+    Monthly,
+    /// Never resets.
+    Total,
+}
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Daily => "daily",
+            Period::Weekly => "weekly",
+            Period::Monthly => "monthly",
+            Period::Total => "total",
+        }
+    }
+
+    /// Start of the period containing `now`, Unix ms.
+    pub fn start(self, now: DateTime<Utc>) -> i64 {
+        let day = now.date_naive();
+        let start = match self {
+            Period::Daily => day,
+            Period::Weekly => day - Duration::days(i64::from(day.weekday().num_days_from_monday())),
+            Period::Monthly => day.with_day(1).unwrap_or(day),
+            Period::Total => return 0,
+        };
+        Utc.from_utc_datetime(&start.and_hms_opt(0, 0, 0).unwrap_or_default()).timestamp_millis()
+    }
+
+    /// When the period containing `now` ends, Unix ms; `None` for `total`.
+    pub fn reset(self, now: DateTime<Utc>) -> Option<i64> {
+        let day = now.date_naive();
+        let next = match self {
+            Period::Daily => day + Duration::days(1),
+            Period::Weekly => day + Duration::days(7 - i64::from(day.weekday().num_days_from_monday())),
+            Period::Monthly => {
+                let (y, m) = if day.month() == 12 { (day.year() + 1, 1) } else { (day.year(), day.month() + 1) };
+                chrono::NaiveDate::from_ymd_opt(y, m, 1)?
+            }
+            Period::Total => return None,
+        };
+        Some(Utc.from_utc_datetime(&next.and_hms_opt(0, 0, 0)?).timestamp_millis())
+    }
+}
+
+impl FromStr for Period {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "daily" => Ok(Period::Daily),
+            "weekly" => Ok(Period::Weekly),
+            "monthly" => Ok(Period::Monthly),
+            "total" => Ok(Period::Total),
+            other => Err(format!("unknown period {other:?}: use daily, weekly, monthly or total")),
+        }
+    }
+}
+
+/// The budget and limit fields a team or a key carries (flat, as in SPEC §3).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BudgetSpec {
+    /// `None`: no spending limit.
+    pub limit: Option<NanoUsd>,
+    pub period: Period,
+    /// Fraction of `limit` past which requests are downgraded to a cheaper model.
+    pub downgrade_at: Option<f64>,
+    /// Allow-list of model names; empty allows every model.
+    pub models: Vec<String>,
+    /// Requests admitted per trailing 60 s.
+    pub rpm: Option<u64>,
+    /// Input plus output tokens per trailing 60 s.
+    pub tpm: Option<u64>,
+}
+
+impl BudgetSpec {
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m == model)
+    }
+}
+
+/// Whose budget an account is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Team(String),
+    Key(String),
+}
+
+impl Scope {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Scope::Team(_) => "team",
+            Scope::Key(_) => "key",
+        }
+    }
+}
+
+/// The clock budgets read; tests move it to cross a period boundary.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    /// Unix ms to report instead of the system time; 0 means the system time.
+    fixed_ms: Arc<AtomicI64>,
+}
+
+impl Clock {
+    pub fn now(&self) -> DateTime<Utc> {
+        match self.fixed_ms.load(Ordering::Relaxed) {
+            0 => Utc::now(),
+            ms => Utc.timestamp_millis_opt(ms).single().unwrap_or_else(Utc::now),
+        }
+    }
+    /// Pins the clock to `at` (tests).
+    pub fn set(&self, at: DateTime<Utc>) {
+        self.fixed_ms.store(at.timestamp_millis(), Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct Account {
+    /// Start of the period `spent` belongs to, Unix ms.
+    period_start: i64,
+    spent: NanoUsd,
+    reserved: NanoUsd,
+}
+
+/// A budget a request must fit: whose, and its spec.
+#[derive(Clone, Debug)]
+pub struct Applicable {
+    pub scope: Scope,
+    pub spec: BudgetSpec,
+}
+
+/// The state of one budget now.
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetStatus {
+    pub spent: NanoUsd,
+    pub reserved: NanoUsd,
+    /// `None` when there is no limit.
+    pub remaining: Option<NanoUsd>,
+    /// End of the current period, Unix ms; `None` for `total`.
+    pub resets_at_ms: Option<i64>,
+}
+
+/// Money held for a request in flight; settle it exactly once.
+#[derive(Debug)]
+pub struct Reservation {
+    amount: NanoUsd,
+    held: Vec<(Scope, i64)>,
+}
+
+impl Reservation {
+    pub fn amount(&self) -> NanoUsd {
+        self.amount
+    }
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub scope: Scope,
+    pub remaining: NanoUsd,
+    /// Seconds until the refusing budget's period resets.
+    pub retry_after_s: Option<u64>,
+}
+
+/// All budget accounts, behind one lock.
+#[derive(Default)]
+pub struct BudgetBook {
+    accounts: Mutex<HashMap<Scope, Account>>,
+}
+
+impl BudgetBook {
+    /// Whether `scope`'s account is loaded for the period starting at `period_start`.
+    pub fn is_loaded(&self, scope: &Scope, period_start: i64) -> bool {
+        let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        accounts.get(scope).is_some_and(|a| a.period_start == period_start)
+    }
+
+    /// Installs `spent` (summed from the ledger) as `scope`'s spend for the period, unless the
+    /// account already tracks that period (a concurrent loader got there first).
+    pub fn load(&self, scope: Scope, period_start: i64, spent: NanoUsd) {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        match accounts.get_mut(&scope) {
+            Some(a) if a.period_start == period_start => {}
+            Some(a) => {
+                a.period_start = period_start;
+                a.spent = spent;
+            }
+            None => {
+                accounts.insert(scope, Account { period_start, spent, reserved: NanoUsd::ZERO });
+            }
+        }
+    }
+
+    /// Status of one budget at `now`.
+    pub fn status(&self, applicable: &Applicable, now: DateTime<Utc>) -> BudgetStatus {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let start = applicable.spec.period.start(now);
+        let (spent, reserved) = match accounts.get_mut(&applicable.scope) {
+            Some(a) => {
+                roll(a, start);
+                (a.spent, a.reserved)
+            }
+            None => (NanoUsd::ZERO, NanoUsd::ZERO),
+        };
+        BudgetStatus {
+            spent,
+            reserved,
+            remaining: applicable.spec.limit.map(|l| l.saturating_sub(spent + reserved).max(NanoUsd::ZERO)),
+            resets_at_ms: applicable.spec.period.reset(now),
+        }
+    }
+
+    /// Whether any budget is at or past its downgrade threshold (spent + reserved ≥
+    /// downgrade_at × limit), before the request in question.
+    pub fn past_threshold(&self, budgets: &[Applicable], now: DateTime<Utc>) -> bool {
+        budgets.iter().any(|b| {
+            let (Some(limit), Some(at)) = (b.spec.limit, b.spec.downgrade_at) else { return false };
+            let status = self.status(b, now);
+            let threshold = (limit.0 as f64 * at).ceil() as i64;
+            (status.spent + status.reserved).0 >= threshold
+        })
+    }
+
+    /// Room left in the tightest budget (None: no limits apply).
+    pub fn headroom(&self, budgets: &[Applicable], now: DateTime<Utc>) -> Option<NanoUsd> {
+        budgets.iter().filter_map(|b| self.status(b, now).remaining).min()
+    }
+
+    /// Atomically reserves `amount` against every budget, or none of them.
+    pub fn reserve(&self, budgets: &[Applicable], amount: NanoUsd, now: DateTime<Utc>) -> Result<Reservation, Refusal> {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        for b in budgets {
+            let start = b.spec.period.start(now);
+            let account = accounts
+                .entry(b.scope.clone())
+                .or_insert(Account { period_start: start, spent: NanoUsd::ZERO, reserved: NanoUsd::ZERO });
+            roll(account, start);
+            if let Some(limit) = b.spec.limit {
+                let used = account.spent + account.reserved;
+                if used + amount > limit {
+                    let retry_after_s =
+                        b.spec.period.reset(now).map(|at| ((at - now.timestamp_millis()).max(0) as u64).div_ceil(1000));
+                    return Err(Refusal { scope: b.scope.clone(), remaining: limit.saturating_sub(used), retry_after_s });
+                }
+            }
+        }
+        let mut held = Vec::with_capacity(budgets.len());
+        for b in budgets {
+            if let Some(account) = accounts.get_mut(&b.scope) {
+                account.reserved += amount;
+                held.push((b.scope.clone(), account.period_start));
+            }
+        }
+        Ok(Reservation { amount, held })
+    }
+
+    /// Releases the reservation and books `cost` as spent in the period it was taken in.
+    pub fn settle(&self, reservation: Reservation, cost: NanoUsd) {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        for (scope, period_start) in reservation.held {
+            if let Some(account) = accounts.get_mut(&scope) {
+                account.reserved = account.reserved.saturating_sub(reservation.amount).max(NanoUsd::ZERO);
+                // A request that straddled a reset is billed to the period it started in.
+                if account.period_start == period_start {
+                    account.spent += cost;
+                }
+            }
+        }
+    }
+}
+
+/// Starts a new period: spend resets, reservations in flight stay held.
+fn roll(account: &mut Account, period_start: i64) {
+    if account.period_start < period_start {
+        account.period_start = period_start;
+        account.spent = NanoUsd::ZERO;
+    }
+}
+
+/// Sliding 60-second windows for rpm / tpm.
+#[derive(Default)]
+pub struct RateLimiter {
+    windows: Mutex<HashMap<Scope, Window>>,
+}
+
+#[derive(Default)]
+struct Window {
+    /// (admitted at, Unix ms; tokens charged) — oldest first.
+    events: VecDeque<(i64, u64)>,
+    tokens: u64,
+}
+
+const WINDOW_MS: i64 = 60_000;
+
+/// A rate limit was hit: which, and seconds until there is room.
+#[derive(Debug, Clone)]
+pub struct RateRefusal {
+    pub scope: Scope,
+    pub what: &'static str,
+    pub limit: u64,
+    pub retry_after_s: u64,
+}
+
+/// A slot taken in the windows; its tokens are corrected once the real count is known.
+#[derive(Debug)]
+pub struct RateTicket {
+    entries: Vec<(Scope, i64)>,
+    tokens: u64,
+}
+
+impl RateLimiter {
+    /// Admits a request charging `tokens` (its prompt estimate) to every limited scope, or
+    /// refuses it without charging any.
+    pub fn admit(&self, budgets: &[Applicable], tokens: u64, now_ms: i64) -> Result<RateTicket, RateRefusal> {
+        let limited: Vec<&Applicable> = budgets.iter().filter(|b| b.spec.rpm.is_some() || b.spec.tpm.is_some()).collect();
+        if limited.is_empty() {
+            return Ok(RateTicket { entries: Vec::new(), tokens });
+        }
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        for b in &limited {
+            let w = windows.entry(b.scope.clone()).or_default();
+            w.expire(now_ms);
+            if let Some(rpm) = b.spec.rpm {
+                if w.events.len() as u64 >= rpm {
+                    let oldest = w.events.front().map_or(now_ms, |e| e.0);
+                    return Err(RateRefusal { scope: b.scope.clone(), what: "requests per minute", limit: rpm, retry_after_s: retry_after(oldest, now_ms) });
+                }
+            }
+            if let Some(tpm) = b.spec.tpm {
+                // A request is admitted while the window has room; one request may overshoot.
+                if w.tokens >= tpm || (w.tokens > 0 && w.tokens + tokens > tpm) {
+                    let retry = w.time_until_room(tpm.saturating_sub(tokens), now_ms);
+                    return Err(RateRefusal { scope: b.scope.clone(), what: "tokens per minute", limit: tpm, retry_after_s: retry });
+                }
+            }
+        }
+        let mut entries = Vec::with_capacity(limited.len());
+        for b in limited {
+            let w = windows.entry(b.scope.clone()).or_default();
+            w.events.push_back((now_ms, tokens));
+            w.tokens += tokens;
+            entries.push((b.scope.clone(), now_ms));
+        }
+        Ok(RateTicket { entries, tokens })
+    }
+
+    /// Replaces the ticket's estimated tokens with the real count.
+    pub fn correct(&self, ticket: RateTicket, actual_tokens: u64) {
+        if ticket.entries.is_empty() || ticket.tokens == actual_tokens {
+            return;
+        }
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        for (scope, at) in ticket.entries {
+            if let Some(w) = windows.get_mut(&scope) {
+                if let Some(e) = w.events.iter_mut().find(|e| e.0 == at && e.1 == ticket.tokens) {
+                    w.tokens = w.tokens - e.1 + actual_tokens;
+                    e.1 = actual_tokens;
+                }
+            }
+        }
+    }
+}
+
+impl Window {
+    fn expire(&mut self, now_ms: i64) {
+        while let Some(&(at, tokens)) = self.events.front() {
+            if at + WINDOW_MS > now_ms {
+                break;
+            }
+            self.events.pop_front();
+            self.tokens -= tokens;
+        }
+    }
+
+    /// Seconds until the window's tokens drop to `target` or below.
+    fn time_until_room(&self, target: u64, now_ms: i64) -> u64 {
+        let mut tokens = self.tokens;
+        for &(at, t) in &self.events {
+            if tokens <= target {
+                break;
+            }
+            tokens -= t;
+            if tokens <= target {
+                return retry_after(at, now_ms);
+            }
+        }
+        retry_after(self.events.back().map_or(now_ms, |e| e.0), now_ms)
+    }
+}
+
+fn retry_after(oldest_ms: i64, now_ms: i64) -> u64 {
+    (((oldest_ms + WINDOW_MS - now_ms).max(1000)) as u64).div_ceil(1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn team(limit: i64, downgrade_at: Option<f64>) -> Applicable {
+        Applicable {
+            scope: Scope::Team("t".into()),
+            spec: BudgetSpec { limit: Some(NanoUsd(limit)), downgrade_at, ..Default::default() },
+        }
+    }
+
+    #[test]
+    fn periods_start_and_reset_at_utc_boundaries() {
+        let now = at("2026-11-28T19:00:00Z"); // a Saturday
+        assert_eq!(Period::Daily.start(now), at("2026-11-28T00:00:00Z").timestamp_millis());
+        assert_eq!(Period::Weekly.start(now), at("2026-11-23T00:00:00Z").timestamp_millis());
+        assert_eq!(Period::Monthly.start(now), at("2026-11-01T00:00:00Z").timestamp_millis());
+        assert_eq!(Period::Monthly.reset(now), Some(at("2026-12-01T00:00:00Z").timestamp_millis()));
+        assert_eq!(Period::Weekly.reset(now), Some(at("2026-11-30T00:00:00Z").timestamp_millis()));
+        assert_eq!(Period::Monthly.reset(at("2026-12-15T00:00:00Z")), Some(at("2027-01-01T00:00:00Z").timestamp_millis()));
+        assert_eq!(Period::Total.reset(now), None);
+    }
+
+    #[test]
+    fn reservations_never_pass_the_limit() {
+        let book = BudgetBook::default();
+        let now = at("2026-11-28T19:00:00Z");
+        let budgets = [team(100, None)];
+        let r1 = book.reserve(&budgets, NanoUsd(60), now).unwrap();
+        assert!(book.reserve(&budgets, NanoUsd(50), now).is_err());
+        book.settle(r1, NanoUsd(10));
+        let _r2 = book.reserve(&budgets, NanoUsd(90), now).unwrap();
+        assert!(book.reserve(&budgets, NanoUsd(1), now).is_err());
+    }
+
+    #[test]
+    fn spend_resets_with_the_period_and_late_settles_stay_in_their_period() {
+        let book = BudgetBook::default();
+        let budgets = [Applicable {
+            scope: Scope::Team("t".into()),
+            spec: BudgetSpec { limit: Some(NanoUsd(100)), period: Period::Daily, ..Default::default() },
+        }];
+        let r = book.reserve(&budgets, NanoUsd(100), at("2026-11-28T23:59:59Z")).unwrap();
+        let next_day = at("2026-11-29T00:00:01Z");
+        assert!(book.reserve(&budgets, NanoUsd(1), next_day).is_err(), "in-flight reservation still held");
+        book.settle(r, NanoUsd(100));
+        let s = book.status(&budgets[0], next_day);
+        assert_eq!(s.spent, NanoUsd(0));
+        assert_eq!(s.remaining, Some(NanoUsd(100)));
+    }
+
+    #[test]
+    fn threshold_counts_reserved_money() {
+        let book = BudgetBook::default();
+        let now = at("2026-11-28T19:00:00Z");
+        let budgets = [team(100, Some(0.8))];
+        let _r = book.reserve(&budgets, NanoUsd(79), now).unwrap();
+        assert!(!book.past_threshold(&budgets, now));
+        let _r2 = book.reserve(&budgets, NanoUsd(1), now).unwrap();
+        assert!(book.past_threshold(&budgets, now));
+    }
+
+    #[test]
+    fn rpm_counts_a_trailing_minute() {
+        let rl = RateLimiter::default();
+        let budgets = [Applicable {
+            scope: Scope::Key("k".into()),
+            spec: BudgetSpec { rpm: Some(2), ..Default::default() },
+        }];
+        rl.admit(&budgets, 1, 1_000).unwrap();
+        rl.admit(&budgets, 1, 2_000).unwrap();
+        let refused = rl.admit(&budgets, 1, 3_000).unwrap_err();
+        assert_eq!(refused.retry_after_s, 58);
+        rl.admit(&budgets, 1, 61_001).unwrap();
+    }
+
+    #[test]
+    fn tpm_uses_corrected_counts() {
+        let rl = RateLimiter::default();
+        let budgets = [Applicable {
+            scope: Scope::Key("k".into()),
+            spec: BudgetSpec { tpm: Some(100), ..Default::default() },
+        }];
+        let t = rl.admit(&budgets, 10, 1_000).unwrap();
+        rl.correct(t, 100);
+        assert!(rl.admit(&budgets, 10, 2_000).is_err());
+        rl.admit(&budgets, 10, 61_001).unwrap();
+    }
+}

@@ -1,0 +1,625 @@
+//! Typed configuration: TOML with `${VAR}` interpolation, unknown keys rejected,
+//! prices converted to integer nano-dollars once at load, and `validate()` reporting
+//! every problem at once so a user fixes a config in one pass.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use crate::pricing::{self, Capabilities, ModelKind, NanoUsd, Price};
+
+/// The config file's path when none is given on the command line or in `$TOLLGATE_CONFIG`.
+pub const DEFAULT_CONFIG_PATH: &str = "config/tollgate.toml";
+
+/// A secret string (provider key, master key). Its `Debug` and `Display` print `***`
+/// so it cannot leak through a log line or an error message.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call sites are the few places that must send or compare it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// What to do with a request when the ledger cannot be written.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnLedgerError {
+    /// Refuse new requests (503) while the ledger is failing; records already queued are retried.
+    #[default]
+    Reject,
+    /// Keep serving; records are held in a bounded queue and written when the database recovers.
+    Serve,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_database_url")]
+    database_url: String,
+    #[serde(default = "default_grace")]
+    shutdown_grace_ms: u64,
+    #[serde(default)]
+    master_key: Option<Secret>,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_max_response")]
+    max_response_bytes: usize,
+    #[serde(default = "default_disconnect_drain_ms")]
+    disconnect_drain_ms: u64,
+    #[serde(default)]
+    on_ledger_error: OnLedgerError,
+    #[serde(default = "default_ledger_queue")]
+    ledger_queue_capacity: usize,
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+    #[serde(default)]
+    routing: RawRouting,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:4000".into()
+}
+fn default_database_url() -> String {
+    "sqlite://data/tollgate.db".into()
+}
+fn default_grace() -> u64 {
+    30_000
+}
+fn default_max_body() -> usize {
+    8 * 1024 * 1024
+}
+fn default_max_response() -> usize {
+    64 * 1024 * 1024
+}
+fn default_disconnect_drain_ms() -> u64 {
+    60_000
+}
+fn default_ledger_queue() -> usize {
+    100_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: String,
+    kind: ProviderKind,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    api_key: Option<Secret>,
+    #[serde(default = "default_connect_timeout")]
+    connect_timeout_ms: u64,
+    #[serde(default = "default_first_byte_timeout")]
+    first_byte_timeout_ms: u64,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout_ms: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+fn default_first_byte_timeout() -> u64 {
+    600_000
+}
+fn default_idle_timeout() -> u64 {
+    120_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: String,
+    provider: String,
+    #[serde(default)]
+    upstream_model: Option<String>,
+    #[serde(default)]
+    input_per_mtok: Option<f64>,
+    #[serde(default)]
+    cached_input_per_mtok: Option<f64>,
+    #[serde(default)]
+    output_per_mtok: Option<f64>,
+    #[serde(default)]
+    context_window: Option<u64>,
+    #[serde(default)]
+    max_output_tokens: Option<u64>,
+    #[serde(default)]
+    kind: Option<ModelKind>,
+    #[serde(default)]
+    supports_tools: Option<bool>,
+    #[serde(default)]
+    supports_vision: Option<bool>,
+    #[serde(default)]
+    supports_json_schema: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    #[serde(default)]
+    downgrade: BTreeMap<String, String>,
+    #[serde(default)]
+    fallbacks: BTreeMap<String, Vec<String>>,
+}
+
+/// The kind of an upstream API.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible HTTP API.
+    Openai,
+    /// Answers in-process like OpenAI, deterministically; for quick starts and demos.
+    Mock,
+}
+
+/// An upstream API.
+#[derive(Clone, Debug)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// Base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub api_key: Option<Secret>,
+    pub connect_timeout_ms: u64,
+    pub first_byte_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+}
+
+/// A model clients may ask for, bound to a provider, with its price and limits.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub name: String,
+    pub provider: Arc<Provider>,
+    pub upstream_model: String,
+    pub price: Price,
+    /// Tokens (prompt + output) the model accepts.
+    pub context_window: u64,
+    /// Most output tokens one request may ask for.
+    pub max_output_tokens: u64,
+    pub kind: ModelKind,
+    pub capabilities: Capabilities,
+}
+
+/// The validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: String,
+    pub database_url: String,
+    pub shutdown_grace_ms: u64,
+    pub master_key: Option<Secret>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest non-streamed upstream response read, in bytes.
+    pub max_response_bytes: usize,
+    /// After a client disconnects mid-stream, how long the upstream is still read for its usage.
+    pub disconnect_drain_ms: u64,
+    pub on_ledger_error: OnLedgerError,
+    /// Records waiting to be written, at most.
+    pub ledger_queue_capacity: usize,
+    pub providers: Vec<Arc<Provider>>,
+    pub models: HashMap<String, Arc<Model>>,
+    /// Model names in config order (for `/v1/models`).
+    pub model_order: Vec<String>,
+    /// asked model -> cheaper model.
+    pub downgrade: HashMap<String, String>,
+    /// model -> deployments tried in order when it fails before answering.
+    pub fallbacks: HashMap<String, Vec<String>>,
+}
+
+/// Every problem found in a config, reported together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config is not valid TOML: {0}")]
+    Toml(String),
+    #[error("environment variable {0} is not set (referenced as ${{{0}}} in the config)")]
+    MissingVar(String),
+    #[error("invalid config:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Loads the config from `path`; a missing file at the default path means the built-in
+    /// defaults (the mock provider serving every catalog model).
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (Path::new(DEFAULT_CONFIG_PATH).to_path_buf(), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read { path: path.display().to_string(), source });
+            }
+        };
+        Self::from_toml(&text, |name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates config text; `env` resolves `${VAR}` references.
+    pub fn from_toml(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        interpolate(&mut value, &env)?;
+        let raw: RawConfig = value.try_into().map_err(|e: toml::de::Error| ConfigError::Toml(e.to_string()))?;
+        raw.validate()
+    }
+}
+
+/// Replaces `${VAR}` in every string value. `$${` is a literal `${`.
+fn interpolate(value: &mut toml::Value, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) => {
+            if s.contains("${") {
+                *s = interpolate_str(s, env)?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for item in items {
+                interpolate(item, env)?;
+            }
+        }
+        toml::Value::Table(table) => {
+            for (_, item) in table.iter_mut() {
+                interpolate(item, env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn interpolate_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        if rest[..start].ends_with('$') {
+            // `$${X}` escapes the reference.
+            out.push_str(&rest[..start - 1]);
+            out.push_str("${");
+            rest = &rest[start + 2..];
+            continue;
+        }
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(ConfigError::Toml(format!("unterminated ${{ in config string {s:?}")));
+        };
+        let name = &after[..end];
+        let value = env(name).ok_or_else(|| ConfigError::MissingVar(name.to_string()))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Converts a config price (USD per 1M tokens) to nano-dollars per 1M tokens.
+fn usd_per_mtok(value: f64, field: &str, model: &str, problems: &mut Vec<String>) -> NanoUsd {
+    if !value.is_finite() || value < 0.0 || value > 1_000_000.0 {
+        problems.push(format!("model {model:?}: {field} must be a non-negative number of USD per 1M tokens"));
+        return NanoUsd(0);
+    }
+    NanoUsd((value * 1e9).round() as i64)
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!("listen: {:?} is not an address like 127.0.0.1:4000", self.listen));
+        }
+        if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            problems.push("database_url must start with sqlite: or postgres://".to_string());
+        }
+        if self.max_body_bytes == 0 {
+            problems.push("max_body_bytes must be positive".into());
+        }
+        if self.ledger_queue_capacity == 0 {
+            problems.push("ledger_queue_capacity must be positive".into());
+        }
+        if let Some(key) = &self.master_key {
+            if key.expose().len() < 8 {
+                problems.push("master_key must be at least 8 characters (or absent to disable the admin API)".into());
+            }
+        }
+
+        let mut providers: HashMap<String, Arc<Provider>> = HashMap::new();
+        let mut provider_list = Vec::new();
+        for p in self.providers {
+            if providers.contains_key(&p.name) {
+                problems.push(format!("provider {:?} is defined twice", p.name));
+                continue;
+            }
+            let base_url = match (p.kind, p.base_url) {
+                (_, Some(url)) => {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        problems.push(format!("provider {:?}: base_url must be an http(s) URL", p.name));
+                    }
+                    url.trim_end_matches('/').to_string()
+                }
+                (ProviderKind::Openai, None) => "https://api.openai.com/v1".to_string(),
+                (ProviderKind::Mock, None) => "mock://".to_string(),
+            };
+            for (field, v) in [
+                ("connect_timeout_ms", p.connect_timeout_ms),
+                ("first_byte_timeout_ms", p.first_byte_timeout_ms),
+                ("idle_timeout_ms", p.idle_timeout_ms),
+            ] {
+                if v == 0 {
+                    problems.push(format!("provider {:?}: {field} must be positive", p.name));
+                }
+            }
+            let provider = Arc::new(Provider {
+                name: p.name.clone(),
+                kind: p.kind,
+                base_url,
+                api_key: p.api_key,
+                connect_timeout_ms: p.connect_timeout_ms,
+                first_byte_timeout_ms: p.first_byte_timeout_ms,
+                idle_timeout_ms: p.idle_timeout_ms,
+            });
+            provider_list.push(provider.clone());
+            providers.insert(p.name, provider);
+        }
+        // The built-in mock provider is always there unless a provider takes its name.
+        if !providers.contains_key("mock") {
+            let mock = Arc::new(Provider {
+                name: "mock".into(),
+                kind: ProviderKind::Mock,
+                base_url: "mock://".into(),
+                api_key: None,
+                connect_timeout_ms: default_connect_timeout(),
+                first_byte_timeout_ms: default_first_byte_timeout(),
+                idle_timeout_ms: default_idle_timeout(),
+            });
+            provider_list.push(mock.clone());
+            providers.insert("mock".into(), mock);
+        }
+
+        let raw_models = if self.models.is_empty() {
+            // No models configured: serve the whole catalog from the mock provider.
+            pricing::CATALOG
+                .iter()
+                .map(|entry| RawModel {
+                    name: entry.name.to_string(),
+                    provider: "mock".into(),
+                    upstream_model: None,
+                    input_per_mtok: None,
+                    cached_input_per_mtok: None,
+                    output_per_mtok: None,
+                    context_window: None,
+                    max_output_tokens: None,
+                    kind: None,
+                    supports_tools: None,
+                    supports_vision: None,
+                    supports_json_schema: None,
+                })
+                .collect()
+        } else {
+            self.models
+        };
+
+        let mut models = HashMap::new();
+        let mut model_order = Vec::new();
+        for m in raw_models {
+            if models.contains_key(&m.name) {
+                problems.push(format!("model {:?} is defined twice", m.name));
+                continue;
+            }
+            let Some(provider) = providers.get(&m.provider).cloned() else {
+                problems.push(format!("model {:?}: unknown provider {:?}", m.name, m.provider));
+                continue;
+            };
+            let upstream_model = m.upstream_model.clone().unwrap_or_else(|| m.name.clone());
+            let entry = pricing::catalog_entry(&upstream_model).or_else(|| pricing::catalog_entry(&m.name));
+            let input = match (m.input_per_mtok, entry) {
+                (Some(v), _) => Some(usd_per_mtok(v, "input_per_mtok", &m.name, &mut problems)),
+                (None, Some(e)) => Some(e.price.input_per_mtok),
+                (None, None) => None,
+            };
+            let output = match (m.output_per_mtok, entry) {
+                (Some(v), _) => Some(usd_per_mtok(v, "output_per_mtok", &m.name, &mut problems)),
+                (None, Some(e)) => Some(e.price.output_per_mtok),
+                (None, None) => None,
+            };
+            let kind = m.kind.or(entry.map(|e| e.kind)).unwrap_or(ModelKind::Chat);
+            let (Some(input), Some(output)) = (input, output.or((kind == ModelKind::Embedding).then_some(NanoUsd(0))))
+            else {
+                problems.push(format!(
+                    "model {:?}: no price (upstream model {upstream_model:?} is not in the built-in catalog; \
+                     set input_per_mtok and output_per_mtok)",
+                    m.name
+                ));
+                continue;
+            };
+            let cached_input = match (m.cached_input_per_mtok, m.input_per_mtok, entry) {
+                (Some(v), _, _) => usd_per_mtok(v, "cached_input_per_mtok", &m.name, &mut problems),
+                // An explicit input price without a cached price bills cached tokens at input price.
+                (None, Some(_), _) => input,
+                (None, None, Some(e)) => e.price.cached_input_per_mtok,
+                (None, None, None) => input,
+            };
+            let context_window = m.context_window.or(entry.map(|e| e.context_window));
+            let max_output_tokens = m.max_output_tokens.or(entry.map(|e| e.max_output_tokens));
+            let (Some(context_window), Some(max_output_tokens)) = (context_window, max_output_tokens) else {
+                problems.push(format!(
+                    "model {:?}: context_window and max_output_tokens are required for models outside the catalog",
+                    m.name
+                ));
+                continue;
+            };
+            if context_window == 0 {
+                problems.push(format!("model {:?}: context_window must be positive", m.name));
+            }
+            let base_caps = entry.map(|e| e.capabilities).unwrap_or(Capabilities::ALL);
+            let capabilities = Capabilities {
+                tools: m.supports_tools.unwrap_or(base_caps.tools),
+                vision: m.supports_vision.unwrap_or(base_caps.vision),
+                json_schema: m.supports_json_schema.unwrap_or(base_caps.json_schema),
+            };
+            model_order.push(m.name.clone());
+            models.insert(
+                m.name.clone(),
+                Arc::new(Model {
+                    name: m.name,
+                    provider,
+                    upstream_model,
+                    price: Price { input_per_mtok: input, cached_input_per_mtok: cached_input, output_per_mtok: output },
+                    context_window,
+                    max_output_tokens,
+                    kind,
+                    capabilities,
+                }),
+            );
+        }
+
+        let mut downgrade = HashMap::new();
+        for (from, to) in self.routing.downgrade {
+            if !models.contains_key(&from) {
+                problems.push(format!("routing.downgrade: {from:?} is not a configured model"));
+            }
+            if !models.contains_key(&to) {
+                problems.push(format!("routing.downgrade: {to:?} (target of {from:?}) is not a configured model"));
+            }
+            if from == to {
+                problems.push(format!("routing.downgrade: {from:?} downgrades to itself"));
+            }
+            downgrade.insert(from, to);
+        }
+        // A chain that comes back to where it started would loop forever.
+        for start in downgrade.keys() {
+            let mut seen = HashSet::from([start.as_str()]);
+            let mut at = start.as_str();
+            while let Some(next) = downgrade.get(at) {
+                if !seen.insert(next.as_str()) {
+                    if next == start {
+                        problems.push(format!("routing.downgrade: cycle through {start:?}"));
+                    }
+                    break;
+                }
+                at = next;
+            }
+        }
+        let mut fallbacks = HashMap::new();
+        for (from, list) in self.routing.fallbacks {
+            if !models.contains_key(&from) {
+                problems.push(format!("routing.fallbacks: {from:?} is not a configured model"));
+            }
+            for to in &list {
+                if !models.contains_key(to) {
+                    problems.push(format!("routing.fallbacks: {to:?} (fallback of {from:?}) is not a configured model"));
+                }
+            }
+            fallbacks.insert(from, list);
+        }
+
+        problems.sort();
+        problems.dedup();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
+        Ok(Config {
+            listen: self.listen,
+            database_url: self.database_url,
+            shutdown_grace_ms: self.shutdown_grace_ms,
+            master_key: self.master_key,
+            max_body_bytes: self.max_body_bytes,
+            max_response_bytes: self.max_response_bytes,
+            disconnect_drain_ms: self.disconnect_drain_ms,
+            on_ledger_error: self.on_ledger_error,
+            ledger_queue_capacity: self.ledger_queue_capacity,
+            providers: provider_list,
+            models,
+            model_order,
+            downgrade,
+            fallbacks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "KEY").then(|| "sk-secret-value".to_string())
+    }
+
+    #[test]
+    fn empty_config_serves_the_catalog_from_mock() {
+        let c = Config::from_toml("", env).unwrap();
+        assert!(c.models.contains_key("gpt-4o-mini"));
+        assert_eq!(c.models["gpt-4o-mini"].provider.kind, ProviderKind::Mock);
+        assert_eq!(c.models["gpt-4o-mini"].price.input_per_mtok, NanoUsd(150_000_000));
+    }
+
+    #[test]
+    fn variables_are_interpolated_and_missing_ones_named() {
+        let text = "master_key = \"${KEY}\"";
+        let c = Config::from_toml(text, env).unwrap();
+        assert_eq!(c.master_key.unwrap().expose(), "sk-secret-value");
+        let err = Config::from_toml("master_key = \"${NOPE_VAR}\"", env).unwrap_err();
+        assert!(err.to_string().contains("NOPE_VAR"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::from_toml("listne = \"127.0.0.1:1\"", env).unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+        let err = Config::from_toml("[[models]]\nname='a'\nprovider='mock'\ninput_per_mtoken=1", env).unwrap_err();
+        assert!(err.to_string().contains("input_per_mtoken"), "{err}");
+    }
+
+    #[test]
+    fn model_without_price_is_an_error_not_free() {
+        let err = Config::from_toml("[[models]]\nname='my-llama'\nprovider='mock'", env).unwrap_err();
+        assert!(err.to_string().contains("no price"), "{err}");
+    }
+
+    #[test]
+    fn downgrade_cycles_are_rejected() {
+        let text = "[[models]]\nname='gpt-4o'\nprovider='mock'\n[[models]]\nname='gpt-4o-mini'\nprovider='mock'\n\
+                    [routing]\ndowngrade = { 'gpt-4o' = 'gpt-4o-mini', 'gpt-4o-mini' = 'gpt-4o' }";
+        let err = Config::from_toml(text, env).unwrap_err();
+        assert!(err.to_string().contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = Config::from_toml("master_key = \"${KEY}\"", env).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("sk-secret-value"));
+    }
+
+    #[test]
+    fn explicit_prices_override_catalog() {
+        let text = "[[models]]\nname='gpt-4o'\nprovider='mock'\ninput_per_mtok=1.5\noutput_per_mtok=2";
+        let c = Config::from_toml(text, env).unwrap();
+        let p = c.models["gpt-4o"].price;
+        assert_eq!(p.input_per_mtok, NanoUsd(1_500_000_000));
+        assert_eq!(p.cached_input_per_mtok, NanoUsd(1_500_000_000));
+        assert_eq!(p.output_per_mtok, NanoUsd(2_000_000_000));
+    }
+}

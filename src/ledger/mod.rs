@@ -1,0 +1,415 @@
+//! The ledger: the only code that speaks SQL. It holds teams, keys and one record per
+//! forwarded request.
+//!
+//! Request records go through a group-commit writer: callers enqueue a record and await its
+//! acknowledgement, and one task writes whatever has queued up meanwhile in a single
+//! transaction. So a burst of N requests costs one commit, not N, and a caller learns its
+//! record is durable before it releases the response's last byte. The queue is bounded.
+//!
+//! Backends: SQLite (`sqlite.rs`). Every backend implements the same methods; `Backend`
+//! dispatches, so a second backend is a new variant and a new file.
+
+mod sqlite;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::budget::{BudgetSpec, Period};
+use crate::metering::usage::Usage;
+use crate::pricing::NanoUsd;
+
+pub use sqlite::SqliteBackend;
+
+/// A ledger failure. The message is for logs; clients get a generic error.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("the ledger writer has stopped")]
+    WriterGone,
+    #[error("the ledger queue is full")]
+    QueueFull,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("unsupported database url: {0}")]
+    UnsupportedUrl(String),
+}
+
+/// Where a record's token counts came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageSource {
+    /// The upstream's `usage`, as reported.
+    Reported,
+    /// Counted locally with the model's tokenizer because the upstream reported none.
+    Estimated,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Estimated => "estimated",
+        }
+    }
+}
+
+/// One forwarded request, as recorded.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub request_id: String,
+    /// Start of the request, Unix ms.
+    pub time_ms: i64,
+    pub key_id: String,
+    pub team: String,
+    pub endpoint: &'static str,
+    /// The model the client asked for.
+    pub model: String,
+    /// The model that served it (after downgrade or fallback).
+    pub served_model: String,
+    pub usage: Usage,
+    pub cost: NanoUsd,
+    pub usage_source: UsageSource,
+    /// The HTTP status the client received.
+    pub status: u16,
+    pub latency_ms: u64,
+    pub stream: bool,
+}
+
+/// A team as stored.
+#[derive(Clone, Debug)]
+pub struct TeamRow {
+    pub name: String,
+    pub budget: BudgetSpec,
+    pub created_ms: i64,
+}
+
+/// A virtual key as stored (never the secret).
+#[derive(Clone, Debug)]
+pub struct KeyRow {
+    pub id: String,
+    pub team: String,
+    pub name: String,
+    /// SHA-256 of the secret.
+    pub key_hash: [u8; 32],
+    /// The first characters of the secret, for display (`tg-AbC1…`).
+    pub prefix: String,
+    pub budget: BudgetSpec,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+/// Filters for spend queries. Times are Unix ms; `to` is exclusive.
+#[derive(Clone, Debug, Default)]
+pub struct SpendFilter {
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    pub team: Option<String>,
+    pub key_id: Option<String>,
+    pub model: Option<String>,
+}
+
+/// Columns spend can be grouped by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    Team,
+    Key,
+    Model,
+    Day,
+}
+
+/// Sums over a set of records.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpendTotals {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: NanoUsd,
+}
+
+/// One group of a grouped spend query: its labels in `GroupBy` order, and its sums.
+#[derive(Clone, Debug)]
+pub struct SpendGroup {
+    pub labels: Vec<(GroupBy, String)>,
+    pub totals: SpendTotals,
+}
+
+/// A page of request records, newest first.
+#[derive(Clone, Debug)]
+pub struct LogPage {
+    pub records: Vec<RequestRecord>,
+    pub next_before: Option<String>,
+}
+
+/// Filters for the request log.
+#[derive(Clone, Debug, Default)]
+pub struct LogFilter {
+    pub before: Option<String>,
+    pub team: Option<String>,
+    pub key_id: Option<String>,
+    pub limit: u32,
+}
+
+/// The storage behind the ledger.
+#[derive(Clone)]
+pub enum Backend {
+    Sqlite(SqliteBackend),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $b:ident => $body:expr) => {
+        match $self {
+            Backend::Sqlite($b) => $body,
+        }
+    };
+}
+
+impl Backend {
+    /// Opens (creating if needed) the database at `url` and applies migrations.
+    pub async fn connect(url: &str) -> Result<Backend, LedgerError> {
+        if url.starts_with("sqlite:") {
+            return Ok(Backend::Sqlite(SqliteBackend::connect(url).await?));
+        }
+        Err(LedgerError::UnsupportedUrl(redact_url(url)))
+    }
+
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.ping().await)
+    }
+    pub async fn insert_records(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.insert_records(records).await)
+    }
+    pub async fn directory_version(&self) -> Result<i64, LedgerError> {
+        dispatch!(self, b => b.directory_version().await)
+    }
+    pub async fn load_teams(&self) -> Result<Vec<TeamRow>, LedgerError> {
+        dispatch!(self, b => b.load_teams().await)
+    }
+    pub async fn load_keys(&self) -> Result<Vec<KeyRow>, LedgerError> {
+        dispatch!(self, b => b.load_keys().await)
+    }
+    pub async fn create_team(&self, team: &TeamRow) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.create_team(team).await)
+    }
+    pub async fn update_team(&self, team: &TeamRow) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.update_team(team).await)
+    }
+    /// Deletes a team and revokes its keys.
+    pub async fn delete_team(&self, name: &str, now_ms: i64) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.delete_team(name, now_ms).await)
+    }
+    pub async fn create_key(&self, key: &KeyRow) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.create_key(key).await)
+    }
+    pub async fn update_key(&self, key: &KeyRow) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.update_key(key).await)
+    }
+    pub async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.revoke_key(id, now_ms).await)
+    }
+    /// Spend of a team (or of a key when `key` is true) since `since_ms`.
+    pub async fn spent_since(&self, key: bool, id: &str, since_ms: i64) -> Result<NanoUsd, LedgerError> {
+        dispatch!(self, b => b.spent_since(key, id, since_ms).await)
+    }
+    pub async fn spend(
+        &self,
+        filter: &SpendFilter,
+        group_by: &[GroupBy],
+    ) -> Result<(SpendTotals, Vec<SpendGroup>), LedgerError> {
+        dispatch!(self, b => b.spend(filter, group_by).await)
+    }
+    pub async fn logs(&self, filter: &LogFilter) -> Result<LogPage, LedgerError> {
+        dispatch!(self, b => b.logs(filter).await)
+    }
+    pub async fn close(&self) {
+        dispatch!(self, b => b.close().await)
+    }
+}
+
+/// A database URL with any password removed, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***{}", &url[..scheme], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+struct WriteJob {
+    record: RequestRecord,
+    ack: oneshot::Sender<Result<(), Arc<LedgerError>>>,
+}
+
+/// The ledger handle the server holds: the backend plus the group-commit writer.
+#[derive(Clone)]
+pub struct Ledger {
+    backend: Backend,
+    queue: mpsc::Sender<WriteJob>,
+    health: Arc<LedgerHealth>,
+}
+
+/// Observed state of the writer, for readiness, metrics and the `on_ledger_error` policy.
+#[derive(Default)]
+pub struct LedgerHealth {
+    failing: AtomicBool,
+    written: AtomicU64,
+    batches: AtomicU64,
+    queued: AtomicU64,
+}
+
+impl LedgerHealth {
+    /// Whether the last write attempt failed.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+    /// Records waiting in the queue.
+    pub fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
+/// Most records written in one transaction.
+const MAX_BATCH: usize = 1024;
+
+impl Ledger {
+    /// Starts the writer on `tracker`. Once `stop` is cancelled (or every handle is dropped)
+    /// it refuses new records, writes everything queued, and exits: waiting on the tracker
+    /// then is a flush.
+    pub fn start(backend: Backend, capacity: usize, tracker: &TaskTracker, stop: CancellationToken) -> Ledger {
+        let (queue, rx) = mpsc::channel(capacity);
+        let health = Arc::new(LedgerHealth::default());
+        tracker.spawn(writer(backend.clone(), rx, health.clone(), stop));
+        Ledger { backend, queue, health }
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub fn health(&self) -> &LedgerHealth {
+        &self.health
+    }
+
+    /// Enqueues `record` and waits until it is committed.
+    pub async fn record(&self, record: RequestRecord) -> Result<(), Arc<LedgerError>> {
+        let (ack, done) = oneshot::channel();
+        let job = WriteJob { record, ack };
+        self.health.queued.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.queue.send(job).await {
+            self.health.queued.fetch_sub(1, Ordering::Relaxed);
+            drop(e);
+            return Err(Arc::new(LedgerError::WriterGone));
+        }
+        done.await.unwrap_or_else(|_| Err(Arc::new(LedgerError::WriterGone)))
+    }
+
+    /// Free places in the queue.
+    pub fn capacity_left(&self) -> usize {
+        self.queue.capacity()
+    }
+}
+
+/// The group-commit loop: take one record, then everything else already queued (up to a
+/// batch), write them in one transaction, acknowledge each. A failed batch is retried with
+/// backoff and never dropped: its callers keep waiting, and the bounded queue pushes back.
+async fn writer(backend: Backend, mut rx: mpsc::Receiver<WriteJob>, health: Arc<LedgerHealth>, stop: CancellationToken) {
+    let mut jobs: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
+    let mut records: Vec<RequestRecord> = Vec::with_capacity(MAX_BATCH);
+    let mut closing = false;
+    loop {
+        let received = if closing {
+            rx.recv_many(&mut jobs, MAX_BATCH).await
+        } else {
+            tokio::select! {
+                n = rx.recv_many(&mut jobs, MAX_BATCH) => n,
+                () = stop.cancelled() => {
+                    rx.close();
+                    closing = true;
+                    continue;
+                }
+            }
+        };
+        if received == 0 {
+            return;
+        }
+        records.clear();
+        records.extend(jobs.iter().map(|j| j.record.clone()));
+        let mut backoff = Duration::from_millis(10);
+        let result;
+        let mut gave_up_at = None;
+        loop {
+            match backend.insert_records(&records).await {
+                Ok(()) => {
+                    health.failing.store(false, Ordering::Relaxed);
+                    result = Ok(());
+                    break;
+                }
+                Err(e) => {
+                    if !health.failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(error = %e, records = records.len(), "ledger write failed; retrying");
+                    }
+                    // While serving, a failed batch is retried until it lands (callers wait,
+                    // the bounded queue pushes back). At shutdown, retrying stops after a while.
+                    if closing || stop.is_cancelled() {
+                        closing = true;
+                        let since = *gave_up_at.get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() > SHUTDOWN_RETRY {
+                            tracing::error!(records = records.len(), "ledger unavailable at shutdown; records not written");
+                            result = Err(Arc::new(e));
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let n = jobs.len() as u64;
+        if result.is_ok() {
+            health.written.fetch_add(n, Ordering::Relaxed);
+            health.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        health.queued.fetch_sub(n, Ordering::Relaxed);
+        for job in jobs.drain(..) {
+            // The caller may have gone (client disconnected); the record is written either way.
+            let _ = job.ack.send(result.clone());
+        }
+    }
+}
+
+/// How long the writer keeps retrying a failing database once shutdown has begun.
+const SHUTDOWN_RETRY: Duration = Duration::from_secs(10);
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Column values shared by teams and keys, for the backends.
+pub(crate) fn models_to_json(models: &[String]) -> String {
+    serde_json::to_string(models).unwrap_or_else(|_| "[]".into())
+}
+
+pub(crate) fn models_from_json(text: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+pub(crate) fn period_from_str(text: &str) -> Period {
+    text.parse().unwrap_or(Period::Monthly)
+}

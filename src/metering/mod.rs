@@ -1,0 +1,133 @@
+//! Metering: usage from JSON and SSE, the tokenizer fallback, and the `Meter` that settles
+//! every forwarded request exactly once — budgets, rate windows, metrics, and a ledger
+//! record that is durable before the response's last byte is released.
+//!
+//! A `Meter` is created when a request is forwarded and consumed by `settle`. It lives in a
+//! task the server tracks (not in the client's connection), so a client that disconnects
+//! does not cancel it, and shutdown waits for it.
+
+pub mod sse;
+pub mod tokens;
+pub mod usage;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::auth::Caller;
+use crate::budget::{RateTicket, Reservation};
+use crate::config::Model;
+use crate::ledger::{LedgerError, RequestRecord, UsageSource};
+use crate::pricing::NanoUsd;
+use crate::server::AppState;
+use usage::Usage;
+
+/// Everything needed to settle one forwarded request.
+pub struct Meter {
+    pub app: AppState,
+    pub caller: Caller,
+    pub request_id: String,
+    pub time_ms: i64,
+    pub started: Instant,
+    pub endpoint: &'static str,
+    pub asked: String,
+    pub stream: bool,
+    /// Prompt tokens counted locally for the serving model (used when no usage is reported).
+    pub local_prompt_tokens: LocalPrompt,
+    pub reservation: Reservation,
+    pub rate: RateTicket,
+}
+
+/// The prompt's local token count, or what is needed to count it.
+pub enum LocalPrompt {
+    Exact(u64),
+    /// Count on demand (only when the upstream reports no usage).
+    Deferred(Arc<serde_json::Value>, crate::request::Endpoint),
+}
+
+impl LocalPrompt {
+    fn count(&self, model: &str) -> u64 {
+        match self {
+            LocalPrompt::Exact(n) => *n,
+            LocalPrompt::Deferred(value, endpoint) => tokens::prompt_tokens(endpoint.prompt_kind(), model, value),
+        }
+    }
+}
+
+/// How a forwarded request ended, for its record.
+pub struct Outcome<'a> {
+    /// The HTTP status the client received.
+    pub status: u16,
+    /// The model that served it.
+    pub model: &'a Arc<Model>,
+    /// The upstream's usage, if it reported one.
+    pub reported: Option<Usage>,
+    /// Generated text seen, for estimating output when nothing was reported; `None` when
+    /// the request produced nothing billable (it failed before the upstream answered).
+    pub produced: Option<Produced<'a>>,
+}
+
+/// Output seen without a usage report.
+pub struct Produced<'a> {
+    pub text: &'a str,
+    /// Bytes of text past what was kept (estimated at 4 bytes a token).
+    pub overflow_bytes: u64,
+}
+
+/// The settled request: its usage, cost, and whether its record is durable.
+pub struct Settled {
+    pub usage: Usage,
+    pub source: UsageSource,
+    pub cost: NanoUsd,
+    pub durable: Result<(), Arc<LedgerError>>,
+}
+
+impl Meter {
+    /// Settles the request: usage (reported, else estimated), cost, budgets, rate windows,
+    /// metrics, and the ledger record, awaited until durable.
+    pub async fn settle(self, outcome: Outcome<'_>) -> Settled {
+        let model = outcome.model;
+        let (usage, source) = match (outcome.reported, &outcome.produced) {
+            (Some(u), _) => (u, UsageSource::Reported),
+            (None, Some(p)) => {
+                let enc = tokens::Encoding::for_model(&model.upstream_model);
+                let output = tokens::count_text(enc, p.text) + p.overflow_bytes.div_ceil(4);
+                let input = self.local_prompt_tokens.count(&model.upstream_model);
+                (Usage { input_tokens: input, cached_input_tokens: 0, output_tokens: output }, UsageSource::Estimated)
+            }
+            // Failed before the upstream produced anything: nothing to bill.
+            (None, None) => (Usage::default(), UsageSource::Reported),
+        };
+        let cost = model.price.cost(&usage);
+        if cost > self.reservation.amount() {
+            // The upstream produced more than the worst case (e.g. it ignored max_tokens).
+            tracing::warn!(
+                request_id = %self.request_id, reserved = self.reservation.amount().0, cost = cost.0,
+                "request cost more than its reservation"
+            );
+        }
+        self.app.budgets.settle(self.reservation, cost);
+        self.app.rates.correct(self.rate, usage.input_tokens + usage.output_tokens);
+        let latency_ms = self.started.elapsed().as_millis() as u64;
+        self.app.metrics.record_request(&model.name, &self.caller.team.name, outcome.status, &usage, cost);
+        let record = RequestRecord {
+            request_id: self.request_id,
+            time_ms: self.time_ms,
+            key_id: self.caller.key.id.clone(),
+            team: self.caller.team.name.clone(),
+            endpoint: self.endpoint,
+            model: self.asked,
+            served_model: model.name.clone(),
+            usage,
+            cost,
+            usage_source: source,
+            status: outcome.status,
+            latency_ms,
+            stream: self.stream,
+        };
+        let durable = self.app.ledger.record(record).await;
+        if let Err(e) = &durable {
+            tracing::error!(error = %e, "request record could not be written");
+        }
+        Settled { usage, source, cost, durable }
+    }
+}

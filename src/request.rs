@@ -1,0 +1,343 @@
+//! Reading and rewriting a client's request body.
+//!
+//! tollgate reads only what routing, budgets and metering need (`model`, `stream`,
+//! `stream_options`, `max_tokens`, `n`, and what counting and capability checks look at)
+//! and forwards every other byte untouched: the rewrite splices new text into the exact
+//! byte ranges of `model` and `stream_options`, it never re-serialises the body.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::pricing::Capabilities;
+
+/// Which OpenAI endpoint a request is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The path below the provider's base URL.
+    pub fn upstream_path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+
+    /// The name stored in the ledger.
+    pub fn name(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat.completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    pub fn from_name(name: &str) -> &'static str {
+        match name {
+            "completions" => Endpoint::Completions.name(),
+            "embeddings" => Endpoint::Embeddings.name(),
+            _ => Endpoint::Chat.name(),
+        }
+    }
+
+    pub fn prompt_kind(self) -> crate::metering::tokens::PromptKind {
+        use crate::metering::tokens::PromptKind;
+        match self {
+            Endpoint::Chat => PromptKind::Chat,
+            Endpoint::Completions => PromptKind::Completion,
+            Endpoint::Embeddings => PromptKind::Embedding,
+        }
+    }
+}
+
+/// Largest `n` accepted (OpenAI's own limit).
+const MAX_N: u64 = 128;
+
+/// What tollgate needs to know about a request.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    pub endpoint: Endpoint,
+    /// The whole body, parsed (for token counting).
+    pub value: Value,
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for the usage chunk itself (`stream_options.include_usage`).
+    pub client_wants_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens`, if the request sets one.
+    pub max_output: Option<u64>,
+    /// Choices per request (`n`); output is reserved for each.
+    pub n: u64,
+    /// Features a serving model must support.
+    pub needs: Capabilities,
+    model_span: (usize, usize),
+    stream_options_span: Option<(usize, usize)>,
+    /// Offset of the closing `}` of the top-level object.
+    close: usize,
+}
+
+/// The top-level object with each value's raw text, in order, duplicates kept.
+struct TopLevel<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    entries.push((key, value));
+                }
+                Ok(TopLevel(entries))
+            }
+        }
+        deserializer.deserialize_map(V)
+    }
+}
+
+fn span_of(body: &[u8], raw: &RawValue) -> (usize, usize) {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    (start, start + raw.get().len())
+}
+
+fn json_error(e: &serde_json::Error) -> ApiError {
+    ApiError::InvalidJson(format!(
+        "We could not parse the JSON body of your request ({}). The body must be a JSON object.",
+        e.to_string().split(" at line").next().unwrap_or("invalid JSON")
+    ))
+}
+
+fn optional_u64(value: &Value, field: &str) -> Result<Option<u64>, ApiError> {
+    match value.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ApiError::param(field, format!("Invalid type for '{field}': expected a non-negative integer, got {v}."))
+        }),
+    }
+}
+
+/// Parses and checks a request body for `endpoint`.
+pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+    let top: TopLevel = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
+    let value: Value = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
+    let mut model_span = None;
+    let mut stream_options_span = None;
+    let mut seen = std::collections::HashSet::with_capacity(top.0.len());
+    for (key, raw) in &top.0 {
+        if !seen.insert(key.as_ref()) {
+            return Err(ApiError::param(key.as_ref(), format!("Duplicate key '{key}' in the request body.")));
+        }
+        match key.as_ref() {
+            "model" => model_span = Some(span_of(body, raw)),
+            "stream_options" => stream_options_span = Some(span_of(body, raw)),
+            _ => {}
+        }
+    }
+    let close = body.iter().rposition(|&b| b == b'}').ok_or_else(|| ApiError::InvalidJson("The body must be a JSON object.".into()))?;
+
+    let model = match value.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            return Err(ApiError::param("model", "You must provide a model parameter."))
+        }
+        Some(other) => return Err(ApiError::param("model", format!("Invalid type for 'model': expected a string, got {other}."))),
+    };
+    let model_span = model_span.ok_or_else(|| ApiError::param("model", "You must provide a model parameter."))?;
+
+    let stream = match value.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => return Err(ApiError::param("stream", format!("Invalid type for 'stream': expected a boolean, got {other}."))),
+    };
+    if stream && endpoint == Endpoint::Embeddings {
+        return Err(ApiError::param("stream", "Embeddings cannot be streamed."));
+    }
+    let client_wants_usage = match value.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(ApiError::param("stream_options.include_usage", "Invalid type: expected a boolean.")),
+        },
+        Some(_) => return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object.")),
+    };
+    let max_output = match optional_u64(&value, "max_completion_tokens")? {
+        Some(v) => Some(v),
+        None => optional_u64(&value, "max_tokens")?,
+    };
+    let n = optional_u64(&value, "n")?.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(ApiError::param("n", format!("'n' must be between 1 and {MAX_N}.")));
+    }
+    match endpoint {
+        Endpoint::Chat => match value.get("messages") {
+            Some(Value::Array(m)) if !m.is_empty() => {}
+            Some(Value::Array(_)) => return Err(ApiError::param("messages", "'messages' must contain at least one message.")),
+            None | Some(Value::Null) => return Err(ApiError::param("messages", "'messages' is a required property.")),
+            Some(_) => return Err(ApiError::param("messages", "Invalid type for 'messages': expected an array.")),
+        },
+        Endpoint::Completions => match value.get("prompt") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            None | Some(Value::Null) => return Err(ApiError::param("prompt", "'prompt' is a required property.")),
+            Some(_) => return Err(ApiError::param("prompt", "Invalid type for 'prompt': expected a string or an array.")),
+        },
+        Endpoint::Embeddings => match value.get("input") {
+            Some(Value::String(_)) | Some(Value::Array(_)) => {}
+            None | Some(Value::Null) => return Err(ApiError::param("input", "'input' is a required property.")),
+            Some(_) => return Err(ApiError::param("input", "Invalid type for 'input': expected a string or an array.")),
+        },
+    }
+    let needs = needs_of(&value);
+    Ok(ParsedRequest {
+        endpoint,
+        value,
+        model,
+        stream,
+        client_wants_usage,
+        max_output,
+        n,
+        needs,
+        model_span,
+        stream_options_span,
+        close,
+    })
+}
+
+/// The features a request uses: tools (or legacy functions), image inputs, a JSON schema.
+fn needs_of(value: &Value) -> Capabilities {
+    let non_empty = |v: Option<&Value>| v.and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+    let tools = non_empty(value.get("tools")) || non_empty(value.get("functions"));
+    let vision = value.get("messages").and_then(Value::as_array).is_some_and(|messages| {
+        messages.iter().any(|m| {
+            m.get("content").and_then(Value::as_array).is_some_and(|parts| {
+                parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
+            })
+        })
+    });
+    let json_schema = value.pointer("/response_format/type").and_then(Value::as_str) == Some("json_schema");
+    Capabilities { tools, vision, json_schema }
+}
+
+impl ParsedRequest {
+    /// The body to send upstream: `model` replaced by `upstream_model`, and for streams
+    /// `stream_options.include_usage` set so the upstream reports usage. Everything else
+    /// is the client's bytes.
+    pub fn rewrite(&self, body: &Bytes, upstream_model: &str) -> Bytes {
+        let mut edits: Vec<(usize, usize, String)> = Vec::with_capacity(2);
+        if upstream_model != self.model {
+            let quoted = serde_json::to_string(upstream_model).unwrap_or_else(|_| format!("\"{upstream_model}\""));
+            edits.push((self.model_span.0, self.model_span.1, quoted));
+        }
+        if self.stream && !self.client_wants_usage {
+            match (self.stream_options_span, self.value.get("stream_options")) {
+                (Some((start, end)), Some(Value::Object(options))) => {
+                    let mut options = options.clone();
+                    options.insert("include_usage".into(), Value::Bool(true));
+                    edits.push((start, end, Value::Object(options).to_string()));
+                }
+                (Some((start, end)), _) => edits.push((start, end, r#"{"include_usage":true}"#.into())),
+                (None, _) => {
+                    let empty = self.value.as_object().is_some_and(|o| o.is_empty());
+                    let sep = if empty { "" } else { "," };
+                    edits.push((self.close, self.close, format!(r#"{sep}"stream_options":{{"include_usage":true}}"#)));
+                }
+            }
+        }
+        if edits.is_empty() {
+            return body.clone();
+        }
+        edits.sort_by_key(|e| e.0);
+        let mut out = Vec::with_capacity(body.len() + 64);
+        let mut at = 0;
+        for (start, end, text) in edits {
+            out.extend_from_slice(&body[at..start]);
+            out.extend_from_slice(text.as_bytes());
+            at = end;
+        }
+        out.extend_from_slice(&body[at..]);
+        Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_chat(body: &str) -> Result<ParsedRequest, ApiError> {
+        parse(Endpoint::Chat, body.as_bytes())
+    }
+
+    #[test]
+    fn rewrite_touches_only_model_and_usage_option() {
+        let body = Bytes::from_static(br#"{ "model" : "gpt-4o",  "messages":[{"role":"user","content":"hi"}], "temperature": 1.50, "stream": true }"#);
+        let p = parse_chat(std::str::from_utf8(&body).unwrap()).unwrap();
+        let out = p.rewrite(&body, "gpt-4o-2024-08-06");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{ "model" : "gpt-4o-2024-08-06",  "messages":[{"role":"user","content":"hi"}], "temperature": 1.50, "stream": true ,"stream_options":{"include_usage":true}}"#
+        );
+    }
+
+    #[test]
+    fn unchanged_body_is_forwarded_as_is() {
+        let body = Bytes::from_static(br#"{"model":"gpt-4o","messages":[{"role":"user","content":"x"}]}"#);
+        let p = parse_chat(std::str::from_utf8(&body).unwrap()).unwrap();
+        assert_eq!(p.rewrite(&body, "gpt-4o"), body);
+    }
+
+    #[test]
+    fn existing_stream_options_keep_their_fields() {
+        let body = Bytes::from_static(br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"stream_options":{"include_usage":false}}"#);
+        let p = parse_chat(std::str::from_utf8(&body).unwrap()).unwrap();
+        assert!(!p.client_wants_usage);
+        let out: Value = serde_json::from_slice(&p.rewrite(&body, "m")).unwrap();
+        assert_eq!(out["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn bad_inputs_name_their_field() {
+        let param = |body: &str| match parse_chat(body) {
+            Err(ApiError::InvalidParam { param, .. }) => param,
+            other => panic!("expected a param error, got {other:?}"),
+        };
+        assert_eq!(param(r#"{"messages":[{"role":"user","content":"x"}]}"#), "model");
+        assert_eq!(param(r#"{"model":5,"messages":[]}"#), "model");
+        assert_eq!(param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#), "max_tokens");
+        assert_eq!(param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":1.5}"#), "max_tokens");
+        assert_eq!(param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":100000}"#), "n");
+        assert_eq!(param(r#"{"model":"m","messages":"hi"}"#), "messages");
+        assert_eq!(param(r#"{"model":"m","model":"n","messages":[{"role":"user","content":"x"}]}"#), "model");
+        assert_eq!(param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#), "stream");
+    }
+
+    #[test]
+    fn not_json_is_invalid_json() {
+        for body in ["", "nope", "[1,2]", "{\"model\":", "\"str\"", "{\"a\":\"\\ud800\"}x"] {
+            assert!(matches!(parse(Endpoint::Chat, body.as_bytes()), Err(ApiError::InvalidJson(_))), "{body}");
+        }
+        assert!(matches!(parse(Endpoint::Chat, b"{\"model\":\"\xff\"}"), Err(ApiError::InvalidJson(_))));
+        let deep = "[".repeat(10_000);
+        assert!(matches!(parse(Endpoint::Chat, format!("{{\"model\":{deep}").as_bytes()), Err(ApiError::InvalidJson(_))));
+    }
+
+    #[test]
+    fn capabilities_are_detected() {
+        let p = parse_chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"http://x"}}]}],"tools":[{"type":"function","function":{"name":"f"}}],"response_format":{"type":"json_schema"}}"#).unwrap();
+        assert_eq!(p.needs, Capabilities::ALL);
+    }
+}

@@ -1,0 +1,216 @@
+//! Choosing the model that serves a request, and reserving its worst-case cost.
+//!
+//! The candidates are the asked model and its downgrade chain (`[routing] downgrade`). A
+//! budget past its `downgrade_at` threshold moves the asked model to the back of the line;
+//! any candidate whose worst-case cost does not fit what is left is passed over. A cheaper
+//! model is only a candidate if it can serve the request: allowed for the key and the team,
+//! the same kind (chat / embedding), the capabilities the request uses, and a context
+//! window that holds the prompt plus the output asked for.
+//!
+//! Counting a long prompt exactly costs milliseconds, so the worst case is first priced on a
+//! cheap upper bound (bytes, never fewer than tokens); only when that does not fit is the
+//! prompt counted exactly and the reservation tried again. Far from the limit no request
+//! pays for the tokenizer; near it, decisions are exact.
+
+use std::sync::Arc;
+
+use crate::auth::Caller;
+use crate::budget::{Applicable, BudgetBook, Refusal, Reservation};
+use crate::config::{Config, Model};
+use crate::error::ApiError;
+use crate::ledger::Backend;
+use crate::metering::tokens::{self, Encoding};
+use crate::pricing::NanoUsd;
+use crate::request::ParsedRequest;
+
+/// What routing decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Serve,
+    Downgrade,
+    Refuse,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Serve => "serve",
+            Decision::Downgrade => "downgrade",
+            Decision::Refuse => "refuse",
+        }
+    }
+}
+
+/// A routed, reserved request.
+#[derive(Debug)]
+pub struct Admission {
+    pub model: Arc<Model>,
+    pub decision: Decision,
+    /// Why this model (for logs and dry runs).
+    pub reason: String,
+    pub reservation: Reservation,
+    /// Prompt tokens for the served model: exact if `prompt_exact`, else an upper bound.
+    pub prompt_tokens: u64,
+    pub prompt_exact: bool,
+    /// The reserved worst case.
+    pub max_cost: NanoUsd,
+}
+
+/// Prompt token counts for one request, computed lazily: the cheap bound once, each
+/// encoding's exact count at most once.
+pub struct PromptCounter<'a> {
+    request: &'a ParsedRequest,
+    bound: Option<u64>,
+    /// Exact counts per encoding (at most two encodings exist).
+    exact: Vec<(Encoding, u64)>,
+}
+
+impl<'a> PromptCounter<'a> {
+    pub fn new(request: &'a ParsedRequest) -> Self {
+        PromptCounter { request, bound: None, exact: Vec::with_capacity(2) }
+    }
+
+    /// An upper bound on the prompt's tokens for `model`, without running the tokenizer.
+    pub fn bound(&mut self, model: &str) -> u64 {
+        let r = self.request;
+        *self.bound.get_or_insert_with(|| tokens::prompt_tokens_upper_bound(r.endpoint.prompt_kind(), model, &r.value))
+    }
+
+    /// The exact prompt tokens for `model`.
+    pub fn exact(&mut self, model: &str) -> u64 {
+        let encoding = Encoding::for_model(model);
+        if let Some(&(_, n)) = self.exact.iter().find(|(e, _)| *e == encoding) {
+            return n;
+        }
+        let n = tokens::prompt_tokens(self.request.endpoint.prompt_kind(), model, &self.request.value);
+        self.exact.push((encoding, n));
+        n
+    }
+}
+
+/// Most steps followed along a downgrade chain (config validation rejects cycles already).
+const MAX_CHAIN: usize = 16;
+
+/// The asked model and its downgrade chain, in order.
+pub fn chain(config: &Config, asked: &Arc<Model>) -> Vec<Arc<Model>> {
+    let mut out = vec![asked.clone()];
+    let mut at = asked.name.as_str();
+    while let Some(next) = config.downgrade.get(at) {
+        let Some(model) = config.models.get(next) else { break };
+        if out.iter().any(|m| m.name == model.name) || out.len() >= MAX_CHAIN {
+            break;
+        }
+        out.push(model.clone());
+        at = next;
+    }
+    out
+}
+
+/// Output tokens to reserve for on `model`: the request's limit or the model's, per choice.
+pub fn max_output(request: &ParsedRequest, model: &Model) -> u64 {
+    request.max_output.unwrap_or(model.max_output_tokens).saturating_mul(request.n)
+}
+
+/// Why a candidate cannot serve the request, if it cannot.
+fn unfit(request: &ParsedRequest, caller: &Caller, asked: &Model, m: &Model, counter: &mut PromptCounter) -> Option<String> {
+    if !caller.allows(&m.name) {
+        return Some(format!("{} is not allowed for this key or team", m.name));
+    }
+    if m.kind != asked.kind {
+        return Some(format!("{} serves a different kind of request", m.name));
+    }
+    if !m.capabilities.covers(&request.needs) {
+        return Some(format!("{} lacks a capability the request uses", m.name));
+    }
+    if request.max_output.is_some_and(|max| max > m.max_output_tokens) {
+        return Some(format!("{} cannot produce the max_tokens asked for", m.name));
+    }
+    let out = max_output(request, m) / request.n.max(1);
+    if counter.bound(&m.name).saturating_add(out) > m.context_window
+        && counter.exact(&m.name).saturating_add(out) > m.context_window
+    {
+        return Some(format!("the prompt plus max output does not fit {}'s context window", m.name));
+    }
+    None
+}
+
+/// Makes sure every limited budget's account holds this period's spend from the ledger.
+pub async fn load_accounts(book: &BudgetBook, db: &Backend, budgets: &[Applicable], now: chrono::DateTime<chrono::Utc>) -> Result<(), ApiError> {
+    for b in budgets.iter().filter(|b| b.spec.limit.is_some()) {
+        let start = b.spec.period.start(now);
+        if book.is_loaded(&b.scope, start) {
+            continue;
+        }
+        let (is_key, id) = match &b.scope {
+            crate::budget::Scope::Key(id) => (true, id.as_str()),
+            crate::budget::Scope::Team(name) => (false, name.as_str()),
+        };
+        let spent = db.spent_since(is_key, id, start).await.map_err(|e| {
+            tracing::error!(error = %e, "could not load budget spend from the ledger");
+            ApiError::LedgerUnavailable
+        })?;
+        book.load(b.scope.clone(), start, spent);
+    }
+    Ok(())
+}
+
+/// Routes the request and reserves its worst case, or says why nothing fits.
+pub fn admit(
+    config: &Config,
+    book: &BudgetBook,
+    caller: &Caller,
+    request: &ParsedRequest,
+    asked: &Arc<Model>,
+    counter: &mut PromptCounter,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Admission, (String, Option<Refusal>)> {
+    let budgets = caller.budgets();
+    let chain = chain(config, asked);
+    let past_threshold = chain.len() > 1 && book.past_threshold(&budgets, now);
+    // Past the threshold the asked model goes last: used only if no cheaper one can serve.
+    let order: Vec<usize> = if past_threshold { (1..chain.len()).chain([0]).collect() } else { (0..chain.len()).collect() };
+    let mut reasons = Vec::new();
+    let mut last_refusal = None;
+    if past_threshold {
+        reasons.push(format!("a budget is past its downgrade threshold; {} is tried last", asked.name));
+    }
+    for i in order {
+        let m = &chain[i];
+        if i > 0 {
+            if let Some(why) = unfit(request, caller, asked, m, counter) {
+                reasons.push(why);
+                continue;
+            }
+        }
+        let out = max_output(request, m);
+        let bound = counter.bound(&m.name);
+        let (reservation, prompt_tokens, exact, max_cost) = match book.reserve(&budgets, m.price.worst_case(bound, out), now) {
+            Ok(r) => (r, bound, false, m.price.worst_case(bound, out)),
+            Err(_) => {
+                let exact = counter.exact(&m.name);
+                let cost = m.price.worst_case(exact, out);
+                match book.reserve(&budgets, cost, now) {
+                    Ok(r) => (r, exact, true, cost),
+                    Err(refusal) => {
+                        reasons.push(format!(
+                            "{}'s worst-case cost ${} does not fit the {} budget's remaining ${}",
+                            m.name,
+                            cost,
+                            refusal.scope.label(),
+                            refusal.remaining
+                        ));
+                        last_refusal = Some(refusal);
+                        continue;
+                    }
+                }
+            }
+        };
+        let decision = if i == 0 { Decision::Serve } else { Decision::Downgrade };
+        let reason = match (decision, reasons.is_empty()) {
+            (Decision::Serve, true) => "within budget".to_string(),
+            _ => reasons.join("; "),
+        };
+        return Ok(Admission { model: m.clone(), decision, reason, reservation, prompt_tokens, prompt_exact: exact, max_cost });
+    }
+    Err((reasons.join("; "), last_refusal))
+}

@@ -1,0 +1,198 @@
+//! The server: shared state, the router, the accept loop and graceful shutdown.
+//!
+//! Layer order, outermost first: hyper's connection limits (header read timeout, header
+//! size) → the router → each handler. Handlers authenticate and parse themselves so every
+//! rejection, including an oversized body, is answered in OpenAI's error envelope.
+
+use std::future::Future;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api;
+use crate::auth::{Directory, POLL_INTERVAL};
+use crate::budget::{BudgetBook, Clock, RateLimiter};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::ledger::{Backend, Ledger, LedgerError};
+use crate::metrics::Metrics;
+use crate::upstream::Upstreams;
+
+/// Longest a client may take to send its request headers (slowloris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Cheap-to-clone handles shared by every request.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Arc<Config>,
+    pub ledger: Ledger,
+    pub directory: Directory,
+    pub budgets: BudgetBook,
+    pub rates: RateLimiter,
+    pub upstreams: Upstreams,
+    pub metrics: Metrics,
+    pub clock: Clock,
+    /// Forwarding and stream tasks; shutdown waits for them.
+    pub tracker: TaskTracker,
+}
+
+impl Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The router, with every route of SPEC §4, §3, §6 and §7.
+pub fn app(state: AppState) -> Router {
+    let openai = Router::new()
+        .route("/chat/completions", post(api::proxy::chat_completions))
+        .route("/completions", post(api::proxy::completions))
+        .route("/embeddings", post(api::proxy::embeddings))
+        .route("/models", get(api::proxy::list_models));
+    Router::new()
+        .nest("/v1", openai.clone())
+        // SDKs configured with a base URL without `/v1` call these paths directly.
+        .merge(openai)
+        .merge(api::admin::router())
+        .merge(api::spend::router())
+        .merge(api::health::router())
+        .fallback(|| async { ApiError::NotFound("Unknown path. tollgate serves /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /admin, /spend and /health.".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// Options a test or the CLI sets beyond the config.
+#[derive(Default)]
+pub struct RunOptions {
+    /// The clock budgets read (tests pin it).
+    pub clock: Clock,
+}
+
+/// Opens the ledger and serves on `listener` until `shutdown` resolves, then drains:
+/// stops accepting, lets in-flight requests finish for up to `shutdown_grace_ms`, flushes
+/// the ledger and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    options: RunOptions,
+) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let backend = Backend::connect(&config.database_url).await?;
+    let ledger_tasks = TaskTracker::new();
+    let ledger_stop = CancellationToken::new();
+    let ledger = Ledger::start(backend.clone(), config.ledger_queue_capacity, &ledger_tasks, ledger_stop.clone());
+    let directory = Directory::default();
+    directory.refresh(&backend, true).await?;
+    let state = AppState(Arc::new(Inner {
+        config: config.clone(),
+        ledger,
+        directory,
+        budgets: BudgetBook::default(),
+        rates: RateLimiter::default(),
+        upstreams: Upstreams::new(&config)?,
+        metrics: Metrics::default(),
+        clock: options.clock,
+        tracker: TaskTracker::new(),
+    }));
+
+    let stop_polling = CancellationToken::new();
+    let poller = tokio::spawn(poll_directory(state.clone(), stop_polling.clone()));
+
+    let router = app(state.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    tracing::info!(addr = %listener.local_addr()?, "tollgate listening");
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(router.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    // Stop accepting at once: the listener closes here.
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let deadline = tokio::time::Instant::now() + grace;
+    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+        tracing::warn!("grace period over; closing remaining connections");
+    }
+    state.tracker.close();
+    // Metering of requests still in flight (e.g. draining a disconnected stream) gets the
+    // rest of the grace period, and at least a moment to write what it has.
+    let settle_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
+    if tokio::time::timeout_at(settle_deadline, state.tracker.wait()).await.is_err() {
+        tracing::warn!("some requests were still being metered at shutdown");
+    }
+    stop_polling.cancel();
+    let _ = poller.await;
+    drop(router);
+    drop(state);
+    ledger_stop.cancel();
+    ledger_tasks.close();
+    ledger_tasks.wait().await;
+    backend.close().await;
+    tracing::info!("ledger flushed; bye");
+    Ok(())
+}
+
+async fn poll_directory(state: AppState, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(POLL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = state.directory.refresh(state.ledger.backend(), false).await {
+                    tracing::warn!(error = %e, "could not refresh keys and teams");
+                }
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}
