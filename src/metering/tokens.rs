@@ -20,6 +20,12 @@
 //! Where the oracle would crash on a malformed body (a wrong JSON type), this module skips the
 //! offending value instead; such bodies are rejected by the upstream anyway.
 //!
+//! Two known limits, both inside nested tool schemas (themselves the oracle's approximation) and
+//! both worth a token or two at most: the oracle serializes nested schemas in their source key
+//! order, which `serde_json::Value` keeps only with serde_json's `preserve_order` feature (sorted
+//! otherwise); and serde_json parses a float with 17 significant digits to within one ulp unless
+//! its `float_roundtrip` feature is on, which can change the float's printed digits.
+//!
 //! Cost: [`prompt_tokens`] runs the BPE over every counted string, linear in the body's size
 //! (`bpe-openai`'s encoder is linear even on one-letter megabytes, where tiktoken is quadratic).
 //! [`prompt_tokens_upper_bound`] walks the same fields without the BPE, for the common case where a
@@ -62,8 +68,8 @@ impl Encoding {
     }
 
     fn tokenizer(self) -> &'static Tokenizer {
-        // Both vocabularies are compiled into the binary by bpe-openai's build script; the first
-        // call deserializes one (tens of milliseconds), later calls are free.
+        // Both vocabularies are compiled into the binary by bpe-openai's build script (nothing is
+        // downloaded); the first call deserializes one, later calls are free.
         match self {
             Encoding::O200kBase => bpe_openai::o200k_base(),
             Encoding::Cl100kBase => bpe_openai::cl100k_base(),
@@ -85,8 +91,9 @@ pub enum PromptKind {
 /// The number of tokens (not bytes, not characters) `text` encodes to with `enc`.
 ///
 /// Text that looks like a special token (`<|endoftext|>`) is counted as ordinary text, as
-/// tiktoken's `encode_ordinary` and the oracle do: a client cannot inject control tokens through
-/// message content.
+/// tiktoken's `encode_ordinary` and the oracle do. The first call for each encoding loads its
+/// vocabulary (about 100 ms in a release build); call `count_text(enc, "")` at start-up to keep
+/// that off the first request's path.
 pub fn count_text(enc: Encoding, text: &str) -> u64 {
     to_u64(enc.tokenizer().count(text))
 }
@@ -268,7 +275,7 @@ impl ImageRule {
             ("gpt-4.1-nano", 2.46),
             ("o4-mini", 1.72),
         ];
-        const TILES: [(&str, u64, u64); 9] = [
+        const TILES: [(&str, u64, u64); 8] = [
             ("gpt-4o-mini", 2833, 5667),
             ("gpt-4o", 85, 170),
             ("chatgpt-4o", 85, 170),
@@ -277,13 +284,13 @@ impl ImageRule {
             ("gpt-4-vision", 85, 170),
             ("o1", 75, 150),
             ("o3", 75, 150),
-            ("", 85, 170), // no published rule: gpt-4o's (see the module docs)
         ];
         if let Some(&(_, multiplier)) = PATCHES.iter().find(|(p, _)| m.starts_with(p)) {
             return ImageRule::Patches { multiplier };
         }
         match TILES.iter().find(|(p, _, _)| m.starts_with(p)) {
             Some(&(_, base, per_tile)) => ImageRule::Tiles { base, per_tile },
+            // No published rule: gpt-4o's rather than nothing (see the module docs).
             None => TILES_4O,
         }
     }
@@ -442,7 +449,9 @@ fn message_tokens<M: Measure>(m: &M, rules: &ModelRules, msg: &Map<String, Value
                     }
                 }
             }
-            Value::Object(function) if key == "function_call" => function_call_tokens(m, function, n),
+            Value::Object(function) if key == "function_call" => {
+                function_call_tokens(m, function, n)
+            }
             _ => {}
         }
     }
@@ -456,7 +465,12 @@ fn function_call_tokens<M: Measure>(m: &M, function: &Map<String, Value>, n: &mu
     }
 }
 
-fn content_part_tokens<M: Measure>(m: &M, rules: &ModelRules, part: &Map<String, Value>, n: &mut Tally) {
+fn content_part_tokens<M: Measure>(
+    m: &M,
+    rules: &ModelRules,
+    part: &Map<String, Value>,
+    n: &mut Tally,
+) {
     match part.get("type").and_then(Value::as_str) {
         Some("text") => {
             if let Some(Value::String(s)) = part.get("text") {
@@ -619,7 +633,14 @@ fn py_float_repr(x: f64) -> String {
     }
     if !x.is_finite() {
         // Not reachable from parsed JSON; Python spells them like this.
-        return if x.is_nan() { "nan" } else if x > 0.0 { "inf" } else { "-inf" }.to_string();
+        return if x.is_nan() {
+            "nan"
+        } else if x > 0.0 {
+            "inf"
+        } else {
+            "-inf"
+        }
+        .to_string();
     }
     let sci = format!("{:e}", x.abs());
     let Some((mantissa, exp)) = sci.split_once('e') else {
@@ -632,7 +653,11 @@ fn py_float_repr(x: f64) -> String {
     let n_digits = i64::try_from(digits.len()).unwrap_or(i64::MAX);
     if !(-3..=16).contains(&point) {
         let (first, rest) = digits.split_at(1.min(digits.len()));
-        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
         let exp_sign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{exp_sign}{:02}", exp.abs())
     } else if point <= 0 {
@@ -932,11 +957,14 @@ mod tests {
     use serde_json::json;
     use std::time::{Duration, Instant};
 
-    /// Chat, completion and embedding bodies with the oracle's counts. Made by
-    /// `gen_token_oracle.py` (kept beside the scratch crate this module was built in): Python
-    /// tiktoken 0.14 through `shared/oracle/count_tokens.py`'s `count_request` for chat bodies,
+    /// Chat, completion and embedding bodies with the oracle's counts, written by
+    /// `gen_token_oracle.py` (delivered with this module): Python tiktoken 0.14 through
+    /// `shared/oracle/count_tokens.py`'s `count_request` for chat bodies, and
     /// `len(enc.encode(s, disallowed_special=()))` per string for completion and embedding bodies.
-    /// Bodies are written with sorted keys so nested tool schemas dump alike in both languages.
+    /// Bodies are stored (and were counted) with sorted keys, so the nested tool schemas the oracle
+    /// serializes read the same here with or without serde_json's `preserve_order`. Every image in
+    /// it has a size the oracle can read and a model with a published rule: the cases where this
+    /// module deliberately counts more are tested separately below.
     const ORACLE_FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/token_oracle.json"
@@ -963,11 +991,37 @@ mod tests {
             let got = prompt_tokens(kind, model, &case["body"]);
             let bound = prompt_tokens_upper_bound(kind, model, &case["body"]);
             if got != expected {
-                failures.push(format!("#{i} {kind:?} {model}: got {got}, oracle {expected}"));
+                failures.push(format!(
+                    "#{i} {kind:?} {model}: got {got}, oracle {expected}"
+                ));
             }
             assert!(bound >= got, "#{i} {model}: bound {bound} < exact {got}");
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn bpe_count_equals_the_length_of_the_encoding() {
+        // `count` skips building the token vector; check it agrees with `encode` on every string
+        // of the fixture, for both vocabularies.
+        let cases: Value = serde_json::from_str(ORACLE_FIXTURE).expect("fixture is JSON");
+        let mut stack = vec![&cases];
+        let mut strings = 0;
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::String(s) => {
+                    for enc in [Encoding::O200kBase, Encoding::Cl100kBase] {
+                        let encoded = enc.tokenizer().encode(s.as_str()).len();
+                        assert_eq!(count_text(enc, s), to_u64(encoded), "{enc:?} {s:?}");
+                    }
+                    strings += 1;
+                }
+                Value::Array(items) => stack.extend(items),
+                Value::Object(map) => stack.extend(map.values()),
+                _ => {}
+            }
+        }
+        assert!(strings > 200);
     }
 
     #[test]
@@ -991,13 +1045,31 @@ mod tests {
             {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
             {"role": "user", "content": "What's the weather like in San Francisco?"},
         ]);
-        for (model, want) in [("gpt-3.5-turbo", 129), ("gpt-4-0613", 129), ("gpt-4o", 124), ("gpt-4o-mini", 124)] {
+        for (model, want) in [
+            ("gpt-3.5-turbo", 129),
+            ("gpt-4-0613", 129),
+            ("gpt-4o", 124),
+            ("gpt-4o-mini", 124),
+        ] {
             let body = json!({"model": model, "messages": messages});
-            assert_eq!(prompt_tokens(PromptKind::Chat, model, &body), want, "{model}");
+            assert_eq!(
+                prompt_tokens(PromptKind::Chat, model, &body),
+                want,
+                "{model}"
+            );
         }
-        for (model, want) in [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)] {
+        for (model, want) in [
+            ("gpt-3.5-turbo", 105),
+            ("gpt-4", 105),
+            ("gpt-4o", 101),
+            ("gpt-4o-mini", 101),
+        ] {
             let body = json!({"model": model, "messages": tool_messages, "tools": tools});
-            assert_eq!(prompt_tokens(PromptKind::Chat, model, &body), want, "{model} with tools");
+            assert_eq!(
+                prompt_tokens(PromptKind::Chat, model, &body),
+                want,
+                "{model} with tools"
+            );
         }
     }
 
@@ -1006,9 +1078,16 @@ mod tests {
         // tiktoken 0.14's len(enc.encode(s, disallowed_special=())).
         for (enc, mixed) in [(Encoding::O200kBase, 15), (Encoding::Cl100kBase, 16)] {
             assert_eq!(count_text(enc, "<|endoftext|>"), 7, "{enc:?}");
-            assert_eq!(count_text(enc, "a<|endoftext|>b<|fim_prefix|>"), mixed, "{enc:?}");
+            assert_eq!(
+                count_text(enc, "a<|endoftext|>b<|fim_prefix|>"),
+                mixed,
+                "{enc:?}"
+            );
             let text = "x <|endoftext|> y";
-            assert_eq!(count_text(enc, text), to_u64(enc.tokenizer().encode(text).len()));
+            assert_eq!(
+                count_text(enc, text),
+                to_u64(enc.tokenizer().encode(text).len())
+            );
         }
     }
 
@@ -1043,12 +1122,16 @@ mod tests {
 
     #[test]
     fn tool_constants_follow_the_model_family_including_fine_tunes() {
-        let body = json!({"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]});
+        let body =
+            json!({"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]});
         let gpt4 = prompt_tokens(PromptKind::Chat, "gpt-4", &body);
         let gpt4o = prompt_tokens(PromptKind::Chat, "gpt-4o", &body);
         assert_eq!(gpt4, gpt4o + 3, "func_init is 10 for gpt-4, 7 for gpt-4o");
         // The oracle would give a gpt-4 fine-tune gpt-4o's constants; its base model's are right.
-        assert_eq!(prompt_tokens(PromptKind::Chat, "ft:gpt-4-0613:acme::x", &body), gpt4);
+        assert_eq!(
+            prompt_tokens(PromptKind::Chat, "ft:gpt-4-0613:acme::x", &body),
+            gpt4
+        );
     }
 
     fn image_body(model: &str, url: &str, detail: &str) -> Value {
@@ -1099,7 +1182,10 @@ mod tests {
         let patches = ImageRule::for_base_model("gpt-4.1-mini");
         assert_eq!(patches.tokens(Some((1024, 1024)), false), 1659);
         assert_eq!(patches.tokens(Some((1800, 2400)), false), 2353);
-        assert_eq!(ImageRule::for_base_model("o4-mini").tokens(Some((1, 100_000)), false), 0);
+        assert_eq!(
+            ImageRule::for_base_model("o4-mini").tokens(Some((1, 100_000)), false),
+            0
+        );
     }
 
     #[test]
@@ -1110,7 +1196,10 @@ mod tests {
             for _ in 0..20_000 {
                 let w = 1 + rng.next() % (1 << rng.below(33));
                 let h = 1 + rng.next() % (1 << rng.below(33));
-                assert!(rule.tokens(Some((w, h)), false) <= worst, "{rule:?} {w}x{h}");
+                assert!(
+                    rule.tokens(Some((w, h)), false) <= worst,
+                    "{rule:?} {w}x{h}"
+                );
             }
         }
     }
@@ -1133,7 +1222,10 @@ mod tests {
             let got = py_b64decode_lenient(input.as_bytes(), usize::MAX);
             assert_eq!(got.as_deref(), want, "{input:?}");
         }
-        assert_eq!(py_b64decode_lenient(b"QUJDQUJD", 4).as_deref(), Some(&b"ABCA"[..]));
+        assert_eq!(
+            py_b64decode_lenient(b"QUJDQUJD", 4).as_deref(),
+            Some(&b"ABCA"[..])
+        );
     }
 
     #[test]
@@ -1143,7 +1235,10 @@ mod tests {
         let gif = b"GIF89a\x40\x01\xf0\x00";
         assert_eq!(image_size_from_bytes(gif), Some((320, 240)));
         // A WebP VP8X header cut short: Python's int.from_bytes reads what is there.
-        assert_eq!(image_size_from_bytes(b"RIFF\0\0\0\0WEBPVP8X\0\0\0\0\0\0\0\0\0\0\0\0\x10"), Some((1, 4097)));
+        assert_eq!(
+            image_size_from_bytes(b"RIFF\0\0\0\0WEBPVP8X\0\0\0\0\0\0\0\0\0\0\0\0\x10"),
+            Some((1, 4097))
+        );
         // A JPEG whose frame header lies beyond the 49,152 bytes the oracle decodes is unknown.
         let mut jpeg = vec![0xff, 0xd8];
         for _ in 0..2 {
@@ -1155,8 +1250,14 @@ mod tests {
         let url = format!("data:image/jpeg;base64,{}", b64(&jpeg));
         assert_eq!(image_size_from_data_url(&url), None);
         // Non-ASCII inside the base64 makes Python's b64decode raise.
-        assert_eq!(image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA==é"), None);
-        assert_eq!(image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA=="), Some((320, 240)));
+        assert_eq!(
+            image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA==é"),
+            None
+        );
+        assert_eq!(
+            image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA=="),
+            Some((320, 240))
+        );
     }
 
     #[test]
@@ -1182,7 +1283,10 @@ mod tests {
         let v = json!({"b": [1, 2.0, null, true], "a": "é😀\"\\\n\u{1}\u{7f}~"});
         let mut out = String::new();
         write_py_json(&v, &mut out);
-        assert_eq!(out, r#"{"a":"\u00e9\ud83d\ude00\"\\\n\u0001\u007f~","b":[1,2.0,null,true]}"#);
+        assert_eq!(
+            out,
+            r#"{"a":"\u00e9\ud83d\ude00\"\\\n\u0001\u007f~","b":[1,2.0,null,true]}"#
+        );
         let mut len = JsonLen(0);
         write_py_json(&v, &mut len);
         assert_eq!(len.0, to_u64(out.len()));
@@ -1206,17 +1310,28 @@ mod tests {
             (json!({"text": "x"}), 0),
         ] {
             let body = json!({"model": model, "prompt": prompt});
-            assert_eq!(prompt_tokens(PromptKind::Completion, model, &body), want, "{prompt}");
+            assert_eq!(
+                prompt_tokens(PromptKind::Completion, model, &body),
+                want,
+                "{prompt}"
+            );
             let body = json!({"model": model, "input": prompt});
-            assert_eq!(prompt_tokens(PromptKind::Embedding, model, &body), want, "{prompt}");
+            assert_eq!(
+                prompt_tokens(PromptKind::Embedding, model, &body),
+                want,
+                "{prompt}"
+            );
         }
-        assert_eq!(prompt_tokens(PromptKind::Chat, "gpt-4o", &json!("not an object")), 0);
+        assert_eq!(
+            prompt_tokens(PromptKind::Chat, "gpt-4o", &json!("not an object")),
+            0
+        );
         assert_eq!(prompt_tokens(PromptKind::Chat, "gpt-4o", &json!({})), 3);
     }
 
     // --------------------------------------------------------------------------------- hostile
 
-    /// A small deterministic PRNG, identical to the one in `gen_token_oracle.py`.
+    /// A small deterministic PRNG (SplitMix64), easy to reproduce in Python for the oracle.
     struct SplitMix64(u64);
 
     impl SplitMix64 {
@@ -1233,11 +1348,13 @@ mod tests {
         }
     }
 
-    /// 1 MiB of base62 without spaces, from SplitMix64 seeded with 62.
+    /// `len` characters of base62, each `ALPHABET[next() % 62]` from SplitMix64 seeded with 62.
     fn random_base62(len: usize) -> String {
         const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         let mut rng = SplitMix64(62);
-        (0..len).map(|_| char::from(ALPHABET[(rng.below(62)) as usize])).collect()
+        (0..len)
+            .map(|_| char::from(ALPHABET[(rng.below(62)) as usize]))
+            .collect()
     }
 
     fn b64(bytes: &[u8]) -> String {
@@ -1250,7 +1367,8 @@ mod tests {
         const MIB: usize = 1 << 20;
         let one_letter = "a".repeat(MIB);
         let base62 = random_base62(MIB);
-        // From `count_tokens.py --text-file F --encoding E` (tiktoken 0.14) on the same strings.
+        // From `count_tokens.py --text-file F --encoding E` (tiktoken 0.14), F holding the same
+        // string written by the same SplitMix64 in Python.
         for (name, text, o200k, cl100k) in [
             ("1 MiB of 'a'", &one_letter, 131_072, 131_072),
             ("1 MiB of base62", &base62, 711_068, 750_395),
@@ -1260,7 +1378,11 @@ mod tests {
                 assert_eq!(count_text(enc, text), want, "{name} {enc:?}");
                 // Generous for an unoptimized build on a shared machine; tiktoken's quadratic
                 // merge needs minutes here. Release builds take ~10 ms.
-                assert!(start.elapsed() < Duration::from_secs(20), "{name} {enc:?} took {:?}", start.elapsed());
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "{name} {enc:?} took {:?}",
+                    start.elapsed()
+                );
             }
         }
     }
@@ -1268,14 +1390,36 @@ mod tests {
     /// A random JSON value shaped like a chat body: the right keys with values of any type.
     fn random_value(rng: &mut SplitMix64, depth: u32) -> Value {
         const KEYS: [&str; 16] = [
-            "role", "content", "name", "tool_calls", "function_call", "function", "arguments",
-            "type", "text", "image_url", "url", "detail", "description", "parameters",
-            "properties", "enum",
+            "role",
+            "content",
+            "name",
+            "tool_calls",
+            "function_call",
+            "function",
+            "arguments",
+            "type",
+            "text",
+            "image_url",
+            "url",
+            "detail",
+            "description",
+            "parameters",
+            "properties",
+            "enum",
         ];
         const STRINGS: [&str; 12] = [
-            "", "user", "text", "image_url", "low", "high", ".", "hello world. ", "<|endoftext|>",
+            "",
+            "user",
+            "text",
+            "image_url",
+            "low",
+            "high",
+            ".",
+            "hello world. ",
+            "<|endoftext|>",
             "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJ",
-            "data:image/gif;base64,R0lGODlhQAHwAA", "数据 😀\r\n",
+            "data:image/gif;base64,R0lGODlhQAHwAA",
+            "数据 😀\r\n",
         ];
         let leaf = depth == 0 || rng.below(3) == 0;
         match rng.below(if leaf { 5 } else { 7 }) {
@@ -1289,7 +1433,13 @@ mod tests {
             3 | 4 => {
                 if rng.below(4) == 0 {
                     // Random bytes after an image magic number, to exercise the header parsers.
-                    let magic: [&[u8]; 5] = [b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8X", b"RIFF\0\0\0\0WEBPVP8 ", b"\xff\xd8"];
+                    let magic: [&[u8]; 5] = [
+                        b"\x89PNG\r\n\x1a\n",
+                        b"GIF89a",
+                        b"RIFF\0\0\0\0WEBPVP8X",
+                        b"RIFF\0\0\0\0WEBPVP8 ",
+                        b"\xff\xd8",
+                    ];
                     let mut bytes = magic[rng.below(5) as usize].to_vec();
                     bytes.extend((0..rng.below(64)).map(|_| rng.next() as u8));
                     Value::String(format!("data:image/x;base64,{}", b64(&bytes)))
@@ -1297,10 +1447,19 @@ mod tests {
                     Value::String(STRINGS[rng.below(STRINGS.len() as u64) as usize].to_string())
                 }
             }
-            5 => Value::Array((0..rng.below(5)).map(|_| random_value(rng, depth - 1)).collect()),
+            5 => Value::Array(
+                (0..rng.below(5))
+                    .map(|_| random_value(rng, depth - 1))
+                    .collect(),
+            ),
             _ => Value::Object(
                 (0..rng.below(6))
-                    .map(|_| (KEYS[rng.below(KEYS.len() as u64) as usize].to_string(), random_value(rng, depth - 1)))
+                    .map(|_| {
+                        (
+                            KEYS[rng.below(KEYS.len() as u64) as usize].to_string(),
+                            random_value(rng, depth - 1),
+                        )
+                    })
                     .collect(),
             ),
         }
@@ -1309,7 +1468,15 @@ mod tests {
     #[test]
     fn random_bodies_never_panic_and_stay_under_the_bound() {
         let mut rng = SplitMix64(2024);
-        let models = ["gpt-4o", "gpt-4o-mini", "gpt-4", "gpt-3.5-turbo-0301", "gpt-4.1-nano", "o1", "x/ft:gpt-4o:a::b"];
+        let models = [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4",
+            "gpt-3.5-turbo-0301",
+            "gpt-4.1-nano",
+            "o1",
+            "x/ft:gpt-4o:a::b",
+        ];
         for round in 0..3000 {
             let mut body = Map::new();
             for key in ["messages", "tools", "functions", "prompt", "input"] {
@@ -1327,10 +1494,17 @@ mod tests {
             }
             let body = Value::Object(body);
             let model = models[round % models.len()];
-            for kind in [PromptKind::Chat, PromptKind::Completion, PromptKind::Embedding] {
+            for kind in [
+                PromptKind::Chat,
+                PromptKind::Completion,
+                PromptKind::Embedding,
+            ] {
                 let exact = prompt_tokens(kind, model, &body);
                 let bound = prompt_tokens_upper_bound(kind, model, &body);
-                assert!(bound >= exact, "{kind:?} {model}: bound {bound} < exact {exact} for {body}");
+                assert!(
+                    bound >= exact,
+                    "{kind:?} {model}: bound {bound} < exact {exact} for {body}"
+                );
             }
         }
     }
@@ -1390,6 +1564,9 @@ mod tests {
         let bound = prompt_tokens_upper_bound(PromptKind::Chat, model, &body);
         eprintln!("128k-token document: exact {exact} tokens in {exact_time:?}, bound {bound} in {bound_time:?}");
         assert!(bound >= exact);
-        assert!(bound_time * 10 <= exact_time, "bound {bound_time:?} vs exact {exact_time:?}");
+        assert!(
+            bound_time * 10 <= exact_time,
+            "bound {bound_time:?} vs exact {exact_time:?}"
+        );
     }
 }

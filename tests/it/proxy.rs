@@ -1,0 +1,252 @@
+//! Forwarding and metering of non-streamed requests.
+
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn chat_is_forwarded_metered_and_recorded_to_the_nano_dollar() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("hello", Some((1234, 200, 567))));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("search").await;
+
+    let resp = app.chat(&key, &chat_body("gpt-4o", "hi")).await;
+    assert_eq!(resp.status(), 200);
+    let expected = nanos(1234, 200, 567, GPT4O.0, GPT4O.1, GPT4O.2);
+    let header = resp.headers()["x-tollgate-cost-usd"].to_str().unwrap().to_string();
+    assert_eq!(resp.headers()["x-tollgate-model"], "gpt-4o");
+    assert!(resp.headers().contains_key("x-tollgate-request-id"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "hello");
+    // The header is the exact decimal of the nano-dollar cost.
+    let header_nanos: i64 = {
+        let (whole, frac) = header.split_once('.').unwrap_or((&header, ""));
+        whole.parse::<i64>().unwrap() * 1_000_000_000 + format!("{frac:0<9}").parse::<i64>().unwrap()
+    };
+    assert_eq!(header_nanos, expected);
+
+    // The record is durable before the response: no waiting needed.
+    let logs = app.logs().await;
+    assert_eq!(logs.len(), 1);
+    let r = &logs[0];
+    assert_eq!(r["input_tokens"], 1234);
+    assert_eq!(r["cached_input_tokens"], 200);
+    assert_eq!(r["output_tokens"], 567);
+    assert_eq!(r["usage_source"], "reported");
+    assert_eq!(r["model"], "gpt-4o");
+    assert_eq!(r["served_model"], "gpt-4o");
+    assert_eq!(r["team"], "search");
+    assert_eq!(r["status"], 200);
+    assert_eq!(usd_to_nanos(&r["cost_usd"]), expected);
+}
+
+#[tokio::test]
+async fn body_is_forwarded_byte_for_byte_except_model() {
+    let up = FakeUpstream::start().await;
+    let models = r#"
+[[models]]
+name = "fast"
+provider = "up"
+upstream_model = "gpt-4o-mini-2024-07-18"
+"#;
+    let app = TestApp::start(&up, models).await;
+    let key = app.team_and_key("t").await;
+    let raw = r#"{"model":"fast",  "messages":[{"role":"user","content":"h\u00e9 \ud83d\ude00"}],"temperature":0.70,"extra_field":{"keep":[1,2.50,"x"]}}"#;
+    let resp = app
+        .http
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let forwarded = up.last_raw_body();
+    assert_eq!(
+        std::str::from_utf8(&forwarded).unwrap(),
+        raw.replace(r#""model":"fast""#, r#""model":"gpt-4o-mini-2024-07-18""#)
+    );
+    // The provider's key is sent upstream, not the client's virtual key.
+    assert_eq!(up.state.auth.lock().unwrap().last().unwrap(), "Bearer sk-upstream-secret-999");
+}
+
+#[tokio::test]
+async fn response_body_reaches_the_client_unchanged() {
+    let up = FakeUpstream::start().await;
+    let exact = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"a"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4},   "odd_spacing" : 1.0}"#;
+    up.reply(Reply::new(200, "application/json", exact));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let resp = app.chat(&key, &chat_body("gpt-4o-mini", "x")).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), exact);
+}
+
+#[tokio::test]
+async fn missing_usage_is_estimated_with_the_tokenizer() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("Hello world, this is a reply.", None));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let resp = app.chat(&key, &chat_body("gpt-4o-mini", "Hello there")).await;
+    assert_eq!(resp.status(), 200);
+    let r = &app.logs().await[0];
+    assert_eq!(r["usage_source"], "estimated");
+    // o200k: "user" 1 + "Hello there" 2 + 3 per message + 3 priming = 9; the reply is 8 tokens.
+    assert_eq!(r["input_tokens"], 9);
+    assert_eq!(r["output_tokens"], 8);
+    assert_eq!(usd_to_nanos(&r["cost_usd"]), nanos(9, 0, 8, MINI.0, MINI.1, MINI.2));
+}
+
+#[tokio::test]
+async fn embeddings_and_legacy_completions_are_metered() {
+    let up = FakeUpstream::start().await;
+    up.script(|req| {
+        if req.get("input").is_some() {
+            Reply::new(
+                200,
+                "application/json",
+                json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                       "model": "text-embedding-3-small", "usage": {"prompt_tokens": 1000, "total_tokens": 1000}})
+                .to_string(),
+            )
+        } else {
+            Reply::new(
+                200,
+                "application/json",
+                json!({"id": "c", "object": "text_completion", "choices": [{"text": "ok", "index": 0, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}})
+                .to_string(),
+            )
+        }
+    });
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let resp = app.post("/v1/embeddings", &key, &json!({"model": "text-embedding-3-small", "input": "hello"})).await;
+    assert_eq!(resp.status(), 200);
+    // $0.02 / 1M tokens: 1000 tokens = 20,000 nano-dollars.
+    assert_eq!(resp.headers()["x-tollgate-cost-usd"], "0.00002");
+    let resp = app.post("/v1/completions", &key, &json!({"model": "gpt-4o-mini", "prompt": "Say"})).await;
+    assert_eq!(resp.status(), 200);
+    let logs = app.logs().await;
+    assert_eq!(logs.len(), 2);
+    assert_eq!(logs[0]["endpoint"], "completions");
+    assert_eq!(usd_to_nanos(&logs[0]["cost_usd"]), nanos(10, 0, 2, MINI.0, MINI.1, MINI.2));
+    assert_eq!(logs[1]["endpoint"], "embeddings");
+}
+
+#[tokio::test]
+async fn models_lists_only_what_the_key_may_use() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    app.create_team("t", json!({"models": ["gpt-4o-mini", "gpt-4o"]})).await;
+    let (_, key) = app.create_key("t", json!({"models": ["gpt-4o-mini"]})).await;
+    let resp = app.http.get(app.url("/v1/models")).bearer_auth(&key).send().await.unwrap();
+    let v: Value = resp.json().await.unwrap();
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["gpt-4o-mini"]);
+    let resp = app.chat(&key, &chat_body("gpt-4o", "x")).await;
+    assert_eq!(resp.status(), 403);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "model_not_allowed");
+    assert_eq!(v["error"]["type"], "permission_error");
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn spend_groups_by_team_model_and_day_and_keys_see_only_their_own() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("x", Some((100, 0, 10))));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let a = app.team_and_key("alpha").await;
+    let b = app.team_and_key("beta").await;
+    for _ in 0..3 {
+        assert_eq!(app.chat(&a, &chat_body("gpt-4o", "x")).await.status(), 200);
+    }
+    assert_eq!(app.chat(&b, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
+
+    let v: Value = app
+        .http
+        .get(app.url("/spend?group_by=team,model,day"))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["total"]["requests"], 4);
+    let groups = v["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2);
+    assert_eq!(groups[0]["team"], "alpha");
+    assert_eq!(groups[0]["model"], "gpt-4o");
+    assert_eq!(groups[0]["requests"], 3);
+    assert!(groups[0]["day"].as_str().unwrap().len() == 10);
+    assert_eq!(usd_to_nanos(&groups[0]["cost_usd"]), 3 * nanos(100, 0, 10, GPT4O.0, GPT4O.1, GPT4O.2));
+    assert_eq!(groups[1]["team"], "beta");
+
+    // A virtual key sees its own spend only.
+    let v: Value = app.http.get(app.url("/spend")).bearer_auth(&b).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["total"]["requests"], 1);
+    let v: Value = app.http.get(app.url("/spend/logs")).bearer_auth(&b).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["data"].as_array().unwrap().len(), 1);
+    assert_eq!(v["data"][0]["team"], "beta");
+
+    // CSV.
+    let csv = app.http.get(app.url("/spend?group_by=team&format=csv")).bearer_auth(MASTER).send().await.unwrap();
+    assert!(csv.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    let text = csv.text().await.unwrap();
+    assert!(text.starts_with("team,requests,input_tokens,cached_input_tokens,output_tokens,cost_usd\n"), "{text}");
+    assert!(text.contains("alpha,3,300,0,30,"), "{text}");
+
+    // Time filters: nothing before 2000.
+    let v: Value = app.http.get(app.url("/spend?to=2000-01-01")).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["total"]["requests"], 0);
+}
+
+#[tokio::test]
+async fn spend_logs_paginate_newest_first() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    for _ in 0..5 {
+        assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
+    }
+    let mut seen = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let mut url = app.url("/spend/logs?limit=2");
+        if let Some(b) = &before {
+            url.push_str(&format!("&before={b}"));
+        }
+        let v: Value = app.http.get(url).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
+        for r in v["data"].as_array().unwrap() {
+            seen.push(r["request_id"].as_str().unwrap().to_string());
+        }
+        match v["next_before"].as_str() {
+            Some(next) => before = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.reverse();
+    assert_eq!(seen, sorted, "newest first");
+}
+
+#[tokio::test]
+async fn graceful_restart_keeps_the_ledger() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
+    let dir = app.stop().await;
+    let app = TestApp::start_in(dir, &up, DEFAULT_MODELS).await;
+    assert_eq!(app.logs().await.len(), 1);
+    // The key still works after the restart.
+    assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
+    assert_eq!(app.logs().await.len(), 2);
+}
