@@ -10,8 +10,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -145,6 +145,14 @@ struct Account {
     period_start: i64,
     spent: NanoUsd,
     reserved: NanoUsd,
+    /// Loose reservations on this account not yet tightened, by id.
+    loose: HashMap<u64, Arc<Loose>>,
+}
+
+impl Account {
+    fn new(period_start: i64, spent: NanoUsd) -> Account {
+        Account { period_start, spent, reserved: NanoUsd::ZERO, loose: HashMap::new() }
+    }
 }
 
 /// A budget a request must fit: whose, and its spec.
@@ -165,14 +173,44 @@ pub struct BudgetStatus {
     pub resets_at_ms: Option<i64>,
 }
 
+/// A reservation priced on the cheap upper bound of the prompt's tokens. It can be
+/// tightened later — by whichever request first needs the room — to its exact worst case.
+pub struct Loose {
+    id: u64,
+    bound: NanoUsd,
+    exact: OnceLock<NanoUsd>,
+    compute: Box<dyn Fn() -> NanoUsd + Send + Sync>,
+}
+
+impl Loose {
+    /// `bound`: the worst case on the token bound; `compute`: the exact worst case (runs at
+    /// most once, only if the room is needed).
+    pub fn new(bound: NanoUsd, compute: impl Fn() -> NanoUsd + Send + Sync + 'static) -> Arc<Loose> {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Arc::new(Loose { id: NEXT.fetch_add(1, Ordering::Relaxed), bound, exact: OnceLock::new(), compute: Box::new(compute) })
+    }
+
+    fn exact(&self) -> NanoUsd {
+        *self.exact.get_or_init(|| (self.compute)().min(self.bound))
+    }
+}
+
+impl std::fmt::Debug for Loose {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loose").field("id", &self.id).field("bound", &self.bound).finish()
+    }
+}
+
 /// Money held for a request in flight; settle it exactly once.
 #[derive(Debug)]
 pub struct Reservation {
     amount: NanoUsd,
     held: Vec<(Scope, i64)>,
+    loose: Option<Arc<Loose>>,
 }
 
 impl Reservation {
+    /// The amount reserved when taken (a loose one may since have been tightened).
     pub fn amount(&self) -> NanoUsd {
         self.amount
     }
@@ -211,7 +249,7 @@ impl BudgetBook {
                 a.spent = spent;
             }
             None => {
-                accounts.insert(scope, Account { period_start, spent, reserved: NanoUsd::ZERO });
+                accounts.insert(scope, Account::new(period_start, spent));
             }
         }
     }
@@ -251,14 +289,19 @@ impl BudgetBook {
         budgets.iter().filter_map(|b| self.status(b, now).remaining).min()
     }
 
-    /// Atomically reserves `amount` against every budget, or none of them.
-    pub fn reserve(&self, budgets: &[Applicable], amount: NanoUsd, now: DateTime<Utc>) -> Result<Reservation, Refusal> {
+    /// Atomically reserves `amount` against every budget, or none of them. `loose` marks a
+    /// reservation priced on a token bound, which others may tighten when they need room.
+    pub fn reserve(
+        &self,
+        budgets: &[Applicable],
+        amount: NanoUsd,
+        now: DateTime<Utc>,
+        loose: Option<Arc<Loose>>,
+    ) -> Result<Reservation, Refusal> {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         for b in budgets {
             let start = b.spec.period.start(now);
-            let account = accounts
-                .entry(b.scope.clone())
-                .or_insert(Account { period_start: start, spent: NanoUsd::ZERO, reserved: NanoUsd::ZERO });
+            let account = accounts.entry(b.scope.clone()).or_insert_with(|| Account::new(start, NanoUsd::ZERO));
             roll(account, start);
             if let Some(limit) = b.spec.limit {
                 let used = account.spent + account.reserved;
@@ -273,10 +316,44 @@ impl BudgetBook {
         for b in budgets {
             if let Some(account) = accounts.get_mut(&b.scope) {
                 account.reserved += amount;
+                if let Some(l) = &loose {
+                    account.loose.insert(l.id, l.clone());
+                }
                 held.push((b.scope.clone(), account.period_start));
             }
         }
-        Ok(Reservation { amount, held })
+        Ok(Reservation { amount, held, loose })
+    }
+
+    /// Loose reservations still untightened on any of these budgets.
+    pub fn loose_on(&self, budgets: &[Applicable]) -> Vec<Arc<Loose>> {
+        let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Arc<Loose>> = Vec::new();
+        for b in budgets.iter().filter(|b| b.spec.limit.is_some()) {
+            if let Some(a) = accounts.get(&b.scope) {
+                for l in a.loose.values() {
+                    if !out.iter().any(|o| o.id == l.id) {
+                        out.push(l.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces loose reservations' bound-priced amounts with their exact worst cases.
+    /// The counting runs outside the lock; each is counted at most once.
+    pub fn tighten(&self, loose: &[Arc<Loose>]) {
+        let exact: Vec<NanoUsd> = loose.iter().map(|l| l.exact()).collect();
+        let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
+        for account in accounts.values_mut() {
+            for (l, exact) in loose.iter().zip(&exact) {
+                // Present only while the reservation is held and not yet tightened.
+                if account.loose.remove(&l.id).is_some() {
+                    account.reserved = account.reserved.saturating_sub(l.bound.saturating_sub(*exact)).max(NanoUsd::ZERO);
+                }
+            }
+        }
     }
 
     /// Releases the reservation and books `cost` as spent in the period it was taken in.
@@ -284,7 +361,12 @@ impl BudgetBook {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         for (scope, period_start) in reservation.held {
             if let Some(account) = accounts.get_mut(&scope) {
-                account.reserved = account.reserved.saturating_sub(reservation.amount).max(NanoUsd::ZERO);
+                let held = match &reservation.loose {
+                    // Still loose here: the bound-priced amount is held; else the exact one.
+                    Some(l) if account.loose.remove(&l.id).is_none() => l.exact.get().copied().unwrap_or(reservation.amount),
+                    _ => reservation.amount,
+                };
+                account.reserved = account.reserved.saturating_sub(held).max(NanoUsd::ZERO);
                 // A request that straddled a reset is billed to the period it started in.
                 if account.period_start == period_start {
                     account.spent += cost;
@@ -449,11 +531,11 @@ mod tests {
         let book = BudgetBook::default();
         let now = at("2026-11-28T19:00:00Z");
         let budgets = [team(100, None)];
-        let r1 = book.reserve(&budgets, NanoUsd(60), now).unwrap();
-        assert!(book.reserve(&budgets, NanoUsd(50), now).is_err());
+        let r1 = book.reserve(&budgets, NanoUsd(60), now, None).unwrap();
+        assert!(book.reserve(&budgets, NanoUsd(50), now, None).is_err());
         book.settle(r1, NanoUsd(10));
-        let _r2 = book.reserve(&budgets, NanoUsd(90), now).unwrap();
-        assert!(book.reserve(&budgets, NanoUsd(1), now).is_err());
+        let _r2 = book.reserve(&budgets, NanoUsd(90), now, None).unwrap();
+        assert!(book.reserve(&budgets, NanoUsd(1), now, None).is_err());
     }
 
     #[test]
@@ -463,9 +545,9 @@ mod tests {
             scope: Scope::Team("t".into()),
             spec: BudgetSpec { limit: Some(NanoUsd(100)), period: Period::Daily, ..Default::default() },
         }];
-        let r = book.reserve(&budgets, NanoUsd(100), at("2026-11-28T23:59:59Z")).unwrap();
+        let r = book.reserve(&budgets, NanoUsd(100), at("2026-11-28T23:59:59Z"), None).unwrap();
         let next_day = at("2026-11-29T00:00:01Z");
-        assert!(book.reserve(&budgets, NanoUsd(1), next_day).is_err(), "in-flight reservation still held");
+        assert!(book.reserve(&budgets, NanoUsd(1), next_day, None).is_err(), "in-flight reservation still held");
         book.settle(r, NanoUsd(100));
         let s = book.status(&budgets[0], next_day);
         assert_eq!(s.spent, NanoUsd(0));
@@ -477,10 +559,29 @@ mod tests {
         let book = BudgetBook::default();
         let now = at("2026-11-28T19:00:00Z");
         let budgets = [team(100, Some(0.8))];
-        let _r = book.reserve(&budgets, NanoUsd(79), now).unwrap();
+        let _r = book.reserve(&budgets, NanoUsd(79), now, None).unwrap();
         assert!(!book.past_threshold(&budgets, now));
-        let _r2 = book.reserve(&budgets, NanoUsd(1), now).unwrap();
+        let _r2 = book.reserve(&budgets, NanoUsd(1), now, None).unwrap();
         assert!(book.past_threshold(&budgets, now));
+    }
+
+    #[test]
+    fn loose_reservations_are_tightened_when_room_is_needed() {
+        let book = BudgetBook::default();
+        let now = at("2026-11-28T19:00:00Z");
+        let budgets = [team(100, None)];
+        let loose = Loose::new(NanoUsd(60), || NanoUsd(40));
+        let r1 = book.reserve(&budgets, NanoUsd(60), now, Some(loose)).unwrap();
+        assert!(book.reserve(&budgets, NanoUsd(60), now, None).is_err());
+        let pending = book.loose_on(&budgets);
+        assert_eq!(pending.len(), 1);
+        book.tighten(&pending);
+        assert!(book.loose_on(&budgets).is_empty());
+        let r2 = book.reserve(&budgets, NanoUsd(60), now, None).unwrap();
+        book.settle(r1, NanoUsd(30));
+        book.settle(r2, NanoUsd(60));
+        let s = book.status(&budgets[0], now);
+        assert_eq!((s.spent, s.reserved), (NanoUsd(90), NanoUsd(0)));
     }
 
     #[test]

@@ -68,8 +68,8 @@ const MAX_N: u64 = 128;
 #[derive(Debug)]
 pub struct ParsedRequest {
     pub endpoint: Endpoint,
-    /// The whole body, parsed (for token counting).
-    pub value: Value,
+    /// The whole body, parsed (for token counting); shared with deferred counting.
+    pub value: std::sync::Arc<Value>,
     pub model: String,
     pub stream: bool,
     /// The client asked for the usage chunk itself (`stream_options.include_usage`).
@@ -205,7 +205,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
     let needs = needs_of(&value);
     Ok(ParsedRequest {
         endpoint,
-        value,
+        value: std::sync::Arc::new(value),
         model,
         stream,
         client_wants_usage,

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use crate::auth::Caller;
-use crate::budget::{Applicable, BudgetBook, Refusal, Reservation};
+use crate::budget::{Applicable, BudgetBook, Loose, Refusal, Reservation};
 use crate::config::{Config, Model};
 use crate::error::ApiError;
 use crate::ledger::Backend;
@@ -166,7 +166,15 @@ pub fn admit(
 ) -> Result<Admission, (String, Option<Refusal>)> {
     let budgets = caller.budgets();
     let chain = chain(config, asked);
-    let past_threshold = chain.len() > 1 && book.past_threshold(&budgets, now);
+    let mut past_threshold = chain.len() > 1 && book.past_threshold(&budgets, now);
+    if past_threshold {
+        // Loose reservations may overstate what is held: decide on exact figures.
+        let pending = book.loose_on(&budgets);
+        if !pending.is_empty() {
+            book.tighten(&pending);
+            past_threshold = book.past_threshold(&budgets, now);
+        }
+    }
     // Past the threshold the asked model goes last: used only if no cheaper one can serve.
     let order: Vec<usize> = if past_threshold { (1..chain.len()).chain([0]).collect() } else { (0..chain.len()).collect() };
     let mut reasons = Vec::new();
@@ -183,34 +191,67 @@ pub fn admit(
             }
         }
         let out = max_output(request, m);
-        let bound = counter.bound(&m.name);
-        let (reservation, prompt_tokens, exact, max_cost) = match book.reserve(&budgets, m.price.worst_case(bound, out), now) {
-            Ok(r) => (r, bound, false, m.price.worst_case(bound, out)),
-            Err(_) => {
-                let exact = counter.exact(&m.name);
-                let cost = m.price.worst_case(exact, out);
-                match book.reserve(&budgets, cost, now) {
-                    Ok(r) => (r, exact, true, cost),
-                    Err(refusal) => {
-                        reasons.push(format!(
-                            "{}'s worst-case cost ${} does not fit the {} budget's remaining ${}",
-                            m.name,
-                            cost,
-                            refusal.scope.label(),
-                            refusal.remaining
-                        ));
-                        last_refusal = Some(refusal);
-                        continue;
-                    }
-                }
+        match reserve(book, &budgets, request, m, out, counter, now) {
+            Ok((reservation, prompt_tokens, exact, max_cost)) => {
+                let decision = if i == 0 { Decision::Serve } else { Decision::Downgrade };
+                let reason = match (decision, reasons.is_empty()) {
+                    (Decision::Serve, true) => "within budget".to_string(),
+                    _ => reasons.join("; "),
+                };
+                return Ok(Admission { model: m.clone(), decision, reason, reservation, prompt_tokens, prompt_exact: exact, max_cost });
             }
-        };
-        let decision = if i == 0 { Decision::Serve } else { Decision::Downgrade };
-        let reason = match (decision, reasons.is_empty()) {
-            (Decision::Serve, true) => "within budget".to_string(),
-            _ => reasons.join("; "),
-        };
-        return Ok(Admission { model: m.clone(), decision, reason, reservation, prompt_tokens, prompt_exact: exact, max_cost });
+            Err((cost, refusal)) => {
+                reasons.push(format!(
+                    "{}'s worst-case cost ${} does not fit the {} budget's remaining ${}",
+                    m.name,
+                    cost,
+                    refusal.scope.label(),
+                    refusal.remaining
+                ));
+                last_refusal = Some(refusal);
+            }
+        }
     }
     Err((reasons.join("; "), last_refusal))
+}
+
+/// Reserves `m`'s worst case: on the token bound if that fits (a loose reservation, exact
+/// count deferred), else on the exact count; if even that does not fit while other requests
+/// hold loose reservations, those are tightened to their exact worst case first, so a
+/// refusal is only ever given on exact figures.
+fn reserve(
+    book: &BudgetBook,
+    budgets: &[Applicable],
+    request: &ParsedRequest,
+    m: &Arc<Model>,
+    out: u64,
+    counter: &mut PromptCounter,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(Reservation, u64, bool, NanoUsd), (NanoUsd, Refusal)> {
+    let limited = budgets.iter().any(|b| b.spec.limit.is_some());
+    let bound = counter.bound(&m.name);
+    let bound_cost = m.price.worst_case(bound, out);
+    if !limited {
+        let r = book.reserve(budgets, bound_cost, now, None).map_err(|e| (bound_cost, e))?;
+        return Ok((r, bound, false, bound_cost));
+    }
+    let value = request.value.clone();
+    let (kind, upstream, price) = (request.endpoint.prompt_kind(), m.upstream_model.clone(), m.price);
+    let loose = Loose::new(bound_cost, move || price.worst_case(tokens::prompt_tokens(kind, &upstream, &value), out));
+    if let Ok(r) = book.reserve(budgets, bound_cost, now, Some(loose)) {
+        return Ok((r, bound, false, bound_cost));
+    }
+    let exact = counter.exact(&m.name);
+    let cost = m.price.worst_case(exact, out);
+    match book.reserve(budgets, cost, now, None) {
+        Ok(r) => Ok((r, exact, true, cost)),
+        Err(refusal) => {
+            let pending = book.loose_on(budgets);
+            if pending.is_empty() {
+                return Err((cost, refusal));
+            }
+            book.tighten(&pending);
+            book.reserve(budgets, cost, now, None).map(|r| (r, exact, true, cost)).map_err(|e| (cost, e))
+        }
+    }
 }

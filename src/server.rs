@@ -101,6 +101,12 @@ pub async fn run(
     options: RunOptions,
 ) -> Result<(), ServeError> {
     let config = Arc::new(config);
+    // Load both tokenizers now (≈100 ms each) so the first request does not pay for it.
+    tokio::task::spawn_blocking(|| {
+        use crate::metering::tokens::{count_text, Encoding};
+        count_text(Encoding::O200kBase, "warm up");
+        count_text(Encoding::Cl100kBase, "warm up");
+    });
     let backend = Backend::connect(&config.database_url).await?;
     let ledger_tasks = TaskTracker::new();
     let ledger_stop = CancellationToken::new();

@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use crate::auth::{self, Caller};
 use crate::config::{Model, OnLedgerError};
 use crate::error::ApiError;
-use crate::ledger::now_ms;
 use crate::metering::sse::SseParser;
 use crate::metering::usage::{self, ChunkKind, StreamAccumulator};
 use crate::metering::{LocalPrompt, Meter, Outcome, Produced};
@@ -67,7 +66,8 @@ fn new_request_id(time_ms: i64) -> String {
 
 async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
     let started = Instant::now();
-    let time_ms = now_ms();
+    // The budget clock, so records and budget periods agree even when a test moves it.
+    let time_ms = app.clock.now().timestamp_millis();
     let request_id = new_request_id(time_ms);
     let mut response = match handle(&app, endpoint, req, started, time_ms, &request_id).await {
         Ok(response) => response,
@@ -192,7 +192,7 @@ async fn handle(
     let local_prompt = if admission.prompt_exact || limited_tpm {
         LocalPrompt::Exact(counter.exact(&admission.model.name))
     } else {
-        LocalPrompt::Deferred(Arc::new(parsed.value.clone()), endpoint)
+        LocalPrompt::Deferred(parsed.value.clone(), endpoint)
     };
     let Admission { model, decision, reason, reservation, .. } = admission;
     tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");

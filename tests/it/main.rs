@@ -3,6 +3,8 @@
 mod helpers;
 
 mod admin;
+mod budgets;
 mod errors;
 mod proxy;
+mod routing;
 mod streaming;

@@ -1,0 +1,246 @@
+//! Cost-aware routing: downgrades, their safety checks, fallbacks, dry runs.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+fn usd(nanos: i64) -> f64 {
+    nanos as f64 / 1e9
+}
+
+#[tokio::test]
+async fn past_the_threshold_requests_are_downgraded_to_the_cheaper_model() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("x", Some((1000, 0, 100))));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let per = nanos(1000, 0, 100, GPT4O.0, GPT4O.1, GPT4O.2); // 3.5 millidollars
+    // Threshold at 4 requests' worth of gpt-4o; the limit far above.
+    app.create_team("growth", json!({"limit_usd": usd(per * 100), "downgrade_at": 0.04})).await;
+    let (_, key) = app.create_key("growth", json!({})).await;
+    let b = json!({"model": "gpt-4o", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]});
+    let mut served = Vec::new();
+    for _ in 0..6 {
+        let r = app.chat(&key, &b).await;
+        assert_eq!(r.status(), 200);
+        let model = r.headers()["x-tollgate-model"].to_str().unwrap().to_string();
+        let from = r.headers().get("x-tollgate-downgraded-from").map(|v| v.to_str().unwrap().to_string());
+        served.push((model, from));
+    }
+    let expect_full = (0..4).map(|_| ("gpt-4o".to_string(), None));
+    let expect_down = (0..2).map(|_| ("gpt-4o-mini".to_string(), Some("gpt-4o".to_string())));
+    assert_eq!(served, expect_full.chain(expect_down).collect::<Vec<_>>());
+    // The upstream got the cheaper model; the ledger keeps both names.
+    assert_eq!(up.last_body()["model"], "gpt-4o-mini");
+    let logs = app.logs().await;
+    assert_eq!(logs[0]["model"], "gpt-4o");
+    assert_eq!(logs[0]["served_model"], "gpt-4o-mini");
+    assert_eq!(usd_to_nanos(&logs[0]["cost_usd"]), nanos(1000, 0, 100, MINI.0, MINI.1, MINI.2));
+}
+
+#[tokio::test]
+async fn worst_case_that_does_not_fit_downgrades_below_the_threshold() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("x", Some((10, 0, 10))));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    // $0.01: gpt-4o with max_tokens 2000 needs > $0.02; gpt-4o-mini needs $0.0012.
+    app.create_team("t", json!({"limit_usd": 0.01})).await;
+    let (_, key) = app.create_key("t", json!({})).await;
+    let b = json!({"model": "gpt-4o", "max_tokens": 2000, "messages": [{"role": "user", "content": "hi"}]});
+    let r = app.chat(&key, &b).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-model"], "gpt-4o-mini");
+    assert_eq!(r.headers()["x-tollgate-downgraded-from"], "gpt-4o");
+    // Without max_tokens, the model's max output (16,384 × $0.60/1M ≈ $0.0098) still fits mini.
+    let b = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(app.chat(&key, &b).await.headers()["x-tollgate-model"], "gpt-4o-mini");
+}
+
+#[tokio::test]
+async fn downgrade_skips_models_that_cannot_serve_the_request() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("x", Some((10, 0, 10))));
+    let models = r#"
+[[models]]
+name = "gpt-4o"
+provider = "up"
+
+[[models]]
+name = "tiny-ctx"
+provider = "up"
+input_per_mtok = 0.1
+output_per_mtok = 0.1
+context_window = 300
+max_output_tokens = 200
+
+[[models]]
+name = "no-tools"
+provider = "up"
+input_per_mtok = 0.1
+output_per_mtok = 0.1
+context_window = 100000
+max_output_tokens = 1000
+supports_tools = false
+
+[routing]
+downgrade = { "gpt-4o" = "tiny-ctx", "tiny-ctx" = "no-tools" }
+"#;
+    let app = TestApp::start(&up, models).await;
+    app.create_team("t", json!({"limit_usd": 0.001})).await;
+    let (_, key) = app.create_key("t", json!({})).await;
+    // gpt-4o's worst case ($0.0025 for 250 tokens out) does not fit; tiny-ctx's window does not
+    // hold a long prompt, so the chain goes on to no-tools.
+    let long = "word ".repeat(400);
+    let b = json!({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": long}]});
+    let r = app.chat(&key, &b).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-model"], "no-tools");
+    // A short prompt fits tiny-ctx.
+    let b = json!({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(app.chat(&key, &b).await.headers()["x-tollgate-model"], "tiny-ctx");
+    // With tools and a long prompt nothing cheaper can serve: refused, not mis-served.
+    let b = json!({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": long}],
+                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]});
+    let r = app.chat(&key, &b).await;
+    assert_eq!(r.status(), 429);
+    // An allow-list is respected along the chain.
+    let (_, k2) = app.create_key("t", json!({"models": ["gpt-4o", "no-tools"]})).await;
+    let b = json!({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(app.chat(&k2, &b).await.headers()["x-tollgate-model"], "no-tools");
+}
+
+fn fallback_config(db: &str, primary: &str, backup: &str) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+database_url = "sqlite://{db}"
+master_key = "{MASTER}"
+
+[[providers]]
+name = "primary"
+kind = "openai"
+base_url = "{primary}"
+connect_timeout_ms = 300
+first_byte_timeout_ms = 700
+idle_timeout_ms = 1000
+
+[[providers]]
+name = "backup"
+kind = "openai"
+base_url = "{backup}"
+
+[[models]]
+name = "gpt-4o"
+provider = "primary"
+
+[[models]]
+name = "gpt-4o-backup"
+provider = "backup"
+upstream_model = "gpt-4o"
+input_per_mtok = 5.0
+output_per_mtok = 15.0
+
+[routing]
+fallbacks = {{ "gpt-4o" = ["gpt-4o-backup"] }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn failures_before_the_first_byte_fall_back_to_the_next_deployment() {
+    let primary = FakeUpstream::start().await;
+    let backup = FakeUpstream::start().await;
+    backup.reply(Reply::chat_json("from backup", Some((100, 0, 10))));
+    let failures: Vec<(&str, Reply)> = vec![
+        ("500", Reply::error(500, "boom")),
+        ("503", Reply::error(503, "overloaded")),
+        ("429", Reply::error(429, "slow down")),
+        ("timeout", Reply::chat_json("late", Some((1, 0, 1))).with_header_delay(Duration::from_millis(1500))),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let app = TestApp::start_with_config(dir, &fallback_config(db.to_str().unwrap(), &primary.url(), &backup.url())).await;
+    let key = app.team_and_key("t").await;
+    let mut expected_records = 0;
+    for (name, reply) in failures {
+        primary.reply(reply);
+        let r = app.chat(&key, &chat_body("gpt-4o", "x")).await;
+        assert_eq!(r.status(), 200, "{name}");
+        assert_eq!(r.headers()["x-tollgate-model"], "gpt-4o-backup", "{name}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "from backup");
+        expected_records += 1;
+        let logs = app.logs().await;
+        assert_eq!(logs.len(), expected_records, "one record per request ({name})");
+        assert_eq!(logs[0]["served_model"], "gpt-4o-backup");
+        assert_eq!(logs[0]["model"], "gpt-4o");
+        // Priced at the serving deployment's price: $5 / $15 per 1M.
+        assert_eq!(usd_to_nanos(&logs[0]["cost_usd"]), nanos(100, 0, 10, 5_000_000_000, 5_000_000_000, 15_000_000_000));
+    }
+    assert_eq!(backup.last_body()["model"], "gpt-4o");
+}
+
+#[tokio::test]
+async fn connection_refused_falls_back_too() {
+    let backup = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let app = TestApp::start_with_config(dir, &fallback_config(db.to_str().unwrap(), "http://127.0.0.1:9/v1", &backup.url())).await;
+    let key = app.team_and_key("t").await;
+    let r = app.chat(&key, &chat_body("gpt-4o", "x")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-tollgate-model"], "gpt-4o-backup");
+    // All deployments failing: one clean 502.
+    backup.reply(Reply::error(500, "down"));
+    let r = app.chat(&key, &chat_body("gpt-4o", "x")).await;
+    assert_eq!(r.status(), 502);
+}
+
+#[tokio::test]
+async fn dry_run_routes_without_calling_the_upstream_or_charging() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    app.create_team("t", json!({"limit_usd": 0.01})).await;
+    let (_, key) = app.create_key("t", json!({})).await;
+    let dry = |b: Value| {
+        app.http.post(app.url("/v1/chat/completions")).bearer_auth(&key).header("x-tollgate-dry-run", "true").json(&b).send()
+    };
+    let v: Value = dry(json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["decision"], "serve");
+    assert_eq!(v["served_model"], "gpt-4o");
+    assert_eq!(v["remaining_usd"], 0.01);
+    // 8 prompt tokens and 10 out on gpt-4o.
+    assert_eq!(usd_to_nanos(&v["max_cost_usd"]), nanos(8, 0, 10, GPT4O.0, GPT4O.1, GPT4O.2));
+    assert_eq!(usd_to_nanos(&v["estimated_cost_usd"]), nanos(8, 0, 0, GPT4O.0, GPT4O.1, GPT4O.2));
+
+    let v: Value = dry(json!({"model": "gpt-4o", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["decision"], "downgrade");
+    assert_eq!(v["served_model"], "gpt-4o-mini");
+    assert!(v["reason"].as_str().unwrap().contains("does not fit"));
+
+    let v: Value = dry(json!({"model": "gpt-4o-mini", "max_tokens": 16000, "n": 2, "messages": [{"role": "user", "content": "hi"}]}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["decision"], "refuse");
+    assert_eq!(up.hits(), 0);
+    assert!(app.logs().await.is_empty());
+    let (_, team) = app.admin(Method::GET, "/admin/teams/t", None).await;
+    assert_eq!(team["reserved_usd"], 0.0);
+    assert_eq!(team["spent_usd"], 0.0);
+}
