@@ -106,7 +106,7 @@ impl Prepared {
         let mut builder = Request::post(self.target.path.as_str())
             .header(HOST, self.target.addr.to_string())
             .header(CONTENT_TYPE, "application/json");
-        if let Some(key) = &self.target.key {
+        if let Some(key) = self.target.key.as_deref().filter(|k| !k.is_empty()) {
             builder = builder.header(AUTHORIZATION, format!("Bearer {key}"));
         }
         Ok(builder.body(Full::new(self.body.clone()))?)

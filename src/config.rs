@@ -68,6 +68,14 @@ struct RawConfig {
     on_ledger_error: OnLedgerError,
     #[serde(default = "default_ledger_queue")]
     ledger_queue_capacity: usize,
+    #[serde(default = "default_ack_timeout")]
+    ledger_ack_timeout_ms: u64,
+    #[serde(default = "default_busy_timeout")]
+    sqlite_busy_timeout_ms: u64,
+    #[serde(default = "default_header_read_timeout")]
+    header_read_timeout_ms: u64,
+    #[serde(default = "default_body_read_timeout")]
+    body_read_timeout_ms: u64,
     #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
@@ -96,6 +104,18 @@ fn default_disconnect_drain_ms() -> u64 {
 }
 fn default_ledger_queue() -> usize {
     100_000
+}
+fn default_ack_timeout() -> u64 {
+    10_000
+}
+fn default_busy_timeout() -> u64 {
+    5_000
+}
+fn default_header_read_timeout() -> u64 {
+    10_000
+}
+fn default_body_read_timeout() -> u64 {
+    30_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +235,15 @@ pub struct Config {
     pub on_ledger_error: OnLedgerError,
     /// Records waiting to be written, at most.
     pub ledger_queue_capacity: usize,
+    /// How long a response waits for its record to become durable before the
+    /// `on_ledger_error` policy decides (reject: 503; serve: deliver, record stays queued).
+    pub ledger_ack_timeout_ms: u64,
+    /// How long an SQLite write waits for a lock held by another connection or process.
+    pub sqlite_busy_timeout_ms: u64,
+    /// Longest a client may take to send its request headers (slowloris guard).
+    pub header_read_timeout_ms: u64,
+    /// Longest a client may take to send its request body.
+    pub body_read_timeout_ms: u64,
     pub providers: Vec<Arc<Provider>>,
     pub models: HashMap<String, Arc<Model>>,
     /// Model names in config order (for `/v1/models`).
@@ -335,6 +364,15 @@ impl RawConfig {
         }
         if self.max_body_bytes == 0 {
             problems.push("max_body_bytes must be positive".into());
+        }
+        for (field, v) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+            ("ledger_ack_timeout_ms", self.ledger_ack_timeout_ms),
+        ] {
+            if v == 0 {
+                problems.push(format!("{field} must be positive"));
+            }
         }
         if self.ledger_queue_capacity == 0 {
             problems.push("ledger_queue_capacity must be positive".into());
@@ -550,6 +588,10 @@ impl RawConfig {
             disconnect_drain_ms: self.disconnect_drain_ms,
             on_ledger_error: self.on_ledger_error,
             ledger_queue_capacity: self.ledger_queue_capacity,
+            ledger_ack_timeout_ms: self.ledger_ack_timeout_ms,
+            sqlite_busy_timeout_ms: self.sqlite_busy_timeout_ms,
+            header_read_timeout_ms: self.header_read_timeout_ms,
+            body_read_timeout_ms: self.body_read_timeout_ms,
             providers: provider_list,
             models,
             model_order,

@@ -30,6 +30,9 @@ pub enum ApiError {
     /// 413: the body is over the limit.
     #[error("Request body is larger than the limit of {limit} bytes.")]
     TooLarge { limit: usize },
+    /// 408: the client did not send its body within `body_read_timeout_ms`.
+    #[error("The request body was not received in time.")]
+    BodyTimeout,
     /// 404: no such route, or no such admin object.
     #[error("{0}")]
     NotFound(String),
@@ -78,6 +81,7 @@ impl ApiError {
             ApiError::ModelNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidJson(_) | ApiError::InvalidParam { .. } => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BudgetExceeded { .. } | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -98,6 +102,7 @@ impl ApiError {
             ApiError::InvalidParam { .. } => ("invalid_request_error", s("invalid_value")),
             ApiError::TooLarge { .. } => ("invalid_request_error", s("request_too_large")),
             ApiError::NotFound(_) => ("invalid_request_error", s("not_found")),
+            ApiError::BodyTimeout => ("invalid_request_error", s("request_timeout")),
             ApiError::MethodNotAllowed => ("invalid_request_error", s("method_not_allowed")),
             ApiError::Conflict(_) => ("invalid_request_error", s("conflict")),
             ApiError::BudgetExceeded { .. } => ("insufficient_quota", s("budget_exceeded")),

@@ -27,9 +27,6 @@ use crate::ledger::{Backend, Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 
-/// Longest a client may take to send its request headers (slowloris guard).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Cheap-to-clone handles shared by every request.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -107,7 +104,12 @@ pub async fn run(
         count_text(Encoding::O200kBase, "warm up");
         count_text(Encoding::Cl100kBase, "warm up");
     });
-    let backend = Backend::connect(&config.database_url).await?;
+    let backend =
+        Backend::connect_with(&config.database_url, Duration::from_millis(config.sqlite_busy_timeout_ms)).await?;
+    let interrupted = backend.mark_interrupted().await?;
+    if interrupted > 0 {
+        tracing::warn!(interrupted, "requests in flight when the server last stopped are marked interrupted");
+    }
     let ledger_tasks = TaskTracker::new();
     let ledger_stop = CancellationToken::new();
     let ledger = Ledger::start(backend.clone(), config.ledger_queue_capacity, &ledger_tasks, ledger_stop.clone());
@@ -134,7 +136,7 @@ pub async fn run(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(Duration::from_millis(config.header_read_timeout_ms))
         .keep_alive(true);
     tokio::pin!(shutdown);
     tracing::info!(addr = %listener.local_addr()?, "tollgate listening");

@@ -118,7 +118,10 @@ async fn handle(
     let (parts, body) = req.into_parts();
     // Authenticate before reading the body: an anonymous client gets no buffering from us.
     let caller = auth::authenticate(&app.directory, &parts.headers)?;
-    let body = read_body(body, app.config.max_body_bytes, &parts.headers).await?;
+    let body_timeout = std::time::Duration::from_millis(app.config.body_read_timeout_ms);
+    let body = tokio::time::timeout(body_timeout, read_body(body, app.config.max_body_bytes, &parts.headers))
+        .await
+        .map_err(|_| ApiError::BodyTimeout)??;
     let parsed = request::parse(endpoint, &body)?;
     let asked = app.config.models.get(&parsed.model).cloned().ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
     if !caller.allows(&asked.name) {
@@ -148,7 +151,12 @@ async fn handle(
         }
     }
     let dry_run = dry_run_asked(&parts.headers);
-    if !dry_run && app.config.on_ledger_error == OnLedgerError::Reject && app.ledger.health().failing() {
+    // The ledger policy (docs/reliability.md): with `reject`, nothing is forwarded while
+    // records cannot be written; with either policy, a full queue refuses new work rather
+    // than hold records in unbounded memory.
+    if !dry_run
+        && ((app.config.on_ledger_error == OnLedgerError::Reject && app.ledger.health().failing()) || !app.ledger.has_room())
+    {
         return Err(ApiError::LedgerUnavailable);
     }
 
@@ -194,7 +202,7 @@ async fn handle(
     } else {
         LocalPrompt::Deferred(parsed.value.clone(), endpoint)
     };
-    let Admission { model, decision, reason, reservation, .. } = admission;
+    let Admission { model, decision, reason, reservation, prompt_tokens, .. } = admission;
     tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");
     let downgraded_from = (decision == Decision::Downgrade).then(|| asked.name.clone());
     let meter = Meter {
@@ -210,6 +218,7 @@ async fn handle(
         reservation,
         rate,
     };
+    meter.journal(&model, prompt_tokens);
     let job = Forward { parsed, body, model, downgraded_from, meter };
     // The forward runs in a tracked task: if this handler is dropped (client gone), the
     // request is still metered and recorded.

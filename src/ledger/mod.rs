@@ -37,6 +37,8 @@ pub enum LedgerError {
     WriterGone,
     #[error("the ledger queue is full")]
     QueueFull,
+    #[error("the record is queued but not yet durable (the database is failing)")]
+    NotYetDurable,
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -53,6 +55,10 @@ pub enum UsageSource {
     Reported,
     /// Counted locally with the model's tokenizer because the upstream reported none.
     Estimated,
+    /// In flight: journaled when forwarded, replaced by the final record when it settles.
+    Pending,
+    /// Was in flight when the server died: charged its reservation (the worst case).
+    Interrupted,
 }
 
 impl UsageSource {
@@ -60,6 +66,8 @@ impl UsageSource {
         match self {
             UsageSource::Reported => "reported",
             UsageSource::Estimated => "estimated",
+            UsageSource::Pending => "pending",
+            UsageSource::Interrupted => "interrupted",
         }
     }
 }
@@ -178,8 +186,13 @@ macro_rules! dispatch {
 impl Backend {
     /// Opens (creating if needed) the database at `url` and applies migrations.
     pub async fn connect(url: &str) -> Result<Backend, LedgerError> {
+        Backend::connect_with(url, Duration::from_secs(5)).await
+    }
+
+    /// Like `connect`; `busy_timeout` is how long a write waits for a lock held elsewhere.
+    pub async fn connect_with(url: &str, busy_timeout: Duration) -> Result<Backend, LedgerError> {
         if url.starts_with("sqlite:") {
-            return Ok(Backend::Sqlite(SqliteBackend::connect(url).await?));
+            return Ok(Backend::Sqlite(SqliteBackend::connect(url, busy_timeout).await?));
         }
         Err(LedgerError::UnsupportedUrl(redact_url(url)))
     }
@@ -235,6 +248,11 @@ impl Backend {
     pub async fn close(&self) {
         dispatch!(self, b => b.close().await)
     }
+    /// Marks requests journaled as in flight by a server that died as `interrupted`.
+    /// Only a starting server calls this. Returns how many there were.
+    pub async fn mark_interrupted(&self) -> Result<u64, LedgerError> {
+        dispatch!(self, b => b.mark_interrupted().await)
+    }
 }
 
 /// A database URL with any password removed, for messages.
@@ -247,7 +265,8 @@ pub fn redact_url(url: &str) -> String {
 
 struct WriteJob {
     record: RequestRecord,
-    ack: oneshot::Sender<Result<(), Arc<LedgerError>>>,
+    /// `None` for a journal entry nobody waits on.
+    ack: Option<oneshot::Sender<Result<(), Arc<LedgerError>>>>,
 }
 
 /// The ledger handle the server holds: the backend plus the group-commit writer.
@@ -306,17 +325,38 @@ impl Ledger {
         &self.health
     }
 
-    /// Enqueues `record` and waits until it is committed.
-    pub async fn record(&self, record: RequestRecord) -> Result<(), Arc<LedgerError>> {
+    /// Enqueues `record` and waits, at most `ack_timeout`, until it is committed. On a
+    /// timeout the record stays queued (it is written once the database recovers) and the
+    /// caller learns it is not durable yet.
+    pub async fn record(&self, record: RequestRecord, ack_timeout: Duration) -> Result<(), Arc<LedgerError>> {
         let (ack, done) = oneshot::channel();
-        let job = WriteJob { record, ack };
+        let job = WriteJob { record, ack: Some(ack) };
         self.health.queued.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.queue.send(job).await {
             self.health.queued.fetch_sub(1, Ordering::Relaxed);
             drop(e);
             return Err(Arc::new(LedgerError::WriterGone));
         }
-        done.await.unwrap_or_else(|_| Err(Arc::new(LedgerError::WriterGone)))
+        match tokio::time::timeout(ack_timeout, done).await {
+            Ok(result) => result.unwrap_or_else(|_| Err(Arc::new(LedgerError::WriterGone))),
+            Err(_) => Err(Arc::new(LedgerError::NotYetDurable)),
+        }
+    }
+
+    /// Journals a request as in flight (`usage_source = pending`), without waiting: if the
+    /// process dies before the request settles, the next start marks it `interrupted` and
+    /// it stays charged at its reservation. The final record replaces it.
+    pub fn journal(&self, record: RequestRecord) {
+        let job = WriteJob { record, ack: None };
+        if self.queue.try_send(job).is_ok() {
+            self.health.queued.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the queue has room for more records (it is bounded; when it is full the
+    /// server refuses new requests rather than hold their records in unbounded memory).
+    pub fn has_room(&self) -> bool {
+        self.queue.capacity() > 0
     }
 
     /// Free places in the queue.
@@ -388,7 +428,9 @@ async fn writer(backend: Backend, mut rx: mpsc::Receiver<WriteJob>, health: Arc<
         health.queued.fetch_sub(n, Ordering::Relaxed);
         for job in jobs.drain(..) {
             // The caller may have gone (client disconnected); the record is written either way.
-            let _ = job.ack.send(result.clone());
+            if let Some(ack) = job.ack {
+                let _ = ack.send(result.clone());
+            }
         }
     }
 }

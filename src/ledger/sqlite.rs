@@ -29,12 +29,12 @@ pub struct SqliteBackend {
 }
 
 impl SqliteBackend {
-    pub async fn connect(url: &str) -> Result<SqliteBackend, LedgerError> {
+    pub async fn connect(url: &str, busy_timeout: Duration) -> Result<SqliteBackend, LedgerError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(busy_timeout)
             .foreign_keys(true);
         if let Some(dir) = options.get_filename().parent() {
             if !dir.as_os_str().is_empty() {
@@ -60,34 +60,51 @@ impl SqliteBackend {
         self.pool.close().await;
     }
 
+    /// Writes a batch in one transaction. Journal entries (`pending`) never overwrite a
+    /// row; final records replace their journal entry.
     pub async fn insert_records(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
         let mut tx = self.pool.begin().await?;
-        for chunk in records.chunks(32_000 / RECORD_COLUMNS) {
-            let mut qb = QueryBuilder::new(
-                "INSERT OR IGNORE INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
-                 input_tokens, cached_input_tokens, output_tokens, cost_nano, usage_source, status, latency_ms, stream) ",
-            );
-            qb.push_values(chunk, |mut row, r| {
-                row.push_bind(&r.request_id)
-                    .push_bind(r.time_ms)
-                    .push_bind(&r.key_id)
-                    .push_bind(&r.team)
-                    .push_bind(r.endpoint)
-                    .push_bind(&r.model)
-                    .push_bind(&r.served_model)
-                    .push_bind(to_i64(r.usage.input_tokens))
-                    .push_bind(to_i64(r.usage.cached_input_tokens))
-                    .push_bind(to_i64(r.usage.output_tokens))
-                    .push_bind(r.cost.0)
-                    .push_bind(r.usage_source.as_str())
-                    .push_bind(i64::from(r.status))
-                    .push_bind(to_i64(r.latency_ms))
-                    .push_bind(r.stream);
-            });
-            qb.build().execute(&mut *tx).await?;
+        // Runs of the same kind keep their order: a journal entry precedes its final record.
+        let mut start = 0;
+        while start < records.len() {
+            let pending = records[start].usage_source == UsageSource::Pending;
+            let len = records[start..].iter().take_while(|r| (r.usage_source == UsageSource::Pending) == pending).count();
+            for chunk in records[start..start + len].chunks(32_000 / RECORD_COLUMNS) {
+                let verb = if pending { "INSERT OR IGNORE" } else { "INSERT OR REPLACE" };
+                let mut qb = QueryBuilder::new(format!(
+                    "{verb} INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
+                     input_tokens, cached_input_tokens, output_tokens, cost_nano, usage_source, status, latency_ms, stream) "
+                ));
+                qb.push_values(chunk, |mut row, r| {
+                    row.push_bind(&r.request_id)
+                        .push_bind(r.time_ms)
+                        .push_bind(&r.key_id)
+                        .push_bind(&r.team)
+                        .push_bind(r.endpoint)
+                        .push_bind(&r.model)
+                        .push_bind(&r.served_model)
+                        .push_bind(to_i64(r.usage.input_tokens))
+                        .push_bind(to_i64(r.usage.cached_input_tokens))
+                        .push_bind(to_i64(r.usage.output_tokens))
+                        .push_bind(r.cost.0)
+                        .push_bind(r.usage_source.as_str())
+                        .push_bind(i64::from(r.status))
+                        .push_bind(to_i64(r.latency_ms))
+                        .push_bind(r.stream);
+                });
+                qb.build().execute(&mut *tx).await?;
+            }
+            start += len;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    pub async fn mark_interrupted(&self) -> Result<u64, LedgerError> {
+        let done = sqlx::query("UPDATE requests SET usage_source = 'interrupted' WHERE usage_source = 'pending'")
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     pub async fn directory_version(&self) -> Result<i64, LedgerError> {
@@ -270,9 +287,11 @@ impl SqliteBackend {
 
     pub async fn spent_since(&self, key: bool, id: &str, since_ms: i64) -> Result<NanoUsd, LedgerError> {
         let sql = if key {
-            "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE key_id = $1 AND time_ms >= $2"
+            "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE key_id = $1 AND time_ms >= $2 \
+             AND usage_source <> 'pending'"
         } else {
-            "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE team = $1 AND time_ms >= $2"
+            "SELECT COALESCE(SUM(cost_nano), 0) FROM requests WHERE team = $1 AND time_ms >= $2 \
+             AND usage_source <> 'pending'"
         };
         let sum: i64 = sqlx::query_scalar(sql).bind(id).bind(since_ms).fetch_one(&self.pool).await?;
         Ok(NanoUsd(sum))
@@ -297,7 +316,7 @@ impl SqliteBackend {
             "COUNT(*) AS requests, COALESCE(SUM(input_tokens), 0) AS input_tokens, \
              COALESCE(SUM(cached_input_tokens), 0) AS cached_input_tokens, \
              COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cost_nano), 0) AS cost_nano \
-             FROM requests WHERE 1 = 1",
+             FROM requests WHERE usage_source <> 'pending'",
         );
         push_spend_filter(&mut qb, filter);
         if !group_by.is_empty() {
@@ -431,7 +450,12 @@ fn record_from_row(r: &SqliteRow) -> Result<RequestRecord, sqlx::Error> {
             output_tokens: from_i64(r.try_get("output_tokens")?),
         },
         cost: NanoUsd(r.try_get("cost_nano")?),
-        usage_source: if source == "estimated" { UsageSource::Estimated } else { UsageSource::Reported },
+        usage_source: match source.as_str() {
+            "estimated" => UsageSource::Estimated,
+            "pending" => UsageSource::Pending,
+            "interrupted" => UsageSource::Interrupted,
+            _ => UsageSource::Reported,
+        },
         status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(0),
         latency_ms: from_i64(r.try_get("latency_ms")?),
         stream: r.try_get("stream")?,

@@ -82,6 +82,26 @@ pub struct Settled {
 }
 
 impl Meter {
+    /// Journals the request as in flight on `served`, charged its reservation until it
+    /// settles (see `Ledger::journal`).
+    pub fn journal(&self, served: &Model, prompt_tokens: u64) {
+        self.app.ledger.journal(RequestRecord {
+            request_id: self.request_id.clone(),
+            time_ms: self.time_ms,
+            key_id: self.caller.key.id.clone(),
+            team: self.caller.team.name.clone(),
+            endpoint: self.endpoint,
+            model: self.asked.clone(),
+            served_model: served.name.clone(),
+            usage: Usage { input_tokens: prompt_tokens, cached_input_tokens: 0, output_tokens: 0 },
+            cost: self.reservation.amount(),
+            usage_source: UsageSource::Pending,
+            status: 0,
+            latency_ms: 0,
+            stream: self.stream,
+        });
+    }
+
     /// Settles the request: usage (reported, else estimated), cost, budgets, rate windows,
     /// metrics, and the ledger record, awaited until durable.
     pub async fn settle(self, outcome: Outcome<'_>) -> Settled {
@@ -124,7 +144,8 @@ impl Meter {
             latency_ms,
             stream: self.stream,
         };
-        let durable = self.app.ledger.record(record).await;
+        let ack_timeout = std::time::Duration::from_millis(self.app.config.ledger_ack_timeout_ms);
+        let durable = self.app.ledger.record(record, ack_timeout).await;
         if let Err(e) = &durable {
             tracing::error!(error = %e, "request record could not be written");
         }

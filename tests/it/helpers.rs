@@ -397,12 +397,13 @@ impl TestApp {
         v["data"].as_array().unwrap().clone()
     }
 
-    /// Waits (with a deadline) until the ledger holds `n` records.
+    /// Waits (with a deadline) until the ledger holds `n` settled records (in-flight
+    /// requests are journaled as `pending` until they settle).
     pub async fn wait_records(&self, n: usize) -> Vec<Value> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let logs = self.logs().await;
-            if logs.len() >= n {
+            if logs.len() >= n && logs.iter().all(|r| r["usage_source"] != "pending") {
                 return logs;
             }
             assert!(tokio::time::Instant::now() < deadline, "ledger has {} records, expected {n}", logs.len());
