@@ -94,6 +94,12 @@ impl Directory {
         }
         let teams = db.load_teams().await?;
         let keys = db.load_keys().await?;
+        self.install(version, teams, keys);
+        Ok(())
+    }
+
+    /// Replaces the snapshot with these rows (revoked keys and keys of missing teams drop out).
+    pub fn install(&self, version: i64, teams: Vec<TeamRow>, keys: Vec<KeyRow>) {
         let teams: HashMap<String, Arc<TeamRow>> = teams.into_iter().map(|t| (t.name.clone(), Arc::new(t))).collect();
         let by_hash = keys
             .into_iter()
@@ -101,7 +107,6 @@ impl Directory {
             .map(|k| (k.key_hash, Arc::new(k)))
             .collect();
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { version, by_hash, teams });
-        Ok(())
     }
 
     /// Authenticates a bearer secret.
