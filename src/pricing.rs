@@ -221,11 +221,17 @@ mod tests {
 
     #[test]
     fn cost_is_rounded_up_once_per_request() {
+        // $0.15 / 1M is 150 nano-dollars a token: catalog prices never need rounding.
         let p = catalog_entry("gpt-4o-mini").unwrap().price;
-        // 1 input token at $0.15/1M = 0.15 nano-dollars -> 1; 7 input + 3 output = 1.05 + 1.8 = 2.85 -> 3.
-        assert_eq!(p.cost(&usage(1, 0, 0)), NanoUsd(1));
-        assert_eq!(p.cost(&usage(7, 0, 3)), NanoUsd(3));
+        assert_eq!(p.cost(&usage(1, 0, 0)), NanoUsd(150));
+        assert_eq!(p.cost(&usage(7, 0, 3)), NanoUsd(7 * 150 + 3 * 600));
         assert_eq!(p.cost(&usage(0, 0, 0)), NanoUsd(0));
+        // A custom price of $0.0001 / 1M (0.1 nano-dollar a token): 7 input + 3 output
+        // tokens = 1.0 nano exactly, 8 + 3 = 1.1 -> 2, rounded up once, not per component.
+        let tiny = Price { input_per_mtok: NanoUsd(100_000), cached_input_per_mtok: NanoUsd(100_000), output_per_mtok: NanoUsd(100_000) };
+        assert_eq!(tiny.cost(&usage(7, 0, 3)), NanoUsd(1));
+        assert_eq!(tiny.cost(&usage(8, 0, 3)), NanoUsd(2));
+        assert_eq!(tiny.cost(&usage(1, 0, 1)), NanoUsd(1));
         // Cached tokens are a part of input: 100 input of which 40 cached, 10 output on gpt-4o:
         // (60 * $2.50 + 40 * $1.25 + 10 * $10) / 1M = $300 / 1M = 300,000 nano-dollars.
         let o = catalog_entry("gpt-4o").unwrap().price;

@@ -304,6 +304,8 @@ impl Forward {
         let mut last_failure: Option<ApiError> = None;
         let mut last_response: Option<(Arc<Model>, UpstreamResponse)> = None;
         let count = deployments.len();
+        // Gateway overhead before the upstream call: auth, parsing, routing, reservation.
+        let before_upstream = meter.started.elapsed();
         for (i, deployment) in deployments.into_iter().enumerate() {
             let upstream_body = parsed.rewrite(&body, &deployment.upstream_model);
             let sent = Instant::now();
@@ -358,17 +360,26 @@ impl Forward {
                 meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
                 return error.into_response();
             }
+            app.metrics.observe_overhead(before_upstream);
             return relay_stream(meter, served, upstream, parsed.client_wants_usage, headers);
         }
-        whole_response(meter, served, upstream, headers).await
+        whole_response(meter, served, upstream, headers, before_upstream).await
     }
 }
 
 /// A non-streamed answer: read it whole, meter, record durably, then answer.
-async fn whole_response(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse, mut headers: HeaderMap) -> Response {
+async fn whole_response(
+    meter: Meter,
+    served: Arc<Model>,
+    mut upstream: UpstreamResponse,
+    mut headers: HeaderMap,
+    before_upstream: std::time::Duration,
+) -> Response {
     let app = meter.app.clone();
     let status = upstream.status;
-    let body = match upstream.read_all(app.config.max_response_bytes).await {
+    let read = upstream.read_all(app.config.max_response_bytes).await;
+    let after_upstream = Instant::now();
+    let body = match read {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(model = %served.name, error = %e, "upstream body failed");
@@ -405,6 +416,7 @@ async fn whole_response(meter: Meter, served: Arc<Model>, mut upstream: Upstream
             headers.insert("x-tollgate-cost-usd", v);
         }
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        app.metrics.observe_overhead(before_upstream + after_upstream.elapsed());
         return (status, headers, body).into_response();
     }
     // The upstream refused the request itself (4xx): its error body reaches the client
@@ -451,6 +463,22 @@ fn tokio_stream_from(
     mut rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// With `include_usage` (which tollgate adds), OpenAI puts `"usage":null` at the end of
+/// every chunk; a client that did not ask for usage would not see that field, so it is
+/// removed when it is exactly there. Anything else passes untouched.
+fn without_null_usage(raw: Bytes) -> Bytes {
+    const FIELD: &[u8] = b",\"usage\":null}";
+    let end = raw.iter().rposition(|&b| b == b'}').map_or(0, |i| i + 1);
+    if end >= FIELD.len() && &raw[end - FIELD.len()..end] == FIELD {
+        let mut out = Vec::with_capacity(raw.len());
+        out.extend_from_slice(&raw[..end - FIELD.len()]);
+        out.push(b'}');
+        out.extend_from_slice(&raw[end..]);
+        return Bytes::from(out);
+    }
+    raw
 }
 
 /// Reads the upstream stream to its end, forwarding events to the client while it listens.
@@ -522,7 +550,8 @@ async fn pump(
                 ChunkKind::UsageOnly if !client_wants_usage => continue,
                 _ => {}
             }
-            if !client_gone && tx.send(Ok(event.raw)).await.is_err() {
+            let raw = if client_wants_usage { event.raw } else { without_null_usage(event.raw) };
+            if !client_gone && tx.send(Ok(raw)).await.is_err() {
                 client_gone = true;
                 gone_at = Some(Instant::now());
                 tracing::info!(request_id = %meter.request_id, "client disconnected mid-stream; still metering");
@@ -553,6 +582,27 @@ async fn pump(
         _ => {
             // Cut the client's stream off: an error ends the chunked body without its terminator.
             let _ = tx.send(Err(std::io::Error::other("upstream stream ended early"))).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_usage_is_removed_only_where_openai_puts_it() {
+        let chunk = Bytes::from_static(b"data: {\"id\":\"c\",\"choices\":[],\"usage\":null}\n\n");
+        assert_eq!(&without_null_usage(chunk)[..], b"data: {\"id\":\"c\",\"choices\":[]}\n\n");
+        let crlf = Bytes::from_static(b"data: {\"a\":1,\"usage\":null}\r\n\r\n");
+        assert_eq!(&without_null_usage(crlf)[..], b"data: {\"a\":1}\r\n\r\n");
+        for untouched in [
+            &b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n"[..],
+            b"data: {\"text\":\"\\\"usage\\\":null\",\"x\":1}\n\n",
+            b": comment\n\n",
+            b"data: [DONE]\n\n",
+        ] {
+            assert_eq!(&without_null_usage(Bytes::copy_from_slice(untouched))[..], untouched);
         }
     }
 }

@@ -1280,7 +1280,8 @@ mod tests {
         ] {
             assert_eq!(py_float_repr(x), want);
         }
-        let v = json!({"b": [1, 2.0, null, true], "a": "é😀\"\\\n\u{1}\u{7f}~"});
+        // serde_json keeps source key order (the `preserve_order` feature), as Python does.
+        let v = json!({"a": "é😀\"\\\n\u{1}\u{7f}~", "b": [1, 2.0, null, true]});
         let mut out = String::new();
         write_py_json(&v, &mut out);
         assert_eq!(

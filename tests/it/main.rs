@@ -5,6 +5,8 @@ mod helpers;
 mod admin;
 mod budgets;
 mod errors;
+mod faults;
+mod hostile;
 mod proxy;
 mod routing;
 mod streaming;
