@@ -6,9 +6,10 @@
 //! transaction. So a burst of N requests costs one commit, not N, and a caller learns its
 //! record is durable before it releases the response's last byte. The queue is bounded.
 //!
-//! Backends: SQLite (`sqlite.rs`). Every backend implements the same methods; `Backend`
+//! Backends: SQLite (`sqlite.rs`) and PostgreSQL (`postgres.rs`). Every backend implements the same methods; `Backend`
 //! dispatches, so a second backend is a new variant and a new file.
 
+mod postgres;
 mod sqlite;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,6 +25,7 @@ use crate::budget::{BudgetSpec, Period};
 use crate::metering::usage::Usage;
 use crate::pricing::NanoUsd;
 
+pub use postgres::PostgresBackend;
 pub use sqlite::SqliteBackend;
 
 /// A ledger failure. The message is for logs; clients get a generic error.
@@ -173,12 +175,14 @@ pub struct LogFilter {
 #[derive(Clone)]
 pub enum Backend {
     Sqlite(SqliteBackend),
+    Postgres(PostgresBackend),
 }
 
 macro_rules! dispatch {
     ($self:expr, $b:ident => $body:expr) => {
         match $self {
             Backend::Sqlite($b) => $body,
+            Backend::Postgres($b) => $body,
         }
     };
 }
@@ -193,6 +197,9 @@ impl Backend {
     pub async fn connect_with(url: &str, busy_timeout: Duration) -> Result<Backend, LedgerError> {
         if url.starts_with("sqlite:") {
             return Ok(Backend::Sqlite(SqliteBackend::connect(url, busy_timeout).await?));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Backend::Postgres(PostgresBackend::connect(url, busy_timeout).await?));
         }
         Err(LedgerError::UnsupportedUrl(redact_url(url)))
     }
@@ -455,3 +462,61 @@ pub(crate) fn models_from_json(text: &str) -> Vec<String> {
 pub(crate) fn period_from_str(text: &str) -> Period {
     text.parse().unwrap_or(Period::Monthly)
 }
+
+/// Row → type mapping shared by every backend (their row types differ; the code does not).
+macro_rules! row_mappers {
+    ($row:ty) => {
+        fn budget_from_row(r: &$row) -> Result<BudgetSpec, sqlx::Error> {
+            let period: String = r.try_get("period")?;
+            let models: String = r.try_get("models")?;
+            Ok(BudgetSpec {
+                limit: r.try_get::<Option<i64>, _>("limit_nano")?.map(NanoUsd),
+                period: period_from_str(&period),
+                downgrade_at: r.try_get("downgrade_at")?,
+                models: models_from_json(&models),
+                rpm: r.try_get::<Option<i64>, _>("rpm")?.map(from_i64),
+                tpm: r.try_get::<Option<i64>, _>("tpm")?.map(from_i64),
+            })
+        }
+
+        fn totals_from_row(r: &$row) -> Result<SpendTotals, sqlx::Error> {
+            Ok(SpendTotals {
+                requests: from_i64(r.try_get("requests")?),
+                input_tokens: from_i64(r.try_get("input_tokens")?),
+                cached_input_tokens: from_i64(r.try_get("cached_input_tokens")?),
+                output_tokens: from_i64(r.try_get("output_tokens")?),
+                cost: NanoUsd(r.try_get("cost_nano")?),
+            })
+        }
+
+        fn record_from_row(r: &$row) -> Result<RequestRecord, sqlx::Error> {
+            let source: String = r.try_get("usage_source")?;
+            let endpoint: String = r.try_get("endpoint")?;
+            Ok(RequestRecord {
+                request_id: r.try_get("request_id")?,
+                time_ms: r.try_get("time_ms")?,
+                key_id: r.try_get("key_id")?,
+                team: r.try_get("team")?,
+                endpoint: crate::request::Endpoint::from_name(&endpoint),
+                model: r.try_get("model")?,
+                served_model: r.try_get("served_model")?,
+                usage: Usage {
+                    input_tokens: from_i64(r.try_get("input_tokens")?),
+                    cached_input_tokens: from_i64(r.try_get("cached_input_tokens")?),
+                    output_tokens: from_i64(r.try_get("output_tokens")?),
+                },
+                cost: NanoUsd(r.try_get("cost_nano")?),
+                usage_source: match source.as_str() {
+                    "estimated" => UsageSource::Estimated,
+                    "pending" => UsageSource::Pending,
+                    "interrupted" => UsageSource::Interrupted,
+                    _ => UsageSource::Reported,
+                },
+                status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(0),
+                latency_ms: from_i64(r.try_get("latency_ms")?),
+                stream: r.try_get("stream")?,
+            })
+        }
+    };
+}
+pub(crate) use row_mappers;

@@ -7,6 +7,7 @@ mod budgets;
 mod errors;
 mod faults;
 mod hostile;
+mod postgres;
 mod proxy;
 mod routing;
 mod streaming;

@@ -1,0 +1,157 @@
+//! One contract suite, run against every ledger backend: SQLite always, PostgreSQL when it
+//! is reachable (`TOLLGATE_TEST_POSTGRES_URL`, default the local `test` database). Without
+//! PostgreSQL the PostgreSQL cases report that they were skipped, by name — unless
+//! `TOLLGATE_REQUIRE_POSTGRES=1` (CI), where an unreachable database fails them.
+
+use tollgate::budget::{BudgetSpec, Period};
+use tollgate::ledger::{Backend, GroupBy, KeyRow, LedgerError, LogFilter, RequestRecord, SpendFilter, TeamRow, UsageSource};
+use tollgate::metering::usage::Usage;
+use tollgate::pricing::NanoUsd;
+
+#[path = "common/postgres.rs"]
+mod postgres;
+
+use postgres::postgres_url;
+
+fn record(id: &str, time_ms: i64, key: &str, team: &str, model: &str, cost: i64, source: UsageSource) -> RequestRecord {
+    RequestRecord {
+        request_id: id.into(),
+        time_ms,
+        key_id: key.into(),
+        team: team.into(),
+        endpoint: "chat.completions",
+        model: "gpt-4o".into(),
+        served_model: model.into(),
+        usage: Usage { input_tokens: 100, cached_input_tokens: 10, output_tokens: 20 },
+        cost: NanoUsd(cost),
+        usage_source: source,
+        status: 200,
+        latency_ms: 5,
+        stream: false,
+    }
+}
+
+const DAY: i64 = 86_400_000;
+const T0: i64 = 1_795_000_000_000; // 2026-11-18
+
+async fn contract(db: Backend) {
+    // Teams.
+    let budget = BudgetSpec { limit: Some(NanoUsd(5_000_000_000)), period: Period::Weekly, downgrade_at: Some(0.8), models: vec!["gpt-4o".into()], rpm: Some(10), tpm: None };
+    db.create_team(&TeamRow { name: "search".into(), budget: budget.clone(), created_ms: T0 }).await.unwrap();
+    db.create_team(&TeamRow { name: "growth".into(), budget: BudgetSpec::default(), created_ms: T0 }).await.unwrap();
+    let dup = db.create_team(&TeamRow { name: "search".into(), budget: BudgetSpec::default(), created_ms: T0 }).await;
+    assert!(matches!(dup, Err(LedgerError::Conflict(_))), "{dup:?}");
+    let teams = db.load_teams().await.unwrap();
+    assert_eq!(teams.len(), 2);
+    let search = teams.iter().find(|t| t.name == "search").unwrap();
+    assert_eq!(search.budget, budget);
+    let v0 = db.directory_version().await.unwrap();
+
+    // Keys.
+    let (key, secret) = tollgate::api::admin::new_key("search", "web", BudgetSpec::default());
+    db.create_key(&key).await.unwrap();
+    assert!(db.directory_version().await.unwrap() > v0, "changes bump the directory version");
+    let (orphan, _) = tollgate::api::admin::new_key("nope", "x", BudgetSpec::default());
+    assert!(matches!(db.create_key(&orphan).await, Err(LedgerError::NotFound(_))));
+    let keys = db.load_keys().await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].key_hash, tollgate::auth::hash_secret(&secret));
+    assert!(!keys[0].prefix.is_empty() && !secret.contains(&keys[0].id));
+    let mut renamed: KeyRow = keys[0].clone();
+    renamed.name = "web2".into();
+    renamed.budget.limit = Some(NanoUsd(7));
+    db.update_key(&renamed).await.unwrap();
+    let keys = db.load_keys().await.unwrap();
+    assert_eq!((keys[0].name.as_str(), keys[0].budget.limit), ("web2", Some(NanoUsd(7))));
+
+    // Records: a journal entry is replaced by its final record and never counted as spend.
+    let k = key.id.as_str();
+    db.insert_records(&[record("req_a", T0, k, "search", "gpt-4o", 1000, UsageSource::Pending)]).await.unwrap();
+    assert_eq!(db.spent_since(true, k, 0).await.unwrap(), NanoUsd(0));
+    db.insert_records(&[
+        record("req_a", T0, k, "search", "gpt-4o", 700, UsageSource::Reported),
+        record("req_b", T0 + DAY, k, "search", "gpt-4o-mini", 300, UsageSource::Estimated),
+        record("req_c", T0 + DAY, "key_other", "growth", "gpt-4o-mini", 50, UsageSource::Reported),
+        record("req_d", T0 + 2 * DAY, k, "search", "gpt-4o", 9, UsageSource::Pending),
+        // A journal entry arriving after its final record must not overwrite it.
+        record("req_a", T0, k, "search", "gpt-4o", 1000, UsageSource::Pending),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(db.spent_since(true, k, 0).await.unwrap(), NanoUsd(1000));
+    assert_eq!(db.spent_since(false, "search", T0 + DAY).await.unwrap(), NanoUsd(300));
+
+    let (total, groups) = db.spend(&SpendFilter::default(), &[GroupBy::Team, GroupBy::Model, GroupBy::Day]).await.unwrap();
+    assert_eq!(total.requests, 3);
+    assert_eq!(total.cost, NanoUsd(1050));
+    assert_eq!(total.input_tokens, 300);
+    assert_eq!(total.cached_input_tokens, 30);
+    let labels: Vec<Vec<String>> = groups.iter().map(|g| g.labels.iter().map(|(_, l)| l.clone()).collect()).collect();
+    assert_eq!(
+        labels,
+        vec![
+            vec!["growth".to_string(), "gpt-4o-mini".into(), "2026-11-19".into()],
+            vec!["search".to_string(), "gpt-4o".into(), "2026-11-18".into()],
+            vec!["search".to_string(), "gpt-4o-mini".into(), "2026-11-19".into()],
+        ]
+    );
+    let filtered = SpendFilter { from_ms: Some(T0 + DAY), to_ms: Some(T0 + 2 * DAY), team: Some("search".into()), ..Default::default() };
+    let (total, _) = db.spend(&filtered, &[]).await.unwrap();
+    assert_eq!((total.requests, total.cost), (1, NanoUsd(300)));
+    let by_model = SpendFilter { model: Some("gpt-4o-mini".into()), ..Default::default() };
+    assert_eq!(db.spend(&by_model, &[]).await.unwrap().0.requests, 2);
+
+    // Logs: newest first, paginated by cursor; journal entries are visible as pending.
+    let page = db.logs(&LogFilter { limit: 2, ..Default::default() }).await.unwrap();
+    let ids: Vec<&str> = page.records.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids, vec!["req_d", "req_c"]);
+    assert_eq!(page.records[0].usage_source, UsageSource::Pending);
+    let next = db.logs(&LogFilter { limit: 2, before: page.next_before.clone(), ..Default::default() }).await.unwrap();
+    let ids: Vec<&str> = next.records.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids, vec!["req_b", "req_a"]);
+    assert!(next.next_before.is_none());
+    assert_eq!(next.records[1].usage_source, UsageSource::Reported);
+    assert_eq!(next.records[1].usage, Usage { input_tokens: 100, cached_input_tokens: 10, output_tokens: 20 });
+
+    // After a crash, journal entries become interrupted and count at their reservation.
+    assert_eq!(db.mark_interrupted().await.unwrap(), 1);
+    assert_eq!(db.spent_since(true, k, 0).await.unwrap(), NanoUsd(1009));
+
+    // Revocation and team deletion.
+    db.revoke_key(k, T0).await.unwrap();
+    assert_eq!(db.load_keys().await.unwrap()[0].revoked_ms, Some(T0));
+    assert!(matches!(db.revoke_key("key_missing", T0).await, Err(LedgerError::NotFound(_))));
+    db.delete_team("growth", T0).await.unwrap();
+    assert!(matches!(db.delete_team("growth", T0).await, Err(LedgerError::NotFound(_))));
+    assert_eq!(db.load_teams().await.unwrap().len(), 1);
+    db.ping().await.unwrap();
+    db.close().await;
+}
+
+#[tokio::test]
+async fn sqlite_backend_meets_the_ledger_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("nested/dir/ledger.db").display());
+    contract(Backend::connect(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_backend_meets_the_ledger_contract() {
+    let Some(url) = postgres_url("postgres_backend_meets_the_ledger_contract").await else { return };
+    contract(Backend::connect(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn big_batches_fit_each_backends_parameter_limit() {
+    let records: Vec<RequestRecord> =
+        (0..5000).map(|i| record(&format!("req_{i:06}"), T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Backend::connect(&format!("sqlite://{}", dir.path().join("l.db").display())).await.unwrap();
+    sqlite.insert_records(&records).await.unwrap();
+    assert_eq!(sqlite.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 5000);
+    if let Some(url) = postgres_url("big_batches_fit_each_backends_parameter_limit").await {
+        let pg = Backend::connect(&url).await.unwrap();
+        pg.insert_records(&records).await.unwrap();
+        assert_eq!(pg.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 5000);
+    }
+}
