@@ -1,0 +1,26 @@
+//! Usage extraction and response text on arbitrary upstream JSON: never panics, cached never
+//! exceeds input, counts stay within the accepted maximum, and the stream path agrees with
+//! the whole-body path.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tollgate::metering::usage::{response_text, usage_from_json, StreamAccumulator, MAX_REPORTED_TOKENS};
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let mut acc = StreamAccumulator::new(64);
+    acc.observe(&text);
+    assert!(acc.produced_text().len() <= 64);
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        return;
+    };
+    let usage = usage_from_json(&v);
+    if let Some(u) = usage {
+        assert!(u.cached_input_tokens <= u.input_tokens);
+        assert!(u.input_tokens <= MAX_REPORTED_TOKENS && u.output_tokens <= MAX_REPORTED_TOKENS);
+    }
+    let _ = response_text(&v);
+    let mut acc = StreamAccumulator::new(64);
+    acc.observe(&v.to_string());
+    assert_eq!(acc.usage(), usage, "stream and body paths disagree");
+});
