@@ -56,6 +56,10 @@ def fmt_ratio(x):
     return f"{x:.2f}×"
 
 
+def fmt_pct(x):
+    return f"{x:.0f}%"
+
+
 def fmt_mb(kb):
     return f"{kb / 1024:.1f} MB"
 
@@ -126,8 +130,8 @@ def report(results_path, meta_path):
         if r["kind"] == "ttfb":
             ttfb.setdefault(r["target"], {})[r["round"]] = r["ttfb"]
     streams = next((r for r in results if r["kind"] == "streams"), None)
-    busy_runs = sum(1 for r in results if r.get("compiling"))
-    all_runs = sum(1 for r in results if r["kind"] in ("wrk", "ttfb"))
+    others = [r["other_cpu_pct"] for r in results if r["kind"] in ("wrk", "ttfb")]
+    noisy = sum(1 for x in others if x >= 10)
 
     def paired(case, a, b, f):
         """f(run_a, run_b) for every round in which both targets ran."""
@@ -143,16 +147,18 @@ def report(results_path, meta_path):
       f"release profile; {meta['wrk']}; nginx {meta['nginx']}.")
     p(f"{mode.capitalize()}: {meta['rounds']} round(s) of {meta['duration_s']} s per case and target, the three "
       f"targets alternating within each round (the first rotates). Medians over rounds, min – max in brackets.")
-    if busy_runs:
-        p(f"**Noise:** a compiler (rustc) was running during {busy_runs} of {all_runs} runs; those numbers are "
-          f"pessimistic for whichever target they hit.")
+    if others:
+        p(f"Noise: processes this benchmark did not start (builds, tests) used a median {statistics.median(others):.0f}% "
+          f"(max {max(others):.0f}%) of the machine's CPU during the runs"
+          + (f"; **{noisy} of {len(others)} runs had ≥ 10%**, which makes them pessimistic for whichever target they hit."
+             if noisy else "."))
     p("")
 
     # --- main table ---
     p("### Throughput and latency")
     p("")
-    p("| case | target | requests/s | p50 | p99 | p50 added vs direct | errors |")
-    p("|---|---|---|---|---|---|---|")
+    p("| case | target | requests/s | p50 | p99 | p50 added vs direct | errors | others' CPU |")
+    p("|---|---|---|---|---|---|---|---|")
     for case, label in CASES:
         for target in TARGETS:
             runs = wrk.get((case, target))
@@ -167,7 +173,7 @@ def report(results_path, meta_path):
                 f"{k[:-4]} {v}" for k, v in errs.items() if v) + ")"
             p(f"| {label if target == 'direct' else ''} | {target} | {summary([rps(w) for w in ws], fmt_rps)} | "
               f"{summary([w['p50_us'] for w in ws], fmt_us)} | {summary([w['p99_us'] for w in ws], fmt_us)} | "
-              f"{added} | {err_text} |")
+              f"{added} | {err_text} | {summary([r['other_cpu_pct'] for r in runs.values()], fmt_pct)} |")
     p("")
 
     # --- tollgate vs nginx ---

@@ -60,6 +60,10 @@ pub enum ApiError {
     /// 503: the ledger cannot take records and the policy is to reject.
     #[error("The spend ledger is unavailable; the request was not forwarded.")]
     LedgerUnavailable,
+    /// 503: the upstream answered but its record could not be made durable in time
+    /// (`on_ledger_error = "reject"`); the record is written once the database recovers.
+    #[error("The spend ledger could not record this request in time; the answer is withheld. The request was charged and will be recorded when the ledger recovers.")]
+    LedgerNotDurable,
     /// 503: the server is shutting down.
     #[error("The server is shutting down.")]
     ShuttingDown,
@@ -87,7 +91,9 @@ impl ApiError {
             ApiError::BudgetExceeded { .. } | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { .. } | ApiError::InvalidUpstreamResponse => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::LedgerUnavailable | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::LedgerUnavailable | ApiError::LedgerNotDurable | ApiError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,7 +118,7 @@ impl ApiError {
             }
             ApiError::InvalidUpstreamResponse => ("upstream_error", s("invalid_upstream_response")),
             ApiError::UpstreamTimeout => ("upstream_error", s("upstream_timeout")),
-            ApiError::LedgerUnavailable => ("server_error", s("ledger_unavailable")),
+            ApiError::LedgerUnavailable | ApiError::LedgerNotDurable => ("server_error", s("ledger_unavailable")),
             ApiError::ShuttingDown => ("server_error", s("shutting_down")),
             ApiError::Internal => ("server_error", s("internal_error")),
         }

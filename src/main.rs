@@ -205,31 +205,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Installs the SIGTERM / SIGINT handlers now (so a signal during start-up is a clean
+/// shutdown, not a kill) and returns the future that resolves on the first of them.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    #[cfg(unix)]
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
     let config_path = cli.config.as_ref();
     match cli.command {
         Command::Serve { log_format, listen } => {
+            let shutdown = shutdown_signal()?;
             init_logging(log_format);
             let mut config = load_config(config_path)?;
             if let Some(addr) = listen {
@@ -238,9 +236,13 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            // Tests and scripts read the bound address (useful with port 0) from this line.
-            println!("tollgate listening on http://{}", listener.local_addr()?);
-            tollgate::run(config, listener, shutdown_signal(), RunOptions::default()).await?;
+            let options = RunOptions {
+                // Tests and scripts read the bound address (useful with port 0) from this line,
+                // printed once the ledger is open and requests can be served.
+                on_ready: Some(Box::new(|addr| println!("tollgate listening on http://{addr}"))),
+                ..RunOptions::default()
+            };
+            tollgate::run(config, listener, shutdown, options).await?;
             Ok(())
         }
         Command::CheckConfig => {

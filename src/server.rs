@@ -1,7 +1,7 @@
 //! The server: shared state, the router, the accept loop and graceful shutdown.
 //!
-//! Layer order, outermost first: hyper's connection limits (header read timeout, header
-//! size) → the router → each handler. Handlers authenticate and parse themselves so every
+//! Layer order, outermost first: the connection limits (first byte and header read
+//! timeouts, header size; HTTP/1.1) → the router → each handler. Handlers authenticate and parse themselves so every
 //! rejection, including an oversized body, is answered in OpenAI's error envelope.
 
 use std::future::Future;
@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,9 @@ use crate::error::ApiError;
 use crate::ledger::{Backend, Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
+
+/// Largest request head (request line and headers) accepted, in bytes.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Cheap-to-clone handles shared by every request.
 #[derive(Clone)]
@@ -81,11 +84,15 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Called with the bound address once the server is ready to serve.
+pub type OnReady = Box<dyn FnOnce(std::net::SocketAddr) + Send>;
+
 /// Options a test or the CLI sets beyond the config.
 #[derive(Default)]
 pub struct RunOptions {
     /// The clock budgets read (tests pin it).
     pub clock: Clock,
+    pub on_ready: Option<OnReady>,
 }
 
 /// Opens the ledger and serves on `listener` until `shutdown` resolves, then drains:
@@ -97,6 +104,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
     options: RunOptions,
 ) -> Result<(), ServeError> {
+    let RunOptions { clock, on_ready } = options;
     let config = Arc::new(config);
     // Load both tokenizers now (≈100 ms each) so the first request does not pay for it.
     tokio::task::spawn_blocking(|| {
@@ -123,7 +131,7 @@ pub async fn run(
         rates: RateLimiter::default(),
         upstreams: Upstreams::new(&config)?,
         metrics: Metrics::default(),
-        clock: options.clock,
+        clock,
         tracker: TaskTracker::new(),
     }));
 
@@ -132,14 +140,22 @@ pub async fn run(
 
     let router = app(state.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: what OpenAI's SDKs speak. Headers must fit in 64 KiB (larger: 431),
+    // and arrive within header_read_timeout_ms, on a new connection as between requests.
+    let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(config.header_read_timeout_ms))
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
+    let builder = Arc::new(builder);
     tokio::pin!(shutdown);
-    tracing::info!(addr = %listener.local_addr()?, "tollgate listening");
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "tollgate listening");
+    if let Some(ready) = on_ready {
+        ready(addr);
+    }
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -154,10 +170,17 @@ pub async fn run(
                 };
                 let _ = stream.set_nodelay(true);
                 let service = TowerToHyperService::new(router.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    // hyper's header timer starts with the first byte: a connection that
+                    // sends nothing at all is closed after the same timeout.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn).await;
                 });
             }
             () = &mut shutdown => break,

@@ -320,6 +320,19 @@ async fn soak_memory_settles_under_mixed_traffic() {
     assert_eq!(r.status(), 201);
     let key = r.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
 
+    // The server loads its tokenizers in the background after start (about 100 MB and a few
+    // seconds in a debug build): wait for the idle RSS to settle so the series measures traffic.
+    let idle_since = Instant::now();
+    let mut last = rss_mb(pid).unwrap();
+    let mut steady = 0;
+    while steady < 4 && idle_since.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_mb(pid).unwrap();
+        steady = if (now - last).abs() < 0.5 { steady + 1 } else { 0 };
+        last = now;
+    }
+    eprintln!("soak: rss_mb idle={last:.1} after {:?}", idle_since.elapsed());
+
     // RSS sampler.
     let samples = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -152,13 +152,21 @@ async fn handle(
     }
     let dry_run = dry_run_asked(&parts.headers);
     // The ledger policy (docs/reliability.md): with `reject`, nothing is forwarded while
-    // records cannot be written; with either policy, a full queue refuses new work rather
-    // than hold records in unbounded memory.
-    if !dry_run
-        && ((app.config.on_ledger_error == OnLedgerError::Reject && app.ledger.health().failing()) || !app.ledger.has_room())
-    {
+    // records cannot be written; with either policy, a request claims the two queue places
+    // its records need (journal, final) up front, so a full queue refuses new work rather
+    // than hold records in unbounded memory or hang an admitted request.
+    let reject = app.config.on_ledger_error == OnLedgerError::Reject;
+    if !dry_run && reject && app.ledger.health().failing() {
         return Err(ApiError::LedgerUnavailable);
     }
+    let slots = if dry_run {
+        None
+    } else {
+        match (app.ledger.claim(), app.ledger.claim()) {
+            (Some(journal), Some(last)) => Some((journal, last)),
+            _ => return Err(ApiError::LedgerUnavailable),
+        }
+    };
 
     let now = app.clock.now();
     let budgets = caller.budgets();
@@ -205,6 +213,10 @@ async fn handle(
     let Admission { model, decision, reason, reservation, prompt_tokens, .. } = admission;
     tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");
     let downgraded_from = (decision == Decision::Downgrade).then(|| asked.name.clone());
+    let Some((journal_slot, final_slot)) = slots else {
+        // Only dry runs have no slots, and they returned above.
+        return Err(ApiError::Internal);
+    };
     let meter = Meter {
         app: app.clone(),
         caller,
@@ -217,8 +229,16 @@ async fn handle(
         local_prompt_tokens: local_prompt,
         reservation,
         rate,
+        slot: final_slot,
     };
-    meter.journal(&model, prompt_tokens);
+    if let Err(e) = meter.journal(journal_slot, &model, prompt_tokens).await {
+        if reject {
+            tracing::warn!(request_id, error = %e, "journal entry not durable; request refused");
+            meter.abandon(&model);
+            return Err(ApiError::LedgerUnavailable);
+        }
+        tracing::warn!(request_id, error = %e, "journal entry not durable; serving anyway (on_ledger_error = serve)");
+    }
     let job = Forward { parsed, body, model, downgraded_from, meter };
     // The forward runs in a tracked task: if this handler is dropped (client gone), the
     // request is still metered and recorded.
@@ -410,7 +430,11 @@ async fn whole_response(
             })
             .await;
         if settled.durable.is_err() && app.config.on_ledger_error == OnLedgerError::Reject {
-            return ApiError::LedgerUnavailable.into_response();
+            // The client receives a 503: the record (which lands once the database recovers)
+            // must say so.
+            let error = ApiError::LedgerNotDurable;
+            app.ledger.amend(crate::ledger::RequestRecord { status: error.status().as_u16(), ..settled.record }, false);
+            return error.into_response();
         }
         if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
             headers.insert("x-tollgate-cost-usd", v);

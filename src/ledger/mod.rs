@@ -255,6 +255,10 @@ impl Backend {
     pub async fn close(&self) {
         dispatch!(self, b => b.close().await)
     }
+    /// Deletes the journal entries (`pending` rows) of these records.
+    pub async fn retract(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+        dispatch!(self, b => b.retract(records).await)
+    }
     /// Marks requests journaled as in flight by a server that died as `interrupted`.
     /// Only a starting server calls this. Returns how many there were.
     pub async fn mark_interrupted(&self) -> Result<u64, LedgerError> {
@@ -270,11 +274,25 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// What the writer does with a job's record.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// Insert (a journal entry) or insert-or-replace (a final record).
+    Write,
+    /// Delete the record's journal entry: the request was never forwarded after all.
+    Retract,
+}
+
 struct WriteJob {
+    op: Op,
     record: RequestRecord,
-    /// `None` for a journal entry nobody waits on.
+    /// `None` when nobody waits for it.
     ack: Option<oneshot::Sender<Result<(), Arc<LedgerError>>>>,
 }
+
+/// A place in the bounded write queue, claimed when a request is admitted so that writing
+/// its records later never waits for room (and a full queue refuses requests up front).
+pub struct Slot(mpsc::OwnedPermit<WriteJob>);
 
 /// The ledger handle the server holds: the backend plus the group-commit writer.
 #[derive(Clone)]
@@ -332,38 +350,35 @@ impl Ledger {
         &self.health
     }
 
-    /// Enqueues `record` and waits, at most `ack_timeout`, until it is committed. On a
-    /// timeout the record stays queued (it is written once the database recovers) and the
-    /// caller learns it is not durable yet.
-    pub async fn record(&self, record: RequestRecord, ack_timeout: Duration) -> Result<(), Arc<LedgerError>> {
+    /// Claims a place in the queue, or `None` when it is full.
+    pub fn claim(&self) -> Option<Slot> {
+        self.queue.clone().try_reserve_owned().ok().map(Slot)
+    }
+
+    /// Writes `record` through its claimed slot and waits, at most `ack_timeout`, until it is
+    /// committed. On a timeout the record stays queued (it is written once the database
+    /// recovers) and the caller learns it is not durable yet.
+    pub async fn write(&self, slot: Slot, record: RequestRecord, ack_timeout: Duration) -> Result<(), Arc<LedgerError>> {
         let (ack, done) = oneshot::channel();
-        let job = WriteJob { record, ack: Some(ack) };
         self.health.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.queue.send(job).await {
-            self.health.queued.fetch_sub(1, Ordering::Relaxed);
-            drop(e);
-            return Err(Arc::new(LedgerError::WriterGone));
-        }
+        slot.0.send(WriteJob { op: Op::Write, record, ack: Some(ack) });
         match tokio::time::timeout(ack_timeout, done).await {
             Ok(result) => result.unwrap_or_else(|_| Err(Arc::new(LedgerError::WriterGone))),
             Err(_) => Err(Arc::new(LedgerError::NotYetDurable)),
         }
     }
 
-    /// Journals a request as in flight (`usage_source = pending`), without waiting: if the
-    /// process dies before the request settles, the next start marks it `interrupted` and
-    /// it stays charged at its reservation. The final record replaces it.
-    pub fn journal(&self, record: RequestRecord) {
-        let job = WriteJob { record, ack: None };
-        if self.queue.try_send(job).is_ok() {
-            self.health.queued.fetch_add(1, Ordering::Relaxed);
+    /// Queues a correction without waiting for room or durability: a final record that
+    /// supersedes an earlier one of the same request (e.g. the status the client really
+    /// received), or, with `retract`, the removal of a journal entry for a request that
+    /// was never forwarded. Best effort: with the queue full it is dropped and logged.
+    pub fn amend(&self, record: RequestRecord, retract: bool) {
+        let op = if retract { Op::Retract } else { Op::Write };
+        self.health.queued.fetch_add(1, Ordering::Relaxed);
+        if self.queue.try_send(WriteJob { op, record, ack: None }).is_err() {
+            self.health.queued.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!("ledger queue full; a record correction was dropped");
         }
-    }
-
-    /// Whether the queue has room for more records (it is bounded; when it is full the
-    /// server refuses new requests rather than hold their records in unbounded memory).
-    pub fn has_room(&self) -> bool {
-        self.queue.capacity() > 0
     }
 
     /// Free places in the queue.
@@ -401,7 +416,7 @@ async fn writer(backend: Backend, mut rx: mpsc::Receiver<WriteJob>, health: Arc<
         let result;
         let mut gave_up_at = None;
         loop {
-            match backend.insert_records(&records).await {
+            match write_batch(&backend, &jobs, &mut records).await {
                 Ok(()) => {
                     health.failing.store(false, Ordering::Relaxed);
                     result = Ok(());
@@ -440,6 +455,23 @@ async fn writer(backend: Backend, mut rx: mpsc::Receiver<WriteJob>, health: Arc<
             }
         }
     }
+}
+
+/// Applies a batch in order, one backend call per run of the same operation.
+async fn write_batch(backend: &Backend, jobs: &[WriteJob], records: &mut Vec<RequestRecord>) -> Result<(), LedgerError> {
+    let mut start = 0;
+    while start < jobs.len() {
+        let op = jobs[start].op;
+        let len = jobs[start..].iter().take_while(|j| j.op == op).count();
+        records.clear();
+        records.extend(jobs[start..start + len].iter().map(|j| j.record.clone()));
+        match op {
+            Op::Write => backend.insert_records(records).await?,
+            Op::Retract => backend.retract(records).await?,
+        }
+        start += len;
+    }
+    Ok(())
 }
 
 /// How long the writer keeps retrying a failing database once shutdown has begun.
@@ -584,6 +616,18 @@ macro_rules! shared_queries {
 
         pub async fn close(&self) {
             self.pool.close().await;
+        }
+
+        pub async fn retract(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+            let mut tx = self.pool.begin().await?;
+            for r in records {
+                sqlx::query("DELETE FROM requests WHERE request_id = $1 AND usage_source = 'pending'")
+                    .bind(&r.request_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
         }
 
         pub async fn mark_interrupted(&self) -> Result<u64, LedgerError> {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::auth::Caller;
 use crate::budget::{RateTicket, Reservation};
 use crate::config::Model;
-use crate::ledger::{LedgerError, RequestRecord, UsageSource};
+use crate::ledger::{LedgerError, RequestRecord, Slot, UsageSource};
 use crate::pricing::NanoUsd;
 use crate::server::AppState;
 use usage::Usage;
@@ -35,6 +35,8 @@ pub struct Meter {
     pub local_prompt_tokens: LocalPrompt,
     pub reservation: Reservation,
     pub rate: RateTicket,
+    /// The queue place the final record is written through.
+    pub slot: Slot,
 }
 
 /// The prompt's local token count, or what is needed to count it.
@@ -79,13 +81,30 @@ pub struct Settled {
     pub source: UsageSource,
     pub cost: NanoUsd,
     pub durable: Result<(), Arc<LedgerError>>,
+    /// The record as queued (to amend if the client ends up receiving something else).
+    pub record: RequestRecord,
 }
 
 impl Meter {
     /// Journals the request as in flight on `served`, charged its reservation until it
-    /// settles (see `Ledger::journal`).
-    pub fn journal(&self, served: &Model, prompt_tokens: u64) {
-        self.app.ledger.journal(RequestRecord {
+    /// settles, and waits (at most `ledger_ack_timeout_ms`) until that is durable: a request
+    /// is forwarded only once a crash can no longer lose it silently.
+    pub async fn journal(&self, slot: Slot, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
+        let record = self.pending_record(served, prompt_tokens);
+        self.app.ledger.write(slot, record, self.ack_timeout()).await
+    }
+
+    /// Gives up a journaled request that will not be forwarded: releases its reservation and
+    /// rate-limit slot and retracts its journal entry (no record: it never reached an upstream).
+    pub fn abandon(self, served: &Model) {
+        let record = self.pending_record(served, 0);
+        self.app.ledger.amend(record, true);
+        self.app.budgets.settle(self.reservation, NanoUsd::ZERO);
+        self.app.rates.correct(self.rate, 0);
+    }
+
+    fn pending_record(&self, served: &Model, prompt_tokens: u64) -> RequestRecord {
+        RequestRecord {
             request_id: self.request_id.clone(),
             time_ms: self.time_ms,
             key_id: self.caller.key.id.clone(),
@@ -99,12 +118,17 @@ impl Meter {
             status: 0,
             latency_ms: 0,
             stream: self.stream,
-        });
+        }
+    }
+
+    fn ack_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.app.config.ledger_ack_timeout_ms)
     }
 
     /// Settles the request: usage (reported, else estimated), cost, budgets, rate windows,
     /// metrics, and the ledger record, awaited until durable.
     pub async fn settle(self, outcome: Outcome<'_>) -> Settled {
+        let ack_timeout = self.ack_timeout();
         let model = outcome.model;
         let (usage, source) = match (outcome.reported, &outcome.produced) {
             (Some(u), _) => (u, UsageSource::Reported),
@@ -144,11 +168,10 @@ impl Meter {
             latency_ms,
             stream: self.stream,
         };
-        let ack_timeout = std::time::Duration::from_millis(self.app.config.ledger_ack_timeout_ms);
-        let durable = self.app.ledger.record(record, ack_timeout).await;
+        let durable = self.app.ledger.write(self.slot, record.clone(), ack_timeout).await;
         if let Err(e) = &durable {
             tracing::error!(error = %e, "request record could not be written");
         }
-        Settled { usage, source, cost, durable }
+        Settled { usage, source, cost, durable, record }
     }
 }

@@ -336,10 +336,15 @@ async fn kill_9_under_concurrent_load_loses_no_delivered_response_and_budgets_ag
     for r in records.values().filter(|r| r["usage_source"] == "interrupted") {
         assert!(usd_to_nanos(&r["cost_usd"]) > 0, "an interrupted request is charged its reservation: {r}");
     }
-    // 3. Streams cut by the kill, whose headers (and so id) reached the client: their
-    //    request was forwarded, so it must not be silently dropped.
+    // 3. Streams cut by the kill, whose headers (and so id) reached the client, were
+    //    forwarded and should be in the ledger too. Today a request forwarded in the moment
+    //    before its journal entry commits can vanish (the journal is not awaited before
+    //    forwarding); `forwarded_request_is_never_silently_dropped_by_kill_9` shows that
+    //    deterministically. Counted here, asserted there.
     let missing: Vec<&String> = seen.cut.iter().filter(|id| !records.contains_key(*id)).collect();
-    assert!(missing.is_empty(), "in-flight streams missing from the ledger after kill -9: {missing:?}");
+    if !missing.is_empty() {
+        eprintln!("kill -9: {} forwarded stream(s) not in the ledger (journal race): {missing:?}", missing.len());
+    }
     // 4. Budgets and spend agree with the ledger, to the nano-dollar.
     let ledger_total: i64 = records.values().map(|r| usd_to_nanos(&r["cost_usd"])).sum();
     let (s, team) = second.admin(reqwest::Method::GET, "/admin/teams/load", None).await;
@@ -409,6 +414,73 @@ async fn sigterm_refuses_new_connections_drains_the_stream_flushes_and_exits_0()
     assert!(!p2.log_text().contains("marked interrupted"), "a graceful stop leaves nothing in flight");
 }
 
+/// Product bug (reported): a request is journaled without waiting for the write, then
+/// forwarded. If the process dies before that journal entry commits, a request the upstream
+/// served (and bills) leaves no trace. Made deterministic here by holding the database's
+/// write lock (from another process) while the request is forwarded, then `kill -9`.
+/// Either outcome is right: refused before forwarding (503, upstream never called), or
+/// forwarded and then found in the ledger after the restart (`interrupted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_request_is_never_silently_dropped_by_kill_9() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_sse(&["a", "b", "c", "d"], Some((5, 0, 4)), true).with_chunk_delay(Duration::from_millis(500)));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let config = config_with("sqlite_busy_timeout_ms = 100\nledger_ack_timeout_ms = 1000", &db, &up.url(), DEFAULT_MODELS);
+    let mut p = Proc::start(dir.path(), &config, 1).await;
+    let key = p.team_and_key("t", json!({"limit_usd": 10.0, "period": "total"})).await;
+
+    let lock = DbLock::take(&db).await;
+    let resp = p.http.post(p.url("/v1/chat/completions")).bearer_auth(&key).json(&stream_chat("x")).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let id = request_id(&resp);
+    if status == 200 {
+        let mut body = resp.bytes_stream();
+        body.next().await.unwrap().unwrap(); // the upstream is answering
+    }
+    p.child.kill().await.unwrap();
+    lock.release().await;
+
+    let p2 = Proc::start(dir.path(), &config, 2).await;
+    let records = all_records(&p2.http, &p2.base()).await;
+    match status {
+        503 => assert_eq!(up.hits(), 0, "a refused request must not have been forwarded"),
+        200 => {
+            assert_eq!(up.hits(), 1);
+            let r = records.get(&id).unwrap_or_else(|| panic!("forwarded request {id} left no record after kill -9"));
+            assert_eq!(r["usage_source"], "interrupted", "{r}");
+        }
+        other => panic!("unexpected status {other}"),
+    }
+}
+
+/// Product bug (reported): the SIGTERM handler is installed only when the accept loop first
+/// polls it, after `tollgate listening on …` is printed and after the database is opened. A
+/// SIGTERM in that window kills the process by the signal's default action (no exit 0).
+#[tokio::test]
+async fn sigterm_during_start_up_still_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\n", db.display())).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--config")
+        .arg(&config_path)
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next_line().await.unwrap().unwrap();
+    assert!(line.starts_with("tollgate listening on"), "{line}");
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "SIGTERM at start-up: {status:?}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Database faults
 // ---------------------------------------------------------------------------------------
@@ -462,15 +534,15 @@ async fn locked_database_under_reject_refuses_then_recovers_without_losing_recor
     up.reply(Reply::chat_json("answer", Some((10, 0, 5))));
     let lock = DbLock::take(&db).await;
 
-    // The first request is forwarded (the ledger was healthy when it arrived), but its record
-    // cannot become durable within ledger_ack_timeout_ms: 503, not an unrecorded answer.
+    // The first request cannot make its journal entry durable within ledger_ack_timeout_ms:
+    // it is refused before it reaches the upstream (no unrecorded spend), its entry retracted.
     let hits = up.hits();
     let started = Instant::now();
     let resp = app.chat(&key, &body).await;
     let a_id = request_id(&resp);
     assert_eq!(error_code(resp).await, (503, "ledger_unavailable".into()));
     assert!(started.elapsed() >= Duration::from_millis(500), "waited the ack timeout: {:?}", started.elapsed());
-    assert_eq!(up.hits(), hits + 1, "the first request reached the upstream");
+    assert_eq!(up.hits(), hits, "a request whose journal is not durable is not forwarded");
 
     // While the writer is failing, new requests are refused before forwarding.
     let resp = app.chat(&key, &body).await;
@@ -479,7 +551,7 @@ async fn locked_database_under_reject_refuses_then_recovers_without_losing_recor
     let resp = app.chat(&key, &stream_chat("refused stream")).await;
     let c_id = request_id(&resp);
     assert_eq!(error_code(resp).await, (503, "ledger_unavailable".into()));
-    assert_eq!(up.hits(), hits + 1, "refused requests never reach the upstream");
+    assert_eq!(up.hits(), hits, "refused requests never reach the upstream");
     // Readiness tells a load balancer to stop sending traffic here meanwhile.
     assert_eq!(app.http.get(app.url("/health/ready")).send().await.unwrap().status(), 503);
 
@@ -490,15 +562,12 @@ async fn locked_database_under_reject_refuses_then_recovers_without_losing_recor
 
     // Nothing is lost: once the lock goes, the queued records land...
     lock.release().await;
-    let a = settled_record(&app, &a_id).await;
-    assert_eq!(a["usage_source"], "reported", "{a}");
-    assert_eq!(usd_to_nanos(&a["cost_usd"]), nanos(10, 0, 5, MINI.0, MINI.1, MINI.2), "{a}");
     let s = settled_record(&app, &stream_id).await;
     assert_eq!(s["usage_source"], "reported", "{s}");
     assert_eq!(s["output_tokens"], 6, "{s}");
-    // ...refused requests were never recorded...
+    // ...refused requests were never recorded (the first one's journal entry is retracted)...
     let ids: HashSet<String> = app.logs().await.iter().map(|r| r["request_id"].as_str().unwrap().to_string()).collect();
-    assert!(!ids.contains(&b_id) && !ids.contains(&c_id));
+    assert!(!ids.contains(&a_id) && !ids.contains(&b_id) && !ids.contains(&c_id), "{ids:?}");
     // ...and requests are served again.
     assert_eq!(app.http.get(app.url("/health/ready")).send().await.unwrap().status(), 200);
     let resp = app.chat(&key, &body).await;
@@ -507,22 +576,26 @@ async fn locked_database_under_reject_refuses_then_recovers_without_losing_recor
     assert_eq!(settled_record(&app, &d_id).await["status"], 200);
 }
 
-/// Product bug (reported): the record keeps the upstream's 200 although the client was
-/// answered 503. Run with `--ignored` to reproduce.
-#[tokio::test]
-#[ignore = "product bug: record of a request answered 503 after the ack timeout says 200 (SPEC §5 status)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_of_a_request_answered_503_for_an_unwritable_ledger_says_503() {
-    // SPEC §5: a record's `status` is the HTTP status the client received.
+    // SPEC §5: a record's `status` is the HTTP status the client received. The lock is taken
+    // while the upstream thinks: the journal entry is durable, the final record is not.
     let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("answer", Some((10, 0, 5))).with_header_delay(Duration::from_millis(800)));
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.db");
     let text = config_with(&format!("on_ledger_error = \"reject\"\n{LOCK_KEYS}"), &db, &up.url(), DEFAULT_MODELS);
-    let app = TestApp::start_with_config(dir, &text).await;
+    let app = Arc::new(TestApp::start_with_config(dir, &text).await);
     let key = app.team_and_key("t").await;
+    let request = {
+        let (app, key) = (app.clone(), key.clone());
+        tokio::spawn(async move { app.chat(&key, &chat_body("gpt-4o-mini", "x")).await })
+    };
+    poll(10, "request forwarded", || async { (up.hits() == 1).then_some(()) }).await;
     let lock = DbLock::take(&db).await;
-    let resp = app.chat(&key, &chat_body("gpt-4o-mini", "x")).await;
+    let resp = request.await.unwrap();
     let id = request_id(&resp);
-    assert_eq!(resp.status(), 503);
+    assert_eq!(error_code(resp).await, (503, "ledger_unavailable".into()));
     lock.release().await;
     let r = settled_record(&app, &id).await;
     assert_eq!(r["status"], 503, "the client was answered 503; the record says otherwise: {r}");
@@ -588,7 +661,6 @@ async fn locked_database_under_serve_keeps_serving_and_every_record_lands_after(
 /// so once the queue is full an admitted request hangs for as long as the database is down.
 /// Run with `--ignored` to reproduce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: an admitted request hangs on a full ledger queue (record() send is not bounded by the ack timeout)"]
 async fn full_ledger_queue_refuses_new_requests_and_never_hangs_admitted_ones() {
     // A queue of 4 records and a locked database, policy `serve`: requests are served until
     // the queue is full, then refused with 503. None may wait past the ack timeout.
@@ -626,6 +698,26 @@ async fn full_ledger_queue_refuses_new_requests_and_never_hangs_admitted_ones() 
     for id in &served {
         assert_eq!(settled_record(&app, id).await["status"], 200);
     }
+}
+
+#[tokio::test]
+async fn database_unreachable_at_start_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // The database's folder cannot be created: a regular file is in the way.
+    std::fs::write(dir.path().join("blocker"), "not a folder").unwrap();
+    let db = dir.path().join("blocker").join("data").join("tollgate.db");
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\n", db.display())).unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("--config").arg(&config_path).arg("serve").output(),
+    )
+    .await
+    .expect("a start-up failure does not hang")
+    .unwrap();
+    assert!(!out.status.success(), "started without its database");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.to_lowercase().contains("ledger") || stderr.to_lowercase().contains("database"), "{stderr}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -721,7 +813,7 @@ async fn enormous_non_stream_answer_is_502_without_buffering_it() {
 }
 
 #[tokio::test]
-async fn upstream_429_without_fallback_is_502_with_its_retry_after() {
+async fn upstream_429_without_fallback_is_502_with_its_retry_after_and_401_is_502_too() {
     let up = FakeUpstream::start().await;
     let mut reply = Reply::error(429, "Rate limit reached for requests");
     reply.headers.push(("retry-after", "7".into()));
@@ -739,4 +831,61 @@ async fn upstream_429_without_fallback_is_502_with_its_retry_after() {
     let r = settled_record(&app, &id).await;
     assert_eq!(r["status"], 502, "{r}");
     assert_eq!(usd_to_nanos(&r["cost_usd"]), 0, "{r}");
+
+    // The upstream refusing tollgate's own credentials is a gateway fault, not the client's
+    // key: 502, never 401/403.
+    for upstream_status in [401u16, 403] {
+        up.reply(Reply::error(upstream_status, "Incorrect API key provided"));
+        let (status, code) = error_code(app.chat(&key, &chat_body("gpt-4o-mini", "x")).await).await;
+        assert_eq!((status, code), (502, upstream_status.to_string()));
+    }
+}
+
+#[tokio::test]
+async fn upstream_body_that_stalls_before_it_ends_is_504_and_recorded() {
+    let up = FakeUpstream::start().await;
+    let partial = r#"{"id":"chatcmpl-fake","object":"chat.completion","choices":["#;
+    up.reply(Reply { chunks: vec![(Duration::from_millis(10), Bytes::from_static(partial.as_bytes()))], ..Reply::new(200, "application/json", "") }.stalled());
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let started = Instant::now();
+    let resp = app.chat(&key, &chat_body("gpt-4o-mini", "x")).await;
+    let id = request_id(&resp);
+    assert_eq!(error_code(resp).await, (504, "upstream_timeout".into()));
+    // idle_timeout_ms = 1000 in the test config.
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    let r = settled_record(&app, &id).await;
+    assert_eq!(r["status"], 504, "{r}");
+    assert_eq!(usd_to_nanos(&r["cost_usd"]), 0, "{r}");
+}
+
+#[tokio::test]
+async fn nonsense_from_the_upstream_is_never_trusted_as_usage_or_passed_as_an_answer() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+
+    // Usage with negative, non-integer and absurd numbers: the answer passes through
+    // unchanged; the record is estimated with the tokenizer, never negative or huge.
+    let body = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "fake",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": -5, "completion_tokens": "many", "total_tokens": 1e300}})
+    .to_string();
+    up.reply(Reply::new(200, "application/json", body.clone()));
+    let resp = app.chat(&key, &chat_body("gpt-4o-mini", "hi")).await;
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    assert_eq!(resp.text().await.unwrap(), body, "passed through unchanged");
+    let r = settled_record(&app, &id).await;
+    assert_eq!(r["usage_source"], "estimated", "{r}");
+    assert_eq!((r["input_tokens"].as_i64(), r["output_tokens"].as_i64()), (Some(8), Some(1)), "{r}");
+
+    // JSON that is not an object, and an SSE content type for a non-stream request.
+    for (ct, text) in [("application/json", "[1,2,3]"), ("application/json", "null"), ("text/event-stream", "data: {}\n\n")] {
+        up.reply(Reply::new(200, ct, text));
+        let resp = app.chat(&key, &chat_body("gpt-4o-mini", "hi")).await;
+        let id = request_id(&resp);
+        assert_eq!(error_code(resp).await, (502, "invalid_upstream_response".into()), "{ct} {text}");
+        assert_eq!(settled_record(&app, &id).await["status"], 502);
+    }
 }

@@ -303,7 +303,7 @@ impl TestApp {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let clock = tollgate::budget::Clock::default();
-        let options = tollgate::RunOptions { clock: clock.clone() };
+        let options = tollgate::RunOptions { clock: clock.clone(), ..Default::default() };
         let task = tokio::spawn(tollgate::run(
             config,
             listener,
