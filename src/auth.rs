@@ -98,7 +98,8 @@ impl Directory {
         Ok(())
     }
 
-    /// Replaces the snapshot with these rows (revoked keys and keys of missing teams drop out).
+    /// Replaces the snapshot with these rows, read at `version` (revoked keys and keys of
+    /// missing teams drop out); an older version than the current one is ignored.
     pub fn install(&self, version: i64, teams: Vec<TeamRow>, keys: Vec<KeyRow>) {
         let teams: HashMap<String, Arc<TeamRow>> = teams.into_iter().map(|t| (t.name.clone(), Arc::new(t))).collect();
         let by_hash = keys
@@ -106,7 +107,12 @@ impl Directory {
             .filter(|k| k.revoked_ms.is_none() && teams.contains_key(&k.team))
             .map(|k| (k.key_hash, Arc::new(k)))
             .collect();
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot { version, by_hash, teams });
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        // A slow poll that read an older version must not undo a newer install (e.g. the one
+        // an admin API write just made).
+        if version >= current.version {
+            *current = Arc::new(Snapshot { version, by_hash, teams });
+        }
     }
 
     /// Authenticates a bearer secret.

@@ -204,7 +204,21 @@ async fn one(http: &reqwest::Client, base: &str, key: &str, kind: Kind, n: usize
             Err(format!("{kind:?}: {what} status {status}, expected {want}"))
         }
     };
-    let err = |e: reqwest::Error| format!("{kind:?}: {e}");
+    // The whole source chain: "error sending request" alone does not say what happened.
+    let err = |e: reqwest::Error| {
+        let mut text = format!("{kind:?}: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        if kind == Kind::UpstreamCut && text.contains("before message completed") {
+            // Seen when the product lets hyper drop the response head of a stream it cuts off
+            // (the body's error arrives in the same write pass as the data before it).
+            text.push_str(" [a cut-off stream reached the client as no response at all]");
+        }
+        text
+    };
     match kind {
         Kind::Chat => {
             let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "json"}, {"role": "user", "content": text}]});

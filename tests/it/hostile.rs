@@ -129,19 +129,35 @@ async fn timed_chat(app: &TestApp, key: &str) -> Duration {
     t.elapsed()
 }
 
-/// The soft limit on open files of this process.
-fn open_files_limit() -> u64 {
+/// The (soft, hard) limits on open files of this process.
+fn open_files_limits() -> (u64, u64) {
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .and_then(|v| v.parse().ok())
+    let from_proc = limits.lines().find(|l| l.starts_with("Max open files")).and_then(|l| {
+        let mut f = l.split_whitespace().skip(3);
+        let soft = f.next()?.parse().ok()?;
+        let hard = f.next().and_then(|h| h.parse().ok()).unwrap_or(soft);
+        Some((soft, hard))
+    });
+    from_proc
         .or_else(|| {
             let out = std::process::Command::new("sh").args(["-c", "ulimit -n"]).output().ok()?;
-            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+            let soft = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+            Some((soft, soft))
         })
-        .unwrap_or(1024)
+        .unwrap_or((1024, 1024))
+}
+
+/// At least `wanted` open files if the hard limit allows, raising the soft limit without libc
+/// (util-linux `prlimit` on this process); returns the soft limit in force.
+fn raise_open_files(wanted: u64) -> u64 {
+    let (soft, hard) = open_files_limits();
+    if soft >= wanted || hard <= soft {
+        return soft;
+    }
+    let target = wanted.min(hard);
+    let pid = std::process::id().to_string();
+    let _ = std::process::Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={target}:{hard}")]).status();
+    open_files_limits().0
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -272,8 +288,8 @@ async fn thousands_of_idle_connections_do_not_starve_others_and_are_closed_by_th
     timed_chat(&app, &key).await;
 
     // Each connection costs this process two descriptors (client and server side).
-    let limit = open_files_limit();
     let wanted = 2000u64;
+    let limit = raise_open_files(2 * wanted + 512);
     let count = wanted.min(limit.saturating_sub(256) / 2) as usize;
     if (count as u64) < wanted {
         eprintln!("idle connections: open-files limit is {limit}; opening {count} instead of {wanted}");
@@ -361,6 +377,10 @@ async fn oversized_headers_are_refused_and_others_still_served() {
     // A normal-sized head is answered.
     let ok = bounded(10, "normal head", send_head(&app, request(String::new()))).await.expect("answer");
     assert_eq!(ok.status, 200, "{ok:?}");
+    // So is a big but plausible one (a fat cookie or tracing header).
+    let big = format!("Cookie: {}\r\n", "c".repeat(16 * 1024));
+    let ok = bounded(10, "16 KB header", send_head(&app, request(big))).await.expect("answer");
+    assert_eq!(ok.status, 200, "a 16 KB header must still be served: {}", ok.head);
 
     let cases = [
         ("one 200 KB header", format!("X-Big: {}\r\n", "a".repeat(200 * 1024))),
