@@ -297,11 +297,7 @@ impl Config {
 /// Replaces `${VAR}` in every string value. `$${` is a literal `${`.
 fn interpolate(value: &mut toml::Value, env: &impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains("${") {
-                *s = interpolate_str(s, env)?;
-            }
-        }
+        toml::Value::String(s) if s.contains("${") => *s = interpolate_str(s, env)?,
         toml::Value::Array(items) => {
             for item in items {
                 interpolate(item, env)?;
@@ -344,7 +340,7 @@ fn interpolate_str(s: &str, env: &impl Fn(&str) -> Option<String>) -> Result<Str
 
 /// Converts a config price (USD per 1M tokens) to nano-dollars per 1M tokens.
 fn usd_per_mtok(value: f64, field: &str, model: &str, problems: &mut Vec<String>) -> NanoUsd {
-    if !value.is_finite() || value < 0.0 || value > 1_000_000.0 {
+    if !value.is_finite() || !(0.0..=1_000_000.0).contains(&value) {
         problems.push(format!("model {model:?}: {field} must be a non-negative number of USD per 1M tokens"));
         return NanoUsd(0);
     }

@@ -361,7 +361,7 @@ async fn keys(cmd: KeysCommand, config: &Config) -> Result<()> {
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&data)?);
             } else {
-                println!("{:<22} {:<20} {:<16} {:<10} {:<20} {}", "id", "team", "name", "prefix", "budget", "state");
+                println!("{:<22} {:<20} {:<16} {:<10} {:<20} state", "id", "team", "name", "prefix", "budget");
                 for k in keys {
                     let state = if k.revoked_ms.is_some() { "revoked" } else { "active" };
                     println!("{:<22} {:<20} {:<16} {:<10} {:<20} {}", k.id, k.team, k.name, k.prefix, fmt_limit(&k.budget), state);

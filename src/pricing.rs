@@ -20,7 +20,7 @@ impl NanoUsd {
 
     /// From a USD amount given by a user (config, API, CLI), rounded to the nearest nano-dollar.
     pub fn from_usd(usd: f64) -> Option<NanoUsd> {
-        (usd.is_finite() && usd >= 0.0 && usd <= 1e9).then(|| NanoUsd((usd * 1e9).round() as i64))
+        (usd.is_finite() && (0.0..=1e9).contains(&usd)).then(|| NanoUsd((usd * 1e9).round() as i64))
     }
 
     /// As a USD float, for JSON responses only.

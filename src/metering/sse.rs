@@ -553,7 +553,7 @@ mod tests {
     #[test]
     fn byte_at_a_time_scans_each_byte_about_once() {
         let mut input = b"data: ".to_vec();
-        input.extend(std::iter::repeat(b'x').take(200_000));
+        input.extend(std::iter::repeat_n(b'x', 200_000));
         input.extend_from_slice(b"\r\r\n");
         let mut p = SseParser::new(LIMIT);
         let mut events = Vec::new();
