@@ -483,10 +483,27 @@ fn relay_stream(meter: Meter, served: Arc<Model>, upstream: UpstreamResponse, cl
     (status, headers, body).into_response()
 }
 
+/// The response body: the pump's events as they come. An error (the cut-off) is held back
+/// for one poll: hyper drops its unflushed buffer — response head included — when a body
+/// errors in the same write pass, and the client must see a 200 that stops before `[DONE]`,
+/// not a connection that closed without a response (which SDKs retry, charging twice).
 fn tokio_stream_from(
     mut rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    let mut held: Option<std::io::Error> = None;
+    futures::stream::poll_fn(move |cx| {
+        if let Some(e) = held.take() {
+            return std::task::Poll::Ready(Some(Err(e)));
+        }
+        match rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some(Err(e))) => {
+                held = Some(e);
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+            other => other,
+        }
+    })
 }
 
 /// With `include_usage` (which tollgate adds), OpenAI puts `"usage":null` at the end of

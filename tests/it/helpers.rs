@@ -146,6 +146,8 @@ impl FakeUpstream {
             .route("/v1/chat/completions", post(answer))
             .route("/v1/completions", post(answer))
             .route("/v1/embeddings", post(answer))
+            // Like OpenAI, accept bodies of any size tollgate forwards.
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
