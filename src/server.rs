@@ -106,12 +106,6 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let RunOptions { clock, on_ready } = options;
     let config = Arc::new(config);
-    // Load both tokenizers now (≈100 ms each) so the first request does not pay for it.
-    tokio::task::spawn_blocking(|| {
-        use crate::metering::tokens::{count_text, Encoding};
-        count_text(Encoding::O200kBase, "warm up");
-        count_text(Encoding::Cl100kBase, "warm up");
-    });
     let backend =
         Backend::connect_with(&config.database_url, Duration::from_millis(config.sqlite_busy_timeout_ms)).await?;
     let interrupted = backend.mark_interrupted().await?;

@@ -32,7 +32,7 @@ const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 /// Generated text kept per stream for estimating output tokens.
 const MAX_STREAM_TEXT: usize = 4 * 1024 * 1024;
 /// Events buffered between the upstream reader and a slow client.
-const STREAM_BUFFER: usize = 64;
+const STREAM_BUFFER: usize = 16;
 
 pub async fn chat_completions(State(app): State<AppState>, req: Request) -> Response {
     proxy(app, Endpoint::Chat, req).await

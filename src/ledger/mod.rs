@@ -555,59 +555,62 @@ pub(crate) use row_mappers;
 
 /// The queries whose SQL both backends share, generated into each backend's `impl`:
 /// `$db` is the sqlx database, `$day` the expression for a record's UTC day, `$int` the cast
-/// that makes a SUM an i64 (PostgreSQL sums BIGINT as NUMERIC), `$pending` / `$final_` the
-/// (verb, conflict clause) that insert a journal entry / a final record, `$max_rows` the rows
-/// per INSERT statement.
+/// that makes a SUM an i64 (PostgreSQL sums BIGINT as NUMERIC), `$max_rows` the rows per
+/// INSERT statement.
 macro_rules! shared_queries {
     (
         $db:ty,
         day = $day:literal,
         int = $int:literal,
-        pending = $pending:expr,
-        final_ = $final_:expr,
         max_rows = $max_rows:expr
     ) => {
-            /// Writes a batch in one transaction. Journal entries (`pending`) never overwrite a
-            /// row; final records replace their journal entry. At most `$max_rows` rows a statement
-            /// (each backend limits bound parameters).
-            pub async fn insert_records(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
-                let mut tx = self.pool.begin().await?;
-                // Runs of the same kind keep their order: a journal entry precedes its final record.
-                let mut start = 0;
-                while start < records.len() {
-                    let pending = records[start].usage_source == UsageSource::Pending;
-                    let len = records[start..].iter().take_while(|r| (r.usage_source == UsageSource::Pending) == pending).count();
-                    for chunk in records[start..start + len].chunks($max_rows) {
-                        let (verb, conflict) = if pending { $pending } else { $final_ };
-                        let mut qb = QueryBuilder::<$db>::new(format!(
-                            "{verb} INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
-                             input_tokens, cached_input_tokens, output_tokens, cost_nano, usage_source, status, latency_ms, stream) "
-                        ));
-                        qb.push_values(chunk, |mut row, r| {
-                            row.push_bind(&r.request_id)
-                                .push_bind(r.time_ms)
-                                .push_bind(&r.key_id)
-                                .push_bind(&r.team)
-                                .push_bind(r.endpoint)
-                                .push_bind(&r.model)
-                                .push_bind(&r.served_model)
-                                .push_bind(to_i64(r.usage.input_tokens))
-                                .push_bind(to_i64(r.usage.cached_input_tokens))
-                                .push_bind(to_i64(r.usage.output_tokens))
-                                .push_bind(r.cost.0)
-                                .push_bind(r.usage_source.as_str())
-                                .push_bind(i64::from(r.status))
-                                .push_bind(to_i64(r.latency_ms))
-                                .push_bind(r.stream);
-                        });
-                        qb.push(conflict);
-                        qb.build().execute(&mut *tx).await?;
-                    }
-                    start += len;
-                }
-                tx.commit().await?;
-                Ok(())
+        /// Writes a batch as one upsert per `$max_rows` rows (each backend limits bound
+        /// parameters): a journal entry (`pending`) never overwrites a row, a final record
+        /// replaces its journal entry. A batch that fits one statement needs no explicit
+        /// transaction (a statement is atomic), so the common case is a single round trip.
+        pub async fn insert_records(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+            let records = latest_per_request(records);
+            if records.len() <= $max_rows {
+                Self::insert_chunk(&self.pool, &records).await?;
+                return Ok(());
             }
+            let mut tx = self.pool.begin().await?;
+            for chunk in records.chunks($max_rows) {
+                Self::insert_chunk(&mut *tx, chunk).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+
+        async fn insert_chunk<'e, E>(executor: E, chunk: &[&RequestRecord]) -> Result<(), LedgerError>
+        where
+            E: sqlx::Executor<'e, Database = $db>,
+        {
+            let mut qb = QueryBuilder::<$db>::new(
+                "INSERT INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
+                 input_tokens, cached_input_tokens, output_tokens, cost_nano, usage_source, status, latency_ms, stream) ",
+            );
+            qb.push_values(chunk, |mut row, r| {
+                row.push_bind(&r.request_id)
+                    .push_bind(r.time_ms)
+                    .push_bind(&r.key_id)
+                    .push_bind(&r.team)
+                    .push_bind(r.endpoint)
+                    .push_bind(&r.model)
+                    .push_bind(&r.served_model)
+                    .push_bind(to_i64(r.usage.input_tokens))
+                    .push_bind(to_i64(r.usage.cached_input_tokens))
+                    .push_bind(to_i64(r.usage.output_tokens))
+                    .push_bind(r.cost.0)
+                    .push_bind(r.usage_source.as_str())
+                    .push_bind(i64::from(r.status))
+                    .push_bind(to_i64(r.latency_ms))
+                    .push_bind(r.stream);
+            });
+            qb.push(UPSERT);
+            qb.build().execute(executor).await?;
+            Ok(())
+        }
 
         pub async fn ping(&self) -> Result<(), LedgerError> {
             sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -941,6 +944,35 @@ macro_rules! shared_queries {
     };
 }
 pub(crate) use shared_queries;
+
+/// The conflict clause of every record insert (same SQL on both backends): a final record
+/// replaces the row, a journal entry never does.
+pub(crate) const UPSERT: &str = " ON CONFLICT (request_id) DO UPDATE SET time_ms = excluded.time_ms, \
+    key_id = excluded.key_id, team = excluded.team, endpoint = excluded.endpoint, model = excluded.model, \
+    served_model = excluded.served_model, input_tokens = excluded.input_tokens, \
+    cached_input_tokens = excluded.cached_input_tokens, output_tokens = excluded.output_tokens, \
+    cost_nano = excluded.cost_nano, usage_source = excluded.usage_source, status = excluded.status, \
+    latency_ms = excluded.latency_ms, stream = excluded.stream \
+    WHERE excluded.usage_source <> 'pending'";
+
+/// One row per request of a batch, in order of first appearance: the last final record wins,
+/// and a journal entry counts only while no final record of its request is in the batch
+/// (one statement may not touch a row twice, and this is what applying them in order means).
+pub(crate) fn latest_per_request(records: &[RequestRecord]) -> Vec<&RequestRecord> {
+    let mut out: Vec<&RequestRecord> = Vec::with_capacity(records.len());
+    let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(records.len());
+    for r in records {
+        match at.get(r.request_id.as_str()) {
+            None => {
+                at.insert(&r.request_id, out.len());
+                out.push(r);
+            }
+            Some(&i) if r.usage_source != UsageSource::Pending => out[i] = r,
+            Some(_) => {}
+        }
+    }
+    out
+}
 
 /// Columns of one request record (the INSERT's bound parameters per row).
 pub(crate) const RECORD_COLUMNS: usize = 15;

@@ -9,7 +9,7 @@ use sqlx::{PgPool, QueryBuilder, Row};
 
 use super::sqlite::{hash_from_hex, hash_to_hex};
 use super::{
-    from_i64, to_i64, RECORD_COLUMNS, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
+    from_i64, latest_per_request, to_i64, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
     RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow, UsageSource,
 };
 use crate::budget::BudgetSpec;
@@ -43,8 +43,6 @@ impl PostgresBackend {
         sqlx::Postgres,
         day = "to_char(to_timestamp(time_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
         int = "::BIGINT",
-        pending = ("INSERT", " ON CONFLICT (request_id) DO NOTHING"),
-        final_ = ("INSERT", UPSERT),
         // PostgreSQL binds at most 65,535 parameters a statement.
         max_rows = 60_000 / RECORD_COLUMNS
     );
@@ -52,10 +50,5 @@ impl PostgresBackend {
 
 super::row_mappers!(PgRow);
 
-const UPSERT: &str = " ON CONFLICT (request_id) DO UPDATE SET time_ms = EXCLUDED.time_ms, key_id = EXCLUDED.key_id, \
-    team = EXCLUDED.team, endpoint = EXCLUDED.endpoint, model = EXCLUDED.model, served_model = EXCLUDED.served_model, \
-    input_tokens = EXCLUDED.input_tokens, cached_input_tokens = EXCLUDED.cached_input_tokens, \
-    output_tokens = EXCLUDED.output_tokens, cost_nano = EXCLUDED.cost_nano, usage_source = EXCLUDED.usage_source, \
-    status = EXCLUDED.status, latency_ms = EXCLUDED.latency_ms, stream = EXCLUDED.stream";
 
 

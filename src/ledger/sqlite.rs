@@ -11,7 +11,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    from_i64, to_i64, RECORD_COLUMNS, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
+    from_i64, latest_per_request, to_i64, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
     RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow, UsageSource,
 };
 use crate::budget::BudgetSpec;
@@ -52,8 +52,6 @@ impl SqliteBackend {
         sqlx::Sqlite,
         day = "strftime('%Y-%m-%d', time_ms / 1000, 'unixepoch')",
         int = "",
-        pending = ("INSERT OR IGNORE", ""),
-        final_ = ("INSERT OR REPLACE", ""),
         // SQLite binds at most 32,766 parameters a statement.
         max_rows = 32_000 / RECORD_COLUMNS
     );
