@@ -141,6 +141,10 @@ if [ "$BUILD" = 1 ]; then
   (cd "$ROOT" && cargo build --release --quiet --bin tollgate --bin mock-upstream --bin bench-client)
 fi
 for b in tollgate mock-upstream bench-client; do [ -x "$BIN/$b" ] || die "$BIN/$b missing (run without --no-build)"; done
+# The source the binaries were built from (taken now: commits may land while this runs).
+git_rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git_note=$(cd "$ROOT" && { git status --porcelain -- src Cargo.toml migrations 2>/dev/null | grep -q . && echo " with uncommitted changes" || true; })
+[ "$BUILD" = 1 ] || git_note=" (--no-build: the binaries may be older than this)"
 
 if [ "$WAIT_QUIET" -gt 0 ]; then
   # On a shared 2-core box a running compiler halves whatever it lands on: wait for 15 quiet seconds.
@@ -480,8 +484,6 @@ if ! kill -0 "$TG_PID" 2>/dev/null; then
 fi
 
 # --- the report -----------------------------------------------------------------------------------
-git_rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-git_dirty=$(cd "$ROOT" && { git status --porcelain -- src Cargo.toml migrations 2>/dev/null | grep -q . && echo true || echo false; })
 cpu=$(python3 -c 'import json; print(json.dumps(next((l.split(":",1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown")))')
 cat >"$WORK/meta.json" <<EOF
 {
@@ -490,7 +492,7 @@ cat >"$WORK/meta.json" <<EOF
   "nproc": $(nproc),
   "mem_gib": $(awk '/MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo),
   "kernel": "$(uname -r)",
-  "commit": "$git_rev", "dirty": $git_dirty,
+  "commit": "$git_rev", "source_note": "$git_note",
   "rustc": "$(rustc --version 2>/dev/null || echo unknown)",
   "wrk": "$(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')",
   "nginx": "$(nginx -v 2>&1 | sed 's/.*: //')",
