@@ -159,20 +159,20 @@ pub fn admit(
     config: &Config,
     book: &BudgetBook,
     caller: &Caller,
+    budgets: &[Applicable],
     request: &ParsedRequest,
     asked: &Arc<Model>,
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Admission, (String, Option<Refusal>)> {
-    let budgets = caller.budgets();
     let chain = chain(config, asked);
-    let mut past_threshold = chain.len() > 1 && book.past_threshold(&budgets, now);
+    let mut past_threshold = chain.len() > 1 && book.past_threshold(budgets, now);
     if past_threshold {
         // Loose reservations may overstate what is held: decide on exact figures.
-        let pending = book.loose_on(&budgets);
+        let pending = book.loose_on(budgets);
         if !pending.is_empty() {
             book.tighten(&pending);
-            past_threshold = book.past_threshold(&budgets, now);
+            past_threshold = book.past_threshold(budgets, now);
         }
     }
     // Past the threshold the asked model goes last: used only if no cheaper one can serve.
@@ -191,7 +191,7 @@ pub fn admit(
             }
         }
         let out = max_output(request, m);
-        match reserve(book, &budgets, request, m, out, counter, now) {
+        match reserve(book, budgets, request, m, out, counter, now) {
             Ok((reservation, prompt_tokens, exact, max_cost)) => {
                 let decision = if i == 0 { Decision::Serve } else { Decision::Downgrade };
                 let reason = match (decision, reasons.is_empty()) {

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::auth::{self, Caller};
+use crate::auth;
 use crate::config::{Model, OnLedgerError};
 use crate::error::ApiError;
 use crate::metering::sse::SseParser;
@@ -172,9 +172,9 @@ async fn handle(
     let budgets = caller.budgets();
     routing::load_accounts(&app.budgets, app.ledger.backend(), &budgets, now).await?;
     let mut counter = PromptCounter::new(&parsed);
-    let admitted = routing::admit(&app.config, &app.budgets, &caller, &parsed, &asked, &mut counter, now);
+    let admitted = routing::admit(&app.config, &app.budgets, &caller, &budgets, &parsed, &asked, &mut counter, now);
     if dry_run {
-        return Ok(dry_run_answer(app, &caller, &parsed, &asked, admitted, &mut counter, now));
+        return Ok(dry_run_answer(app, &budgets, &parsed, &asked, admitted, &mut counter, now));
     }
     let admission = match admitted {
         Ok(a) => a,
@@ -254,14 +254,13 @@ async fn handle(
 
 fn dry_run_answer(
     app: &AppState,
-    caller: &Caller,
+    budgets: &[crate::budget::Applicable],
     parsed: &ParsedRequest,
     asked: &Arc<Model>,
     admitted: Result<Admission, (String, Option<crate::budget::Refusal>)>,
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Response {
-    let budgets = caller.budgets();
     let (decision, served, reason, max_cost, estimated) = match admitted {
         Ok(a) => {
             let exact = counter.exact(&a.model.name);
@@ -277,7 +276,7 @@ fn dry_run_answer(
             (Decision::Refuse, None, reason, max_cost, asked.price.worst_case(exact, 0))
         }
     };
-    let remaining = app.budgets.headroom(&budgets, now);
+    let remaining = app.budgets.headroom(budgets, now);
     axum::Json(json!({
         "dry_run": true,
         "decision": decision.as_str(),

@@ -37,8 +37,6 @@ pub enum LedgerError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the ledger writer has stopped")]
     WriterGone,
-    #[error("the ledger queue is full")]
-    QueueFull,
     #[error("the record is queued but not yet durable (the database is failing)")]
     NotYetDurable,
     #[error("{0}")]
@@ -381,10 +379,6 @@ impl Ledger {
         }
     }
 
-    /// Free places in the queue.
-    pub fn capacity_left(&self) -> usize {
-        self.queue.capacity()
-    }
 }
 
 /// The group-commit loop: take one record, then everything else already queued (up to a
