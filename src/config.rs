@@ -54,6 +54,10 @@ struct RawConfig {
     listen: String,
     #[serde(default = "default_database_url")]
     database_url: String,
+    #[serde(default)]
+    journal_dir: Option<String>,
+    #[serde(default = "default_segment_bytes")]
+    journal_segment_bytes: u64,
     #[serde(default = "default_grace")]
     shutdown_grace_ms: u64,
     #[serde(default)]
@@ -101,6 +105,9 @@ fn default_max_response() -> usize {
 }
 fn default_disconnect_drain_ms() -> u64 {
     60_000
+}
+fn default_segment_bytes() -> u64 {
+    crate::ledger::journal::SEGMENT_BYTES
 }
 fn default_ledger_queue() -> usize {
     100_000
@@ -224,6 +231,10 @@ pub struct Model {
 pub struct Config {
     pub listen: String,
     pub database_url: String,
+    /// The write-ahead journal's folder (one server each; see `ledger::journal`).
+    pub journal_dir: std::path::PathBuf,
+    /// A journal segment takes appends until it is this long; then a new one starts.
+    pub journal_segment_bytes: u64,
     pub shutdown_grace_ms: u64,
     pub master_key: Option<Secret>,
     /// Largest request body accepted, in bytes.
@@ -235,8 +246,8 @@ pub struct Config {
     pub on_ledger_error: OnLedgerError,
     /// Records waiting to be written, at most.
     pub ledger_queue_capacity: usize,
-    /// How long a response waits for its record to become durable before the
-    /// `on_ledger_error` policy decides (reject: 503; serve: deliver, record stays queued).
+    /// How long a spend or log query waits for records already journaled to reach the
+    /// database, so it shows the requests answered before it.
     pub ledger_ack_timeout_ms: u64,
     /// How long an SQLite write waits for a lock held by another connection or process.
     pub sqlite_busy_timeout_ms: u64,
@@ -360,6 +371,12 @@ impl RawConfig {
         }
         if self.max_body_bytes == 0 {
             problems.push("max_body_bytes must be positive".into());
+        }
+        if self.journal_segment_bytes == 0 {
+            problems.push("journal_segment_bytes must be positive".into());
+        }
+        if self.journal_dir.as_deref().is_some_and(str::is_empty) {
+            problems.push("journal_dir must not be empty".into());
         }
         for (field, v) in [
             ("header_read_timeout_ms", self.header_read_timeout_ms),
@@ -576,6 +593,10 @@ impl RawConfig {
         }
         Ok(Config {
             listen: self.listen,
+            journal_dir: self
+                .journal_dir
+                .map_or_else(|| crate::ledger::journal::default_dir(&self.database_url), std::path::PathBuf::from),
+            journal_segment_bytes: self.journal_segment_bytes,
             database_url: self.database_url,
             shutdown_grace_ms: self.shutdown_grace_ms,
             master_key: self.master_key,

@@ -18,7 +18,7 @@ use crate::auth::Caller;
 use crate::budget::{Applicable, BudgetBook, Loose, Refusal, Reservation};
 use crate::config::{Config, Model};
 use crate::error::ApiError;
-use crate::ledger::Backend;
+use crate::ledger::Ledger;
 use crate::metering::tokens::{self, Encoding};
 use crate::pricing::NanoUsd;
 use crate::request::ParsedRequest;
@@ -135,22 +135,42 @@ fn unfit(request: &ParsedRequest, caller: &Caller, asked: &Model, m: &Model, cou
 }
 
 /// Makes sure every limited budget's account holds this period's spend from the ledger.
-pub async fn load_accounts(book: &BudgetBook, db: &Backend, budgets: &[Applicable], now: chrono::DateTime<chrono::Utc>) -> Result<(), ApiError> {
+pub async fn load_accounts(
+    book: &BudgetBook,
+    ledger: &Ledger,
+    budgets: &[Applicable],
+    now: chrono::DateTime<chrono::Utc>,
+    wait: std::time::Duration,
+) -> Result<(), ApiError> {
     for b in budgets.iter().filter(|b| b.spec.limit.is_some()) {
-        let start = b.spec.period.start(now);
-        if book.is_loaded(&b.scope, start) {
-            continue;
-        }
-        let (is_key, id) = match &b.scope {
-            crate::budget::Scope::Key(id) => (true, id.as_str()),
-            crate::budget::Scope::Team(name) => (false, name.as_str()),
-        };
-        let spent = db.spent_since(is_key, id, start).await.map_err(|e| {
-            tracing::error!(error = %e, "could not load budget spend from the ledger");
-            ApiError::LedgerUnavailable
-        })?;
-        book.load(b.scope.clone(), start, spent);
+        load_account(book, ledger, b, now, wait).await?;
     }
+    Ok(())
+}
+
+/// Makes sure one budget's account holds this period's spend from the ledger, including
+/// records still on their way to the database (waiting at most `wait` for them).
+pub async fn load_account(
+    book: &BudgetBook,
+    ledger: &Ledger,
+    budget: &Applicable,
+    now: chrono::DateTime<chrono::Utc>,
+    wait: std::time::Duration,
+) -> Result<(), ApiError> {
+    let start = budget.spec.period.start(now);
+    if book.is_loaded(&budget.scope, start) {
+        return Ok(());
+    }
+    ledger.sync(wait).await;
+    let (is_key, id) = match &budget.scope {
+        crate::budget::Scope::Key(id) => (true, id.as_str()),
+        crate::budget::Scope::Team(name) => (false, name.as_str()),
+    };
+    let spent = ledger.backend().spent_since(is_key, id, start).await.map_err(|e| {
+        tracing::error!(error = %e, "could not load budget spend from the ledger");
+        ApiError::LedgerUnavailable
+    })?;
+    book.load(budget.scope.clone(), start, spent);
     Ok(())
 }
 

@@ -108,13 +108,17 @@ pub async fn run(
     let config = Arc::new(config);
     let backend =
         Backend::connect_with(&config.database_url, Duration::from_millis(config.sqlite_busy_timeout_ms)).await?;
-    let interrupted = backend.mark_interrupted().await?;
+    let (journal, (replayed, torn, interrupted)) = crate::ledger::recover(&backend, &config.journal_dir, config.journal_segment_bytes).await?;
+    if replayed > 0 || torn > 0 {
+        tracing::info!(replayed, torn, "records left in the journal by the last run are in the ledger");
+    }
     if interrupted > 0 {
         tracing::warn!(interrupted, "requests in flight when the server last stopped are marked interrupted");
     }
     let ledger_tasks = TaskTracker::new();
     let ledger_stop = CancellationToken::new();
-    let ledger = Ledger::start(backend.clone(), config.ledger_queue_capacity, &ledger_tasks, ledger_stop.clone());
+    let ledger =
+        Ledger::start(backend.clone(), journal, config.ledger_queue_capacity, &ledger_tasks, ledger_stop.clone());
     let directory = Directory::default();
     directory.refresh(&backend, true).await?;
     let state = AppState(Arc::new(Inner {

@@ -138,17 +138,10 @@ fn rfc3339(ms: i64) -> Value {
 /// `spent_usd`, `reserved_usd`, `remaining_usd` and `resets_at` of one budget, now.
 async fn spend_fields(app: &AppState, scope: Scope, spec: &BudgetSpec) -> Result<Map<String, Value>, ApiError> {
     let now = app.clock.now();
-    let applicable = [Applicable { scope: scope.clone(), spec: spec.clone() }];
-    let start = spec.period.start(now);
-    if !app.budgets.is_loaded(&scope, start) {
-        let (is_key, id) = match &scope {
-            Scope::Key(id) => (true, id.as_str()),
-            Scope::Team(name) => (false, name.as_str()),
-        };
-        let spent = app.ledger.backend().spent_since(is_key, id, start).await.map_err(ledger_error)?;
-        app.budgets.load(scope, start, spent);
-    }
-    let status = app.budgets.status(&applicable[0], now);
+    let applicable = Applicable { scope, spec: spec.clone() };
+    let wait = crate::api::spend::ledger_wait(app);
+    crate::routing::load_account(&app.budgets, &app.ledger, &applicable, now, wait).await?;
+    let status = app.budgets.status(&applicable, now);
     let mut m = Map::new();
     m.insert("spent_usd".into(), json!(status.spent.as_usd()));
     m.insert("reserved_usd".into(), json!(status.reserved.as_usd()));

@@ -22,11 +22,15 @@ async fn live() -> Json<serde_json::Value> {
 
 async fn ready(State(app): State<AppState>) -> Response {
     let ping = tokio::time::timeout(std::time::Duration::from_secs(2), app.ledger.backend().ping()).await;
-    match ping {
-        Ok(Ok(())) if !app.ledger.health().failing() => Json(json!({"status": "ok", "database": "ok"})).into_response(),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": "unreachable"})))
-            .into_response(),
-    }
+    let database = matches!(ping, Ok(Ok(()))) && !app.ledger.health().failing();
+    let journal = !app.ledger.journal_failing();
+    let body = json!({
+        "status": if database && journal { "ok" } else { "unavailable" },
+        "database": if database { "ok" } else { "unreachable" },
+        "journal": if journal { "ok" } else { "failing" },
+    });
+    let status = if database && journal { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {

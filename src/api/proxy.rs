@@ -151,14 +151,11 @@ async fn handle(
         }
     }
     let dry_run = dry_run_asked(&parts.headers);
-    // The ledger policy (docs/reliability.md): with `reject`, nothing is forwarded while
-    // records cannot be written; with either policy, a request claims the two queue places
-    // its records need (journal, final) up front, so a full queue refuses new work rather
-    // than hold records in unbounded memory or hang an admitted request.
+    // The ledger policy (docs/reliability.md): with `reject`, nothing is forwarded whose
+    // journal entry could not be written; with either policy, a request claims the two queue
+    // places its records need (journal, final) up front, so a full queue refuses new work
+    // rather than hold records in unbounded memory or hang an admitted request.
     let reject = app.config.on_ledger_error == OnLedgerError::Reject;
-    if !dry_run && reject && app.ledger.health().failing() {
-        return Err(ApiError::LedgerUnavailable);
-    }
     let slots = if dry_run {
         None
     } else {
@@ -170,7 +167,7 @@ async fn handle(
 
     let now = app.clock.now();
     let budgets = caller.budgets();
-    routing::load_accounts(&app.budgets, app.ledger.backend(), &budgets, now).await?;
+    routing::load_accounts(&app.budgets, &app.ledger, &budgets, now, crate::api::spend::ledger_wait(app)).await?;
     let mut counter = PromptCounter::new(&parsed);
     let admitted = routing::admit(&app.config, &app.budgets, &caller, &budgets, &parsed, &asked, &mut counter, now);
     if dry_run {
@@ -231,7 +228,7 @@ async fn handle(
         rate,
         slot: final_slot,
     };
-    if let Err(e) = meter.journal(journal_slot, &model, prompt_tokens).await {
+    if let Err(e) = meter.journal(journal_slot, &model, prompt_tokens) {
         if reject {
             tracing::warn!(request_id, error = %e, "journal entry not durable; request refused");
             meter.abandon(&model);
@@ -358,7 +355,7 @@ impl Forward {
                 other => other,
             };
             let status = error.status().as_u16();
-            meter.settle(Outcome { status, model: &model, reported: None, produced: None }).await;
+            meter.settle(Outcome { status, model: &model, reported: None, produced: None });
             return error.into_response();
         };
         let mut headers = HeaderMap::new();
@@ -376,7 +373,7 @@ impl Forward {
                 let mut upstream = upstream;
                 let _ = upstream.read_all(app.config.max_response_bytes).await;
                 let error = ApiError::InvalidUpstreamResponse;
-                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
                 return error.into_response();
             }
             app.metrics.observe_overhead(before_upstream);
@@ -407,7 +404,7 @@ async fn whole_response(
                 ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
                 ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
             };
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
             return error.into_response();
         }
     };
@@ -415,7 +412,7 @@ async fn whole_response(
     if status.is_success() {
         let Some(value) = parsed.filter(|v| v.is_object()) else {
             let error = ApiError::InvalidUpstreamResponse;
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
             return error.into_response();
         };
         let reported = usage::usage_from_json(&value);
@@ -426,8 +423,7 @@ async fn whole_response(
                 model: &served,
                 reported,
                 produced: Some(Produced { text: &text, overflow_bytes: 0 }),
-            })
-            .await;
+            });
         if settled.durable.is_err() && app.config.on_ledger_error == OnLedgerError::Reject {
             // The client receives a 503: the record (which lands once the database recovers)
             // must say so.
@@ -451,14 +447,14 @@ async fn whole_response(
             status: Some(status.as_u16()),
             message: format!("The upstream failed with status {}.", status.as_u16()),
         };
-        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None }).await;
+        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None });
         let mut response = error.into_response();
         if let Some(retry) = upstream.headers.get(header::RETRY_AFTER) {
             response.headers_mut().insert(header::RETRY_AFTER, retry.clone());
         }
         return response;
     }
-    let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None }).await;
+    let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None });
     if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
         headers.insert("x-tollgate-cost-usd", v);
     }
@@ -609,8 +605,7 @@ async fn pump(
             model: &served,
             reported: acc.usage(),
             produced: Some(Produced { text: acc.produced_text(), overflow_bytes: acc.overflow_bytes() }),
-        })
-        .await;
+        });
     if client_gone {
         return;
     }

@@ -9,15 +9,17 @@
 //! Backends: SQLite (`sqlite.rs`) and PostgreSQL (`postgres.rs`). Every backend implements the same methods; `Backend`
 //! dispatches, so a second backend is a new variant and a new file.
 
+pub mod journal;
 mod postgres;
 mod sqlite;
 
+use std::borrow::Borrow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,8 +39,8 @@ pub enum LedgerError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("the ledger writer has stopped")]
     WriterGone,
-    #[error("the record is queued but not yet durable (the database is failing)")]
-    NotYetDurable,
+    #[error("journal: {0}")]
+    Journal(#[from] std::io::Error),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -48,7 +50,7 @@ pub enum LedgerError {
 }
 
 /// Where a record's token counts came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UsageSource {
     /// The upstream's `usage`, as reported.
@@ -205,7 +207,7 @@ impl Backend {
     pub async fn ping(&self) -> Result<(), LedgerError> {
         dispatch!(self, b => b.ping().await)
     }
-    pub async fn insert_records(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+    pub async fn insert_records<R: Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
         dispatch!(self, b => b.insert_records(records).await)
     }
     pub async fn directory_version(&self) -> Result<i64, LedgerError> {
@@ -254,7 +256,7 @@ impl Backend {
         dispatch!(self, b => b.close().await)
     }
     /// Deletes the journal entries (`pending` rows) of these records.
-    pub async fn retract(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+    pub async fn retract<R: Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
         dispatch!(self, b => b.retract(records).await)
     }
     /// Marks requests journaled as in flight by a server that died as `interrupted`.
@@ -272,32 +274,28 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// What the writer does with a job's record.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Op {
-    /// Insert (a journal entry) or insert-or-replace (a final record).
-    Write,
-    /// Delete the record's journal entry: the request was never forwarded after all.
-    Retract,
-}
+use journal::{Journal, LineOp as Op, Pin};
 
 struct WriteJob {
     op: Op,
     record: RequestRecord,
-    /// `None` when nobody waits for it.
-    ack: Option<oneshot::Sender<Result<(), Arc<LedgerError>>>>,
+    /// The record's hold on its journal segment; `None` when the append failed.
+    pin: Option<Pin>,
 }
 
 /// A place in the bounded write queue, claimed when a request is admitted so that writing
 /// its records later never waits for room (and a full queue refuses requests up front).
 pub struct Slot(mpsc::OwnedPermit<WriteJob>);
 
-/// The ledger handle the server holds: the backend plus the group-commit writer.
+/// The ledger handle the server holds: the backend, the journal, and the writer's queue.
 #[derive(Clone)]
 pub struct Ledger {
     backend: Backend,
+    journal: Arc<Journal>,
     queue: mpsc::Sender<WriteJob>,
     health: Arc<LedgerHealth>,
+    /// Jobs committed to the database so far (the writer's count).
+    committed: watch::Receiver<u64>,
 }
 
 /// Observed state of the writer, for readiness, metrics and the `on_ledger_error` policy.
@@ -307,10 +305,12 @@ pub struct LedgerHealth {
     written: AtomicU64,
     batches: AtomicU64,
     queued: AtomicU64,
+    /// Jobs handed to the queue so far (counted before each send).
+    enqueued: AtomicU64,
 }
 
 impl LedgerHealth {
-    /// Whether the last write attempt failed.
+    /// Whether the last database write failed.
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
     }
@@ -333,11 +333,18 @@ impl Ledger {
     /// Starts the writer on `tracker`. Once `stop` is cancelled (or every handle is dropped)
     /// it refuses new records, writes everything queued, and exits: waiting on the tracker
     /// then is a flush.
-    pub fn start(backend: Backend, capacity: usize, tracker: &TaskTracker, stop: CancellationToken) -> Ledger {
+    pub fn start(
+        backend: Backend,
+        journal: Journal,
+        capacity: usize,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Ledger {
         let (queue, rx) = mpsc::channel(capacity);
         let health = Arc::new(LedgerHealth::default());
-        tracker.spawn(writer(backend.clone(), rx, health.clone(), stop));
-        Ledger { backend, queue, health }
+        let (committed_tx, committed) = watch::channel(0);
+        tracker.spawn(writer(backend.clone(), rx, health.clone(), committed_tx, stop));
+        Ledger { backend, journal: Arc::new(journal), queue, health, committed }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -348,46 +355,95 @@ impl Ledger {
         &self.health
     }
 
+    /// Whether the last journal append failed (records are then held in memory only).
+    pub fn journal_failing(&self) -> bool {
+        self.journal.failing()
+    }
+
     /// Claims a place in the queue, or `None` when it is full.
     pub fn claim(&self) -> Option<Slot> {
         self.queue.clone().try_reserve_owned().ok().map(Slot)
     }
 
-    /// Writes `record` through its claimed slot and waits, at most `ack_timeout`, until it is
-    /// committed. On a timeout the record stays queued (it is written once the database
-    /// recovers) and the caller learns it is not durable yet.
-    pub async fn write(&self, slot: Slot, record: RequestRecord, ack_timeout: Duration) -> Result<(), Arc<LedgerError>> {
-        let (ack, done) = oneshot::channel();
+    /// Makes `record` durable — appended to the journal, which survives the process dying —
+    /// and queues it for the database through its claimed slot. Never waits: an error means
+    /// the journal could not be written (the record is queued all the same, in memory).
+    pub fn write(&self, slot: Slot, record: RequestRecord) -> Result<(), Arc<LedgerError>> {
+        let (pin, result) = self.append(Op::Write, &record);
         self.health.queued.fetch_add(1, Ordering::Relaxed);
-        slot.0.send(WriteJob { op: Op::Write, record, ack: Some(ack) });
-        match tokio::time::timeout(ack_timeout, done).await {
-            Ok(result) => result.unwrap_or_else(|_| Err(Arc::new(LedgerError::WriterGone))),
-            Err(_) => Err(Arc::new(LedgerError::NotYetDurable)),
-        }
+        self.health.enqueued.fetch_add(1, Ordering::Release);
+        slot.0.send(WriteJob { op: Op::Write, record, pin });
+        result
     }
 
-    /// Queues a correction without waiting for room or durability: a final record that
-    /// supersedes an earlier one of the same request (e.g. the status the client really
-    /// received), or, with `retract`, the removal of a journal entry for a request that
-    /// was never forwarded. Best effort: with the queue full it is dropped and logged.
+    /// Queues a correction without a claimed slot: a final record that supersedes an earlier
+    /// one of the same request (e.g. the status the client really received), or, with
+    /// `retract`, the removal of a journal entry for a request that was never forwarded.
+    /// Best effort: with the queue full it is dropped and logged (the journal still has it).
     pub fn amend(&self, record: RequestRecord, retract: bool) {
         let op = if retract { Op::Retract } else { Op::Write };
+        let (pin, _) = self.append(op, &record);
         self.health.queued.fetch_add(1, Ordering::Relaxed);
-        if self.queue.try_send(WriteJob { op, record, ack: None }).is_err() {
+        self.health.enqueued.fetch_add(1, Ordering::Release);
+        if self.queue.try_send(WriteJob { op, record, pin }).is_err() {
             self.health.queued.fetch_sub(1, Ordering::Relaxed);
-            tracing::error!("ledger queue full; a record correction was dropped");
+            tracing::error!("ledger queue full; a record correction waits in the journal for the next start");
         }
     }
 
+    fn append(&self, op: Op, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
+        match self.journal.append(&journal::encode(op, record)) {
+            Ok(pin) => (Some(pin), Ok(())),
+            Err(e) => (None, Err(Arc::new(LedgerError::Journal(e)))),
+        }
+    }
+
+    /// Waits, at most `timeout`, until every record queued before this call is committed to
+    /// the database, so a query sees the requests already answered. Returns at once while
+    /// the database is failing (the query then shows what is committed).
+    pub async fn sync(&self, timeout: Duration) {
+        let target = self.health.enqueued.load(Ordering::Acquire);
+        if self.health.failing() || *self.committed.borrow() >= target {
+            return;
+        }
+        let mut committed = self.committed.clone();
+        let _ = tokio::time::timeout(timeout, committed.wait_for(|&n| n >= target)).await;
+    }
+}
+
+/// Applies what an earlier run left in the journal, in order, then marks requests still in
+/// flight then as `interrupted`. Returns (lines replayed, torn lines, requests interrupted).
+pub async fn recover(
+    backend: &Backend,
+    journal_dir: &std::path::Path,
+    segment_bytes: u64,
+) -> Result<(Journal, (usize, usize, u64)), LedgerError> {
+    let (journal, leftovers) = Journal::open(journal_dir, segment_bytes)?;
+    let replayed = leftovers.lines.len();
+    for chunk in leftovers.lines.chunks(MAX_BATCH) {
+        let jobs: Vec<(Op, &RequestRecord)> = chunk.iter().map(|(op, r)| (*op, r)).collect();
+        write_batch(backend, &jobs).await?;
+    }
+    let torn = leftovers.torn;
+    let interrupted = backend.mark_interrupted().await?;
+    leftovers.discard();
+    Ok((journal, (replayed, torn, interrupted)))
 }
 
 /// The group-commit loop: take one record, then everything else already queued (up to a
-/// batch), write them in one transaction, acknowledge each. A failed batch is retried with
-/// backoff and never dropped: its callers keep waiting, and the bounded queue pushes back.
-async fn writer(backend: Backend, mut rx: mpsc::Receiver<WriteJob>, health: Arc<LedgerHealth>, stop: CancellationToken) {
+/// batch), write them in one transaction, release their journal pins. A failed batch is
+/// retried with backoff and never dropped (the journal has it, and the bounded queue pushes
+/// back on new requests).
+async fn writer(
+    backend: Backend,
+    mut rx: mpsc::Receiver<WriteJob>,
+    health: Arc<LedgerHealth>,
+    committed: watch::Sender<u64>,
+    stop: CancellationToken,
+) {
     let mut jobs: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
-    let mut records: Vec<RequestRecord> = Vec::with_capacity(MAX_BATCH);
     let mut closing = false;
+    let mut total = 0u64;
     loop {
         let received = if closing {
             rx.recv_many(&mut jobs, MAX_BATCH).await
@@ -404,66 +460,71 @@ async fn writer(backend: Backend, mut rx: mpsc::Receiver<WriteJob>, health: Arc<
         if received == 0 {
             return;
         }
-        records.clear();
-        records.extend(jobs.iter().map(|j| j.record.clone()));
+        let batch: Vec<(Op, &RequestRecord)> = jobs.iter().map(|j| (j.op, &j.record)).collect();
         let mut backoff = Duration::from_millis(10);
-        let result;
         let mut gave_up_at = None;
-        loop {
-            match write_batch(&backend, &jobs, &mut records).await {
+        let landed = loop {
+            match write_batch(&backend, &batch).await {
                 Ok(()) => {
                     health.failing.store(false, Ordering::Relaxed);
-                    result = Ok(());
-                    break;
+                    break true;
                 }
                 Err(e) => {
                     if !health.failing.swap(true, Ordering::Relaxed) {
-                        tracing::error!(error = %e, records = records.len(), "ledger write failed; retrying");
+                        tracing::error!(error = %e, records = batch.len(), "ledger write failed; retrying");
                     }
-                    // While serving, a failed batch is retried until it lands (callers wait,
-                    // the bounded queue pushes back). At shutdown, retrying stops after a while.
+                    // While serving, a failed batch is retried until it lands. At shutdown,
+                    // retrying stops after a while: the journal keeps the records for the
+                    // next start.
                     if closing || stop.is_cancelled() {
                         closing = true;
                         let since = *gave_up_at.get_or_insert_with(tokio::time::Instant::now);
                         if since.elapsed() > SHUTDOWN_RETRY {
-                            tracing::error!(records = records.len(), "ledger unavailable at shutdown; records not written");
-                            result = Err(Arc::new(e));
-                            break;
+                            tracing::error!(
+                                records = batch.len(),
+                                "ledger unavailable at shutdown; records left in the journal for the next start"
+                            );
+                            break false;
                         }
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
             }
-        }
+        };
+        drop(batch);
         let n = jobs.len() as u64;
-        if result.is_ok() {
+        health.queued.fetch_sub(n, Ordering::Relaxed);
+        if landed {
             health.written.fetch_add(n, Ordering::Relaxed);
             health.batches.fetch_add(1, Ordering::Relaxed);
-        }
-        health.queued.fetch_sub(n, Ordering::Relaxed);
-        for job in jobs.drain(..) {
-            // The caller may have gone (client disconnected); the record is written either way.
-            if let Some(ack) = job.ack {
-                let _ = ack.send(result.clone());
+            for job in jobs.drain(..) {
+                if let Some(pin) = job.pin {
+                    pin.commit();
+                }
             }
+            total += n;
+            committed.send_replace(total);
+        } else {
+            // Dropped uncommitted: their segments stay on disk.
+            jobs.clear();
         }
     }
 }
 
 /// Applies a batch in order, one backend call per run of the same operation.
-async fn write_batch(backend: &Backend, jobs: &[WriteJob], records: &mut Vec<RequestRecord>) -> Result<(), LedgerError> {
+async fn write_batch(backend: &Backend, jobs: &[(Op, &RequestRecord)]) -> Result<(), LedgerError> {
     let mut start = 0;
+    let mut run: Vec<&RequestRecord> = Vec::with_capacity(jobs.len());
     while start < jobs.len() {
-        let op = jobs[start].op;
-        let len = jobs[start..].iter().take_while(|j| j.op == op).count();
-        records.clear();
-        records.extend(jobs[start..start + len].iter().map(|j| j.record.clone()));
+        let op = jobs[start].0;
+        run.clear();
+        run.extend(jobs[start..].iter().take_while(|j| j.0 == op).map(|j| j.1));
         match op {
-            Op::Write => backend.insert_records(records).await?,
-            Op::Retract => backend.retract(records).await?,
+            Op::Write => backend.insert_records(&run).await?,
+            Op::Retract => backend.retract(&run).await?,
         }
-        start += len;
+        start += run.len();
     }
     Ok(())
 }
@@ -562,7 +623,7 @@ macro_rules! shared_queries {
         /// parameters): a journal entry (`pending`) never overwrites a row, a final record
         /// replaces its journal entry. A batch that fits one statement needs no explicit
         /// transaction (a statement is atomic), so the common case is a single round trip.
-        pub async fn insert_records(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+        pub async fn insert_records<R: std::borrow::Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
             let records = latest_per_request(records);
             if records.len() <= $max_rows {
                 Self::insert_chunk(&self.pool, &records).await?;
@@ -615,9 +676,9 @@ macro_rules! shared_queries {
             self.pool.close().await;
         }
 
-        pub async fn retract(&self, records: &[RequestRecord]) -> Result<(), LedgerError> {
+        pub async fn retract<R: std::borrow::Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
             let mut tx = self.pool.begin().await?;
-            for r in records {
+            for r in records.iter().map(std::borrow::Borrow::borrow) {
                 sqlx::query("DELETE FROM requests WHERE request_id = $1 AND usage_source = 'pending'")
                     .bind(&r.request_id)
                     .execute(&mut *tx)
@@ -952,10 +1013,10 @@ pub(crate) const UPSERT: &str = " ON CONFLICT (request_id) DO UPDATE SET time_ms
 /// One row per request of a batch, in order of first appearance: the last final record wins,
 /// and a journal entry counts only while no final record of its request is in the batch
 /// (one statement may not touch a row twice, and this is what applying them in order means).
-pub(crate) fn latest_per_request(records: &[RequestRecord]) -> Vec<&RequestRecord> {
+pub(crate) fn latest_per_request<R: Borrow<RequestRecord>>(records: &[R]) -> Vec<&RequestRecord> {
     let mut out: Vec<&RequestRecord> = Vec::with_capacity(records.len());
     let mut at: std::collections::HashMap<&str, usize> = std::collections::HashMap::with_capacity(records.len());
-    for r in records {
+    for r in records.iter().map(Borrow::borrow) {
         match at.get(r.request_id.as_str()) {
             None => {
                 at.insert(&r.request_id, out.len());

@@ -87,11 +87,10 @@ pub struct Settled {
 
 impl Meter {
     /// Journals the request as in flight on `served`, charged its reservation until it
-    /// settles, and waits (at most `ledger_ack_timeout_ms`) until that is durable: a request
-    /// is forwarded only once a crash can no longer lose it silently.
-    pub async fn journal(&self, slot: Slot, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
+    /// settles: a request is forwarded only once a crash can no longer lose it silently.
+    pub fn journal(&self, slot: Slot, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
         let record = self.pending_record(served, prompt_tokens);
-        self.app.ledger.write(slot, record, self.ack_timeout()).await
+        self.app.ledger.write(slot, record)
     }
 
     /// Gives up a journaled request that will not be forwarded: releases its reservation and
@@ -121,14 +120,9 @@ impl Meter {
         }
     }
 
-    fn ack_timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.app.config.ledger_ack_timeout_ms)
-    }
-
     /// Settles the request: usage (reported, else estimated), cost, budgets, rate windows,
-    /// metrics, and the ledger record, awaited until durable.
-    pub async fn settle(self, outcome: Outcome<'_>) -> Settled {
-        let ack_timeout = self.ack_timeout();
+    /// metrics, and the ledger record, durable (journaled) when this returns.
+    pub fn settle(self, outcome: Outcome<'_>) -> Settled {
         let model = outcome.model;
         let (usage, source) = match (outcome.reported, &outcome.produced) {
             (Some(u), _) => (u, UsageSource::Reported),
@@ -168,7 +162,7 @@ impl Meter {
             latency_ms,
             stream: self.stream,
         };
-        let durable = self.app.ledger.write(self.slot, record.clone(), ack_timeout).await;
+        let durable = self.app.ledger.write(self.slot, record.clone());
         if let Err(e) = &durable {
             tracing::error!(error = %e, "request record could not be written");
         }

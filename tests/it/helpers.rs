@@ -300,7 +300,14 @@ impl TestApp {
     }
 
     pub async fn start_with_config(dir: tempfile::TempDir, text: &str) -> TestApp {
-        let config = tollgate::Config::from_toml(text, |_| None).expect("test config is valid");
+        // Every server owns its journal folder: keep it in this app's data dir (a shared
+        // default would make a second replica refuse to start).
+        let text = if text.contains("journal_dir") {
+            text.to_string()
+        } else {
+            format!("journal_dir = {:?}\n{text}", dir.path().join("journal").display().to_string())
+        };
+        let config = tollgate::Config::from_toml(&text, |_| None).expect("test config is valid");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();

@@ -1,0 +1,414 @@
+//! The write-ahead journal: every record is appended to a local file before anyone relies on
+//! it, and the database is written from memory behind it, in batches, off the request path.
+//!
+//! An append is one `write(2)` to a file opened `O_APPEND`: once it returns, the line is in
+//! the kernel and survives the process being killed (`kill -9`, OOM, panic) — the same
+//! promise an SQLite WAL commit with `synchronous = NORMAL` makes, at the cost of a system call
+//! instead of a round trip through the database. No lock of ours is held across the write;
+//! concurrent appends are atomic per line (`O_APPEND`).
+//!
+//! The journal is a folder of numbered segments. The current one takes appends until it is
+//! `SEGMENT_BYTES` long, then a new one is started. A segment is deleted when it is no longer
+//! current and every record appended to it has been committed to the database (each queued
+//! record holds a [`Pin`] on its segment). A record dropped uncommitted (the process stopping
+//! with the database down) marks its segment to be kept. On start, leftover segments are
+//! replayed into the database in order — every write is an idempotent upsert — and removed.
+//!
+//! One process owns a journal folder at a time (an exclusive file lock); a second server
+//! pointed at the same folder refuses to start.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::{RequestRecord, UsageSource};
+use crate::metering::usage::Usage;
+use crate::pricing::NanoUsd;
+
+/// A segment takes appends until it is this long, unless configured otherwise.
+pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// What a journal line asks of the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LineOp {
+    /// Write the record (a journal entry never overwrites; a final record does).
+    #[serde(rename = "w")]
+    Write,
+    /// Delete the request's journal entry.
+    #[serde(rename = "r")]
+    Retract,
+}
+
+/// One journal line: an operation and its record, as JSON.
+#[derive(Serialize, Deserialize)]
+struct Line<'a> {
+    op: LineOp,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    t: i64,
+    #[serde(borrow)]
+    key: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    team: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    ep: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    model: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    served: std::borrow::Cow<'a, str>,
+    inp: u64,
+    cached: u64,
+    out: u64,
+    cost: i64,
+    src: UsageSource,
+    status: u16,
+    ms: u64,
+    stream: bool,
+}
+
+/// Encodes `record` as one journal line (ending in `\n`).
+pub(crate) fn encode(op: LineOp, r: &RequestRecord) -> Vec<u8> {
+    use std::borrow::Cow::Borrowed;
+    let line = Line {
+        op,
+        id: Borrowed(&r.request_id),
+        t: r.time_ms,
+        key: Borrowed(&r.key_id),
+        team: Borrowed(&r.team),
+        ep: Borrowed(r.endpoint),
+        model: Borrowed(&r.model),
+        served: Borrowed(&r.served_model),
+        inp: r.usage.input_tokens,
+        cached: r.usage.cached_input_tokens,
+        out: r.usage.output_tokens,
+        cost: r.cost.0,
+        src: r.usage_source,
+        status: r.status,
+        ms: r.latency_ms,
+        stream: r.stream,
+    };
+    let mut buf = Vec::with_capacity(256);
+    // Serializing plain strings and integers cannot fail.
+    let _ = serde_json::to_writer(&mut buf, &line);
+    buf.push(b'\n');
+    buf
+}
+
+/// Decodes one journal line; `None` for a torn or foreign line.
+pub(crate) fn decode(text: &str) -> Option<(LineOp, RequestRecord)> {
+    let l: Line<'_> = serde_json::from_str(text).ok()?;
+    let record = RequestRecord {
+        request_id: l.id.into_owned(),
+        time_ms: l.t,
+        key_id: l.key.into_owned(),
+        team: l.team.into_owned(),
+        endpoint: crate::request::Endpoint::from_name(&l.ep),
+        model: l.model.into_owned(),
+        served_model: l.served.into_owned(),
+        usage: Usage { input_tokens: l.inp, cached_input_tokens: l.cached, output_tokens: l.out },
+        cost: NanoUsd(l.cost),
+        usage_source: l.src,
+        status: l.status,
+        latency_ms: l.ms,
+        stream: l.stream,
+    };
+    Some((l.op, record))
+}
+
+/// One segment file.
+pub(crate) struct Segment {
+    path: PathBuf,
+    file: File,
+    len: AtomicU64,
+    /// Set when a record appended here was dropped before it was committed: keep the file
+    /// for the next start to replay.
+    keep: AtomicBool,
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if !self.keep.load(Ordering::Acquire) {
+            if let Err(e) = fs::remove_file(&self.path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %self.path.display(), error = %e, "could not remove a journal segment");
+                }
+            }
+        }
+    }
+}
+
+/// A queued record's hold on the segment it was appended to. `commit` releases it; dropping it
+/// uncommitted keeps the segment on disk.
+pub(crate) struct Pin {
+    segment: Arc<Segment>,
+    committed: bool,
+}
+
+impl Pin {
+    pub(crate) fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.segment.keep.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// The journal folder of one server.
+pub struct Journal {
+    dir: PathBuf,
+    current: Mutex<Arc<Segment>>,
+    next_number: AtomicU64,
+    segment_bytes: u64,
+    failing: AtomicBool,
+    /// Held for the journal's life: the folder's exclusive lock.
+    _lock: File,
+}
+
+/// What replaying a journal found.
+pub struct Leftovers {
+    /// Lines to apply, in the order they were appended.
+    pub lines: Vec<(LineOp, RequestRecord)>,
+    /// Lines that could not be read (a line torn by a crash mid-write).
+    pub torn: usize,
+    files: Vec<PathBuf>,
+}
+
+impl Leftovers {
+    /// Removes the replayed segments once their lines are committed.
+    pub fn discard(self) {
+        for path in self.files {
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove a replayed journal segment");
+            }
+        }
+    }
+}
+
+impl Journal {
+    /// Opens (creating) the journal folder, takes its lock, and reads what an earlier run left
+    /// behind. The caller applies the leftovers to the database, then discards them.
+    pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(Journal, Leftovers)> {
+        fs::create_dir_all(dir)?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK"))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("journal folder {} is in use by another tollgate process", dir.display()),
+                ));
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+        let mut numbered = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(number) = name.to_str().and_then(segment_number) else { continue };
+            numbered.push((number, entry.path()));
+        }
+        numbered.sort();
+        let next = numbered.last().map_or(1, |(n, _)| n + 1);
+        let mut leftovers = Leftovers { lines: Vec::new(), torn: 0, files: Vec::new() };
+        for (_, path) in numbered {
+            // Only regular files hold lines (a name may be taken by something else).
+            if !fs::metadata(&path).map(|m| m.is_file()).unwrap_or(false) {
+                continue;
+            }
+            let bytes = fs::read(&path)?;
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                match std::str::from_utf8(line).ok().and_then(decode) {
+                    Some(entry) => leftovers.lines.push(entry),
+                    None => leftovers.torn += 1,
+                }
+            }
+            leftovers.files.push(path);
+        }
+        let first = Arc::new(Segment::create(dir, next)?);
+        let journal = Journal {
+            dir: dir.to_path_buf(),
+            current: Mutex::new(first),
+            next_number: AtomicU64::new(next + 1),
+            segment_bytes: segment_bytes.max(1),
+            failing: AtomicBool::new(false),
+            _lock: lock,
+        };
+        Ok((journal, leftovers))
+    }
+
+    /// Whether the last append failed.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Appends one line; once this returns `Ok`, the line survives the process dying. A
+    /// failed write is tried once more on a fresh segment (space may have been freed since
+    /// the current one failed).
+    pub(crate) fn append(&self, line: &[u8]) -> io::Result<Pin> {
+        match self.try_append(line) {
+            Ok(pin) => Ok(pin),
+            Err(_) => self.try_append(line),
+        }
+    }
+
+    fn try_append(&self, line: &[u8]) -> io::Result<Pin> {
+        let mut segment = self.current();
+        if segment.len.load(Ordering::Relaxed) >= self.segment_bytes {
+            self.rotate(&segment);
+            segment = self.current();
+        }
+        match (&segment.file).write_all(line) {
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(path = %segment.path.display(), "journal appends work again");
+                }
+                segment.len.fetch_add(line.len() as u64, Ordering::Relaxed);
+                Ok(Pin { segment, committed: false })
+            }
+            Err(e) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(path = %segment.path.display(), error = %e, "journal append failed");
+                }
+                // A partial line may be in this segment: keep it for the next start (a torn
+                // line is skipped there) and move later appends to a fresh file.
+                segment.keep.store(true, Ordering::Release);
+                self.rotate(&segment);
+                Err(e)
+            }
+        }
+    }
+
+    fn current(&self) -> Arc<Segment> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Starts a new segment unless another append already replaced `full`. The file is
+    /// created before the lock is taken: the lock only swaps a pointer.
+    fn rotate(&self, full: &Arc<Segment>) {
+        let number = self.next_number.fetch_add(1, Ordering::Relaxed);
+        let fresh = match Segment::create(&self.dir, number) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                tracing::error!(dir = %self.dir.display(), error = %e, "could not start a journal segment");
+                return;
+            }
+        };
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::ptr_eq(&current, full) {
+            *current = fresh;
+        }
+        // else: `fresh` is dropped unused, and its empty file removed.
+    }
+}
+
+impl Segment {
+    fn create(dir: &Path, number: u64) -> io::Result<Segment> {
+        let path = dir.join(format!("{number:012}.log"));
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(Segment { path, file, len: AtomicU64::new(len), keep: AtomicBool::new(false) })
+    }
+}
+
+fn segment_number(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The journal folder used when the config names none: beside an SQLite database file, else
+/// `tollgate-journal` in the working directory.
+pub fn default_dir(database_url: &str) -> PathBuf {
+    if let Some(rest) = database_url.strip_prefix("sqlite://").or_else(|| database_url.strip_prefix("sqlite:")) {
+        let file = rest.split('?').next().unwrap_or(rest);
+        if !file.is_empty() && !file.starts_with(':') {
+            return PathBuf::from(format!("{file}.journal"));
+        }
+    }
+    PathBuf::from("tollgate-journal")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, source: UsageSource) -> RequestRecord {
+        RequestRecord {
+            request_id: id.into(),
+            time_ms: 1_700_000_000_000,
+            key_id: "key_1".into(),
+            team: "t \"quoted\"\n".into(),
+            endpoint: "embeddings",
+            model: "gpt-4o".into(),
+            served_model: "gpt-4o-mini".into(),
+            usage: Usage { input_tokens: 12, cached_input_tokens: 3, output_tokens: 7 },
+            cost: NanoUsd(4_200),
+            usage_source: source,
+            status: 200,
+            latency_ms: 15,
+            stream: true,
+        }
+    }
+
+    #[test]
+    fn a_line_round_trips_every_field() {
+        let r = record("req_1", UsageSource::Estimated);
+        let line = encode(LineOp::Retract, &r);
+        assert_eq!(line.last(), Some(&b'\n'));
+        assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1, "one line, whatever the strings hold");
+        let (op, back) = decode(std::str::from_utf8(&line[..line.len() - 1]).unwrap()).unwrap();
+        assert_eq!(op, LineOp::Retract);
+        assert_eq!(format!("{back:?}"), format!("{r:?}"));
+        assert!(decode("{\"op\":\"w\",\"id\":\"x\"").is_none(), "a torn line is refused");
+    }
+
+    #[test]
+    fn leftovers_are_replayed_in_order_and_segments_go_once_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (journal, left) = Journal::open(dir.path(), SEGMENT_BYTES).unwrap();
+            assert!(left.lines.is_empty());
+            let a = journal.append(&encode(LineOp::Write, &record("a", UsageSource::Pending))).unwrap();
+            let b = journal.append(&encode(LineOp::Write, &record("a", UsageSource::Reported))).unwrap();
+            a.commit();
+            // `b` is dropped uncommitted (as if the database never took it): its segment stays.
+            drop(b);
+            assert!(Journal::open(dir.path(), SEGMENT_BYTES).is_err(), "a second owner is refused");
+        }
+        // A line torn by a crash mid-append.
+        fs::write(dir.path().join("000000000099.log"), b"{\"op\":\"w\",\"id\":").unwrap();
+        let (journal, left) = Journal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let sources: Vec<_> = left.lines.iter().map(|(_, r)| r.usage_source).collect();
+        assert_eq!(sources, [UsageSource::Pending, UsageSource::Reported]);
+        assert_eq!(left.torn, 1);
+        left.discard();
+        // Everything committed: the current segment goes when the journal closes.
+        journal.append(&encode(LineOp::Write, &record("c", UsageSource::Reported))).unwrap().commit();
+        drop(journal);
+        let logs: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .collect();
+        assert!(logs.is_empty(), "{logs:?}");
+    }
+
+    #[test]
+    fn default_folder_sits_beside_an_sqlite_file() {
+        assert_eq!(default_dir("sqlite://data/t.db"), PathBuf::from("data/t.db.journal"));
+        assert_eq!(default_dir("sqlite:///var/lib/t.db?mode=rwc"), PathBuf::from("/var/lib/t.db.journal"));
+        assert_eq!(default_dir("postgres://u@h/db"), PathBuf::from("tollgate-journal"));
+        assert_eq!(default_dir("sqlite::memory:"), PathBuf::from("tollgate-journal"));
+    }
+}
