@@ -14,6 +14,12 @@ use tollgate::ledger::{now_ms, Backend, LogFilter, SpendFilter, TeamRow};
 use tollgate::pricing::NanoUsd;
 use tollgate::{Config, RunOptions};
 
+/// mimalloc instead of glibc's malloc: the gateway allocates and frees many small buffers per
+/// request across threads, where glibc's arenas cost ~14% of the CPU under load (profile in
+/// docs/benchmarks.md) and keep freed memory after bursts of streams.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "A cost-aware gateway for OpenAI-compatible APIs")]
 struct Cli {

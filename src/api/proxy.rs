@@ -152,16 +152,16 @@ async fn handle(
     }
     let dry_run = dry_run_asked(&parts.headers);
     // The ledger policy (docs/reliability.md): with `reject`, nothing is forwarded whose
-    // journal entry could not be written; with either policy, a request claims the two queue
-    // places its records need (journal, final) up front, so a full queue refuses new work
-    // rather than hold records in unbounded memory or hang an admitted request.
+    // journal entry could not be written; with either policy, a request claims the queue
+    // place its final record needs up front, so a full queue refuses new work rather than
+    // hold records in unbounded memory or hang an admitted request.
     let reject = app.config.on_ledger_error == OnLedgerError::Reject;
-    let slots = if dry_run {
+    let slot = if dry_run {
         None
     } else {
-        match (app.ledger.claim(), app.ledger.claim()) {
-            (Some(journal), Some(last)) => Some((journal, last)),
-            _ => return Err(ApiError::LedgerUnavailable),
+        match app.ledger.claim() {
+            Some(slot) => Some(slot),
+            None => return Err(ApiError::LedgerUnavailable),
         }
     };
 
@@ -210,11 +210,11 @@ async fn handle(
     let Admission { model, decision, reason, reservation, prompt_tokens, .. } = admission;
     tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");
     let downgraded_from = (decision == Decision::Downgrade).then(|| asked.name.clone());
-    let Some((journal_slot, final_slot)) = slots else {
+    let Some(slot) = slot else {
         // Only dry runs have no slots, and they returned above.
         return Err(ApiError::Internal);
     };
-    let meter = Meter {
+    let mut meter = Meter {
         app: app.clone(),
         caller,
         request_id: request_id.to_string(),
@@ -226,9 +226,10 @@ async fn handle(
         local_prompt_tokens: local_prompt,
         reservation,
         rate,
-        slot: final_slot,
+        slot,
+        entry: None,
     };
-    if let Err(e) = meter.journal(journal_slot, &model, prompt_tokens) {
+    if let Err(e) = meter.journal(&model, prompt_tokens) {
         if reject {
             tracing::warn!(request_id, error = %e, "journal entry not durable; request refused");
             meter.abandon(&model);
@@ -428,7 +429,7 @@ async fn whole_response(
             // The client receives a 503: the record (which lands once the database recovers)
             // must say so.
             let error = ApiError::LedgerNotDurable;
-            app.ledger.amend(crate::ledger::RequestRecord { status: error.status().as_u16(), ..settled.record }, false);
+            app.ledger.amend(crate::ledger::RequestRecord { status: error.status().as_u16(), ..settled.record }, false, None);
             return error.into_response();
         }
         if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {

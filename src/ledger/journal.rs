@@ -143,7 +143,7 @@ impl Drop for Segment {
 
 /// A queued record's hold on the segment it was appended to. `commit` releases it; dropping it
 /// uncommitted keeps the segment on disk.
-pub(crate) struct Pin {
+pub struct Pin {
     segment: Arc<Segment>,
     committed: bool,
 }

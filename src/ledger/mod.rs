@@ -274,13 +274,16 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-use journal::{Journal, LineOp as Op, Pin};
+use journal::{Journal, LineOp as Op};
+pub use journal::Pin;
 
 struct WriteJob {
     op: Op,
     record: RequestRecord,
     /// The record's hold on its journal segment; `None` when the append failed.
     pin: Option<Pin>,
+    /// The hold of the request's journal entry, released with this record.
+    entry: Option<Pin>,
 }
 
 /// A place in the bounded write queue, claimed when a request is admitted so that writing
@@ -365,27 +368,38 @@ impl Ledger {
         self.queue.clone().try_reserve_owned().ok().map(Slot)
     }
 
+    /// Journals a request as in flight (`record` is its `pending` entry). The entry lives
+    /// only in the journal — the database never sees it unless the process dies before the
+    /// request settles (then a start replays it and marks it `interrupted`) — so it costs a
+    /// `write(2)`, not a database row. The returned pin keeps the entry's segment on disk;
+    /// pass it to [`Ledger::write`] or [`Ledger::amend`] with the request's last record.
+    pub fn journal(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
+        self.append(Op::Write, record)
+    }
+
     /// Makes `record` durable — appended to the journal, which survives the process dying —
-    /// and queues it for the database through its claimed slot. Never waits: an error means
-    /// the journal could not be written (the record is queued all the same, in memory).
-    pub fn write(&self, slot: Slot, record: RequestRecord) -> Result<(), Arc<LedgerError>> {
+    /// and queues it for the database through its claimed slot, releasing `entry` (the
+    /// request's journal entry) once it is committed. Never waits: an error means the journal
+    /// could not be written (the record is queued all the same, in memory).
+    pub fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), Arc<LedgerError>> {
         let (pin, result) = self.append(Op::Write, &record);
         self.health.queued.fetch_add(1, Ordering::Relaxed);
         self.health.enqueued.fetch_add(1, Ordering::Release);
-        slot.0.send(WriteJob { op: Op::Write, record, pin });
+        slot.0.send(WriteJob { op: Op::Write, record, pin, entry });
         result
     }
 
     /// Queues a correction without a claimed slot: a final record that supersedes an earlier
     /// one of the same request (e.g. the status the client really received), or, with
-    /// `retract`, the removal of a journal entry for a request that was never forwarded.
-    /// Best effort: with the queue full it is dropped and logged (the journal still has it).
-    pub fn amend(&self, record: RequestRecord, retract: bool) {
+    /// `retract`, the withdrawal of the journal entry of a request that was never forwarded
+    /// (journal only: the database never had it). Best effort: with the queue full it is
+    /// dropped and logged (the journal still has it, for the next start).
+    pub fn amend(&self, record: RequestRecord, retract: bool, entry: Option<Pin>) {
         let op = if retract { Op::Retract } else { Op::Write };
         let (pin, _) = self.append(op, &record);
         self.health.queued.fetch_add(1, Ordering::Relaxed);
         self.health.enqueued.fetch_add(1, Ordering::Release);
-        if self.queue.try_send(WriteJob { op, record, pin }).is_err() {
+        if self.queue.try_send(WriteJob { op, record, pin, entry }).is_err() {
             self.health.queued.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("ledger queue full; a record correction waits in the journal for the next start");
         }
@@ -460,11 +474,16 @@ async fn writer(
         if received == 0 {
             return;
         }
-        let batch: Vec<(Op, &RequestRecord)> = jobs.iter().map(|j| (j.op, &j.record)).collect();
+        let started = tokio::time::Instant::now();
+        // A retraction withdraws a journal entry, which never reached the database: it
+        // only releases pins. (Replaying a journal applies both, in order.)
+        let batch: Vec<(Op, &RequestRecord)> =
+            jobs.iter().filter(|j| j.op == Op::Write).map(|j| (j.op, &j.record)).collect();
         let mut backoff = Duration::from_millis(10);
         let mut gave_up_at = None;
         let landed = loop {
-            match write_batch(&backend, &batch).await {
+            let written = if batch.is_empty() { Ok(()) } else { write_batch(&backend, &batch).await };
+            match written {
                 Ok(()) => {
                     health.failing.store(false, Ordering::Relaxed);
                     break true;
@@ -499,7 +518,7 @@ async fn writer(
             health.written.fetch_add(n, Ordering::Relaxed);
             health.batches.fetch_add(1, Ordering::Relaxed);
             for job in jobs.drain(..) {
-                if let Some(pin) = job.pin {
+                for pin in [job.pin, job.entry].into_iter().flatten() {
                     pin.commit();
                 }
             }
@@ -509,8 +528,18 @@ async fn writer(
             // Dropped uncommitted: their segments stay on disk.
             jobs.clear();
         }
+        // Records are durable in the journal already; nobody waits on a commit but a query
+        // (which asks for one). Pacing commits lets records gather into larger batches:
+        // fewer statements, and a journal entry and its final record often meet in one
+        // batch and become one row.
+        if !closing && received < MAX_BATCH {
+            tokio::time::sleep_until(started + COMMIT_PACE).await;
+        }
     }
 }
+
+/// The shortest time between the starts of two batches while the queue is not full.
+const COMMIT_PACE: Duration = Duration::from_millis(2);
 
 /// Applies a batch in order, one backend call per run of the same operation.
 async fn write_batch(backend: &Backend, jobs: &[(Op, &RequestRecord)]) -> Result<(), LedgerError> {
@@ -619,19 +648,23 @@ macro_rules! shared_queries {
         int = $int:literal,
         max_rows = $max_rows:expr
     ) => {
-        /// Writes a batch as one upsert per `$max_rows` rows (each backend limits bound
-        /// parameters): a journal entry (`pending`) never overwrites a row, a final record
-        /// replaces its journal entry. A batch that fits one statement needs no explicit
-        /// transaction (a statement is atomic), so the common case is a single round trip.
+        /// Writes a batch as multi-row upserts: a journal entry (`pending`) never overwrites
+        /// a row, a final record replaces its journal entry. Statements hold a power of two
+        /// of rows (at most `$max_rows`, the backend's bound-parameter limit), so a handful of
+        /// statement texts serve every batch size from the prepared-statement cache instead
+        /// of a new one being parsed for each size. One statement needs no transaction.
         pub async fn insert_records<R: std::borrow::Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
             let records = latest_per_request(records);
-            if records.len() <= $max_rows {
+            let chunks = pow2_chunks(records.len(), $max_rows);
+            if chunks.len() == 1 {
                 Self::insert_chunk(&self.pool, &records).await?;
                 return Ok(());
             }
             let mut tx = self.pool.begin().await?;
-            for chunk in records.chunks($max_rows) {
-                Self::insert_chunk(&mut *tx, chunk).await?;
+            let mut at = 0;
+            for len in chunks {
+                Self::insert_chunk(&mut *tx, &records[at..at + len]).await?;
+                at += len;
             }
             tx.commit().await?;
             Ok(())
@@ -1029,6 +1062,27 @@ pub(crate) fn latest_per_request<R: Borrow<RequestRecord>>(records: &[R]) -> Vec
     out
 }
 
+/// Splits `n` rows into statement sizes that are powers of two, largest first, none over
+/// `max` (rounded down to a power of two).
+pub(crate) fn pow2_chunks(n: usize, max: usize) -> Vec<usize> {
+    let max = if max == 0 { 1 } else { 1 << max.ilog2() };
+    let mut left = n;
+    let mut out = Vec::new();
+    while left >= max {
+        out.push(max);
+        left -= max;
+    }
+    let mut size = max;
+    while left > 0 {
+        size /= 2;
+        if left >= size {
+            out.push(size);
+            left -= size;
+        }
+    }
+    out
+}
+
 /// Columns of one request record (the INSERT's bound parameters per row).
 pub(crate) const RECORD_COLUMNS: usize = 15;
 
@@ -1038,4 +1092,22 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 
 pub(crate) fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pow2_chunks;
+
+    #[test]
+    fn batches_split_into_power_of_two_statements() {
+        assert_eq!(pow2_chunks(0, 1024), Vec::<usize>::new());
+        assert_eq!(pow2_chunks(1, 1024), [1]);
+        assert_eq!(pow2_chunks(13, 1024), [8, 4, 1]);
+        assert_eq!(pow2_chunks(2_500, 1_000), [512, 512, 512, 512, 256, 128, 64, 4]);
+        for n in 0..3_000 {
+            let chunks = pow2_chunks(n, 2_133);
+            assert_eq!(chunks.iter().sum::<usize>(), n);
+            assert!(chunks.iter().all(|c| c.is_power_of_two() && *c <= 2_048));
+        }
+    }
 }

@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::auth::Caller;
 use crate::budget::{RateTicket, Reservation};
 use crate::config::Model;
-use crate::ledger::{LedgerError, RequestRecord, Slot, UsageSource};
+use crate::ledger::{LedgerError, Pin, RequestRecord, Slot, UsageSource};
 use crate::pricing::NanoUsd;
 use crate::server::AppState;
 use usage::Usage;
@@ -37,6 +37,8 @@ pub struct Meter {
     pub rate: RateTicket,
     /// The queue place the final record is written through.
     pub slot: Slot,
+    /// The hold on the request's journal entry, released with its final record.
+    pub entry: Option<Pin>,
 }
 
 /// The prompt's local token count, or what is needed to count it.
@@ -88,16 +90,18 @@ pub struct Settled {
 impl Meter {
     /// Journals the request as in flight on `served`, charged its reservation until it
     /// settles: a request is forwarded only once a crash can no longer lose it silently.
-    pub fn journal(&self, slot: Slot, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
+    pub fn journal(&mut self, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
         let record = self.pending_record(served, prompt_tokens);
-        self.app.ledger.write(slot, record)
+        let (entry, result) = self.app.ledger.journal(&record);
+        self.entry = entry;
+        result
     }
 
     /// Gives up a journaled request that will not be forwarded: releases its reservation and
     /// rate-limit slot and retracts its journal entry (no record: it never reached an upstream).
     pub fn abandon(self, served: &Model) {
         let record = self.pending_record(served, 0);
-        self.app.ledger.amend(record, true);
+        self.app.ledger.amend(record, true, self.entry);
         self.app.budgets.settle(self.reservation, NanoUsd::ZERO);
         self.app.rates.correct(self.rate, 0);
     }
@@ -162,7 +166,7 @@ impl Meter {
             latency_ms,
             stream: self.stream,
         };
-        let durable = self.app.ledger.write(self.slot, record.clone());
+        let durable = self.app.ledger.write(self.slot, record.clone(), self.entry);
         if let Err(e) = &durable {
             tracing::error!(error = %e, "request record could not be written");
         }
