@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -299,6 +299,8 @@ pub struct Ledger {
     health: Arc<LedgerHealth>,
     /// Jobs committed to the database so far (the writer's count).
     committed: watch::Receiver<u64>,
+    /// Wakes the writer from its pause between batches (a query is waiting).
+    wanted: Arc<Notify>,
 }
 
 /// Observed state of the writer, for readiness, metrics and the `on_ledger_error` policy.
@@ -346,8 +348,9 @@ impl Ledger {
         let (queue, rx) = mpsc::channel(capacity);
         let health = Arc::new(LedgerHealth::default());
         let (committed_tx, committed) = watch::channel(0);
-        tracker.spawn(writer(backend.clone(), rx, health.clone(), committed_tx, stop));
-        Ledger { backend, journal: Arc::new(journal), queue, health, committed }
+        let wanted = Arc::new(Notify::new());
+        tracker.spawn(writer(backend.clone(), rx, health.clone(), committed_tx, wanted.clone(), stop));
+        Ledger { backend, journal: Arc::new(journal), queue, health, committed, wanted }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -420,6 +423,7 @@ impl Ledger {
         if self.health.failing() || *self.committed.borrow() >= target {
             return;
         }
+        self.wanted.notify_one();
         let mut committed = self.committed.clone();
         let _ = tokio::time::timeout(timeout, committed.wait_for(|&n| n >= target)).await;
     }
@@ -453,6 +457,7 @@ async fn writer(
     mut rx: mpsc::Receiver<WriteJob>,
     health: Arc<LedgerHealth>,
     committed: watch::Sender<u64>,
+    wanted: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let mut jobs: Vec<WriteJob> = Vec::with_capacity(MAX_BATCH);
@@ -532,14 +537,20 @@ async fn writer(
         // (which asks for one). Pacing commits lets records gather into larger batches:
         // fewer statements, and a journal entry and its final record often meet in one
         // batch and become one row.
+        // A query waiting in `Ledger::sync` cuts the pause short.
         if !closing && received < MAX_BATCH {
-            tokio::time::sleep_until(started + COMMIT_PACE).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(started + COMMIT_PACE) => {}
+                () = wanted.notified() => {}
+                () = stop.cancelled() => {}
+            }
         }
     }
 }
 
-/// The shortest time between the starts of two batches while the queue is not full.
-const COMMIT_PACE: Duration = Duration::from_millis(2);
+/// The shortest time between the starts of two batches while the queue is not full and no
+/// query waits for them.
+const COMMIT_PACE: Duration = Duration::from_millis(20);
 
 /// Applies a batch in order, one backend call per run of the same operation.
 async fn write_batch(backend: &Backend, jobs: &[(Op, &RequestRecord)]) -> Result<(), LedgerError> {
