@@ -2,6 +2,10 @@
 # Build stage: a release binary; the registry and target dir are BuildKit caches, so a
 # source edit rebuilds only tollgate itself.
 FROM rust:1.95-slim-bookworm AS build
+# jemalloc (the binary's allocator) is built from C sources with configure and make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

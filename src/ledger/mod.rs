@@ -1,10 +1,12 @@
 //! The ledger: the only code that speaks SQL. It holds teams, keys and one record per
 //! forwarded request.
 //!
-//! Request records go through a group-commit writer: callers enqueue a record and await its
-//! acknowledgement, and one task writes whatever has queued up meanwhile in a single
-//! transaction. So a burst of N requests costs one commit, not N, and a caller learns its
-//! record is durable before it releases the response's last byte. The queue is bounded.
+//! A record is made durable by appending it to the write-ahead journal (`journal.rs`: one
+//! `write(2)`, which survives the process dying), and queued in memory for the database. One
+//! group-commit task writes whatever has queued up in a single transaction, off the request
+//! path, and a journal segment is deleted once all its records are committed; a starting
+//! server replays what is left. A request's in-flight entry lives only in the journal; the
+//! database gets one row per request, its final record. The queue is bounded.
 //!
 //! Backends: SQLite (`sqlite.rs`) and PostgreSQL (`postgres.rs`). Every backend implements the same methods; `Backend`
 //! dispatches, so a second backend is a new variant and a new file.
@@ -404,6 +406,8 @@ impl Ledger {
         self.health.enqueued.fetch_add(1, Ordering::Release);
         if self.queue.try_send(WriteJob { op, record, pin, entry }).is_err() {
             self.health.queued.fetch_sub(1, Ordering::Relaxed);
+            // Never arriving, it must not hold queries waiting in `sync` for it.
+            self.health.enqueued.fetch_sub(1, Ordering::Release);
             tracing::error!("ledger queue full; a record correction waits in the journal for the next start");
         }
     }
