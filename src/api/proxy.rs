@@ -409,15 +409,13 @@ async fn whole_response(
             return error.into_response();
         }
     };
-    let parsed: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let answer = usage::read_answer(&body);
     if status.is_success() {
-        let Some(value) = parsed.filter(|v| v.is_object()) else {
+        let Some((reported, text)) = answer else {
             let error = ApiError::InvalidUpstreamResponse;
             meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
             return error.into_response();
         };
-        let reported = usage::usage_from_json(&value);
-        let text = usage::response_text(&value);
         let settled = meter
             .settle(Outcome {
                 status: status.as_u16(),
@@ -442,7 +440,7 @@ async fn whole_response(
     // The upstream refused the request itself (4xx): its error body reaches the client
     // unchanged; 401/403 mean tollgate's provider credentials are wrong, which is not the
     // client's to see as its own key's fault.
-    let reported = parsed.as_ref().and_then(usage::usage_from_json);
+    let reported = answer.and_then(|(usage, _)| usage);
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN || retryable(status) {
         let error = ApiError::Upstream {
             status: Some(status.as_u16()),

@@ -60,18 +60,49 @@ pub fn usage_from_json(v: &Value) -> Option<Usage> {
 /// or legacy completions' `choices[].text`), for estimating output tokens when the response has
 /// no usage. Empty for anything else. Never panics.
 pub fn response_text(v: &Value) -> String {
+    match Field::<Body>::deserialize(v) {
+        Ok(Field::Value(body)) => body_text(&body),
+        _ => String::new(),
+    }
+}
+
+fn body_text(body: &Body<'_>) -> String {
     let mut text = String::new();
-    if let Ok(Field::Value(body)) = Field::<Body>::deserialize(v) {
-        for choice in &body.choices.items {
-            if let Field::Value(message) = &choice.message {
-                message.for_each_text(|s| text.push_str(s));
-            }
-            if let Some(s) = &choice.text.0 {
-                text.push_str(s);
-            }
+    for choice in &body.choices.items {
+        if let Field::Value(message) = &choice.message {
+            message.for_each_text(|s| text.push_str(s));
+        }
+        if let Some(s) = &choice.text.0 {
+            text.push_str(s);
         }
     }
     text
+}
+
+/// A non-streamed answer read straight from its bytes, without building a `Value` tree: its
+/// reported usage and, only when it reports none, its generated text (for estimating). The
+/// same as `usage_from_json` and `response_text` on the parsed body. `None` when the body is
+/// not a JSON object.
+pub fn read_answer(bytes: &[u8]) -> Option<(Option<Usage>, String)> {
+    fn of(body: &Body<'_>) -> (Option<Usage>, String) {
+        let usage = body.reported_usage();
+        let text = if usage.is_some() { String::new() } else { body_text(body) };
+        (usage, text)
+    }
+    match serde_json::from_slice::<Field<Body>>(bytes) {
+        Ok(Field::Value(body)) => Some(of(&body)),
+        Ok(_) => None,
+        // Well-formed JSON the typed reader refused (a duplicated key): read it as a `Value`
+        // (last duplicate wins), which the typed reader always accepts.
+        Err(e) if e.classify() == Category::Data => {
+            let value: Value = serde_json::from_slice(bytes).ok()?;
+            match Field::<Body>::deserialize(&value) {
+                Ok(Field::Value(body)) => Some(of(&body)),
+                _ => None,
+            }
+        }
+        Err(_) => None,
+    }
 }
 
 /// What one stream event was, for the forwarding loop.
@@ -624,6 +655,28 @@ fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn read_answer_agrees_with_reading_the_parsed_value() {
+        let bodies: [&[u8]; 8] = [
+            br#"{"choices":[{"message":{"content":"hi there"}}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
+            br#"{"choices":[{"message":{"content":"no usage","tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}"#,
+            br#"{"choices":[{"text":"legacy"}],"usage":null}"#,
+            br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":9,"completion_tokens":1}}"#,
+            br#"{"choices":"nonsense","usage":{"prompt_tokens":-1}}"#,
+            br#"[1,2,3]"#,
+            br#"null"#,
+            br#"{"truncated": "#,
+        ];
+        for bytes in bodies {
+            let expected = serde_json::from_slice::<Value>(bytes).ok().filter(Value::is_object).map(|v| {
+                let usage = usage_from_json(&v);
+                (usage, if usage.is_some() { String::new() } else { response_text(&v) })
+            });
+            assert_eq!(read_answer(bytes), expected, "{}", String::from_utf8_lossy(bytes));
+        }
+    }
+
     use super::super::sse::SseParser;
     use super::*;
     use proptest::prelude::*;
