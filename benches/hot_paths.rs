@@ -8,6 +8,7 @@ use serde_json::json;
 
 use tollgate::auth::{hash_secret, Directory};
 use tollgate::budget::BudgetSpec;
+use tollgate::ledger::journal::{self, Journal, LineOp};
 use tollgate::ledger::{Backend, KeyRow, RequestRecord, TeamRow, UsageSource};
 use tollgate::metering::sse::SseParser;
 use tollgate::metering::tokens::{count_text, prompt_tokens, prompt_tokens_upper_bound, Encoding, PromptKind};
@@ -146,6 +147,29 @@ fn ledger_batch(c: &mut Criterion) {
             |records| rt.block_on(backend.insert_records(&records)).unwrap(),
             BatchSize::LargeInput,
         )
+    });
+    // The request path's only ledger cost: one journal append (a `write(2)`) per record.
+    let journal_dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(journal_dir.path(), journal::SEGMENT_BYTES).unwrap();
+    let record = RequestRecord {
+        request_id: "req_00000000000000000001".into(),
+        time_ms: 1_700_000_000_000,
+        key_id: "key_bench".into(),
+        team: "bench".into(),
+        endpoint: "chat.completions",
+        model: "gpt-4o".into(),
+        served_model: "gpt-4o-mini".into(),
+        usage: Usage { input_tokens: 100, cached_input_tokens: 0, output_tokens: 20 },
+        cost: NanoUsd(27_000),
+        usage_source: UsageSource::Reported,
+        status: 200,
+        latency_ms: 12,
+        stream: false,
+    };
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(100);
+    g.bench_function("journal_append", |b| {
+        b.iter(|| journal.append_record(LineOp::Write, black_box(&record)).unwrap().commit())
     });
     g.finish();
 }

@@ -149,7 +149,8 @@ pub struct Pin {
 }
 
 impl Pin {
-    pub(crate) fn commit(mut self) {
+    /// Releases the hold: the record is committed to the database.
+    pub fn commit(mut self) {
         self.committed = true;
     }
 }
@@ -248,6 +249,11 @@ impl Journal {
     /// Whether the last append failed.
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Appends `record` with `op` (as the ledger does; public for benchmarks and tools).
+    pub fn append_record(&self, op: LineOp, record: &RequestRecord) -> io::Result<Pin> {
+        self.append(&encode(op, record))
     }
 
     /// Appends one line; once this returns `Ok`, the line survives the process dying. A
