@@ -1,10 +1,11 @@
 //! Usage extraction and response text on arbitrary upstream JSON: never panics, cached never
-//! exceeds input, counts stay within the accepted maximum, and the stream path agrees with
-//! the whole-body path.
+//! exceeds input, counts stay within the accepted maximum, the stream path agrees with the
+//! whole-body path, and the direct reader of a non-streamed answer agrees with reading the
+//! parsed value.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tollgate::metering::usage::{response_text, usage_from_json, StreamAccumulator, MAX_REPORTED_TOKENS};
+use tollgate::metering::usage::{read_answer, response_text, usage_from_json, StreamAccumulator, MAX_REPORTED_TOKENS};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -12,6 +13,7 @@ fuzz_target!(|data: &[u8]| {
     acc.observe(&text);
     assert!(acc.produced_text().len() <= 64);
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+        assert_eq!(read_answer(data), None, "read_answer accepted what is not JSON");
         return;
     };
     let usage = usage_from_json(&v);
@@ -19,7 +21,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(u.cached_input_tokens <= u.input_tokens);
         assert!(u.input_tokens <= MAX_REPORTED_TOKENS && u.output_tokens <= MAX_REPORTED_TOKENS);
     }
-    let _ = response_text(&v);
+    let text = response_text(&v);
+    let expected = v.is_object().then(|| (usage, if usage.is_some() { String::new() } else { text }));
+    assert_eq!(read_answer(data), expected, "read_answer disagrees with the Value-based readers");
     let mut acc = StreamAccumulator::new(64);
     acc.observe(&v.to_string());
     assert_eq!(acc.usage(), usage, "stream and body paths disagree");

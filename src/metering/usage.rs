@@ -89,13 +89,16 @@ pub fn read_answer(bytes: &[u8]) -> Option<(Option<Usage>, String)> {
         let text = if usage.is_some() { String::new() } else { body_text(body) };
         (usage, text)
     }
-    match serde_json::from_slice::<Field<Body>>(bytes) {
+    // JSON is UTF-8 throughout; the typed reader skips the fields it ignores without checking
+    // them, so check the whole body first (as parsing a `Value` does).
+    let text = std::str::from_utf8(bytes).ok()?;
+    match serde_json::from_str::<Field<Body>>(text) {
         Ok(Field::Value(body)) => Some(of(&body)),
         Ok(_) => None,
         // Well-formed JSON the typed reader refused (a duplicated key): read it as a `Value`
         // (last duplicate wins), which the typed reader always accepts.
         Err(e) if e.classify() == Category::Data => {
-            let value: Value = serde_json::from_slice(bytes).ok()?;
+            let value: Value = serde_json::from_str(text).ok()?;
             match Field::<Body>::deserialize(&value) {
                 Ok(Field::Value(body)) => Some(of(&body)),
                 _ => None,
@@ -658,7 +661,8 @@ mod tests {
 
     #[test]
     fn read_answer_agrees_with_reading_the_parsed_value() {
-        let bodies: [&[u8]; 8] = [
+        let bodies: [&[u8]; 9] = [
+            b"{\"choices\":[],\"ignored\":{\"k\xe3y\":1}}",
             br#"{"choices":[{"message":{"content":"hi there"}}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#,
             br#"{"choices":[{"message":{"content":"no usage","tool_calls":[{"function":{"name":"f","arguments":"{}"}}]}}]}"#,
             br#"{"choices":[{"text":"legacy"}],"usage":null}"#,
