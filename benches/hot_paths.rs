@@ -111,6 +111,25 @@ fn key_lookup(c: &mut Criterion) {
     c.bench_function("auth/lookup_among_10k_keys", |b| b.iter(|| dir.authenticate(black_box(&secret)).is_some()));
 }
 
+/// The `n`th record of a typical non-streamed request.
+fn bench_record(n: u64) -> RequestRecord {
+    RequestRecord {
+        request_id: format!("req_{n:020}"),
+        time_ms: 1_700_000_000_000 + n as i64,
+        key_id: "key_bench".into(),
+        team: "bench".into(),
+        endpoint: "chat.completions",
+        model: "gpt-4o".into(),
+        served_model: "gpt-4o-mini".into(),
+        usage: Usage { input_tokens: 100, cached_input_tokens: 0, output_tokens: 20 },
+        cost: NanoUsd(27_000),
+        usage_source: UsageSource::Reported,
+        status: 200,
+        latency_ms: 12,
+        stream: false,
+    }
+}
+
 fn ledger_batch(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -126,21 +145,7 @@ fn ledger_batch(c: &mut Criterion) {
                 (0..1024)
                     .map(|_| {
                         n += 1;
-                        RequestRecord {
-                            request_id: format!("req_{n:020}"),
-                            time_ms: 1_700_000_000_000 + n as i64,
-                            key_id: "key_bench".into(),
-                            team: "bench".into(),
-                            endpoint: "chat.completions",
-                            model: "gpt-4o".into(),
-                            served_model: "gpt-4o-mini".into(),
-                            usage: Usage { input_tokens: 100, cached_input_tokens: 0, output_tokens: 20 },
-                            cost: NanoUsd(27_000),
-                            usage_source: UsageSource::Reported,
-                            status: 200,
-                            latency_ms: 12,
-                            stream: false,
-                        }
+                        bench_record(n)
                     })
                     .collect::<Vec<_>>()
             },
@@ -151,21 +156,7 @@ fn ledger_batch(c: &mut Criterion) {
     // The request path's only ledger cost: one journal append (a `write(2)`) per record.
     let journal_dir = tempfile::tempdir().unwrap();
     let (journal, _) = Journal::open(journal_dir.path(), journal::SEGMENT_BYTES).unwrap();
-    let record = RequestRecord {
-        request_id: "req_00000000000000000001".into(),
-        time_ms: 1_700_000_000_000,
-        key_id: "key_bench".into(),
-        team: "bench".into(),
-        endpoint: "chat.completions",
-        model: "gpt-4o".into(),
-        served_model: "gpt-4o-mini".into(),
-        usage: Usage { input_tokens: 100, cached_input_tokens: 0, output_tokens: 20 },
-        cost: NanoUsd(27_000),
-        usage_source: UsageSource::Reported,
-        status: 200,
-        latency_ms: 12,
-        stream: false,
-    };
+    let record = bench_record(1);
     g.throughput(Throughput::Elements(1));
     g.sample_size(100);
     g.bench_function("journal_append", |b| {

@@ -602,7 +602,19 @@ struct FullDisk {
     first: u64,
 }
 
-const FULL_DISK_KEYS: &str = "journal_segment_bytes = 1";
+/// Starts an app under `policy` whose journal can be filled with [`FullDisk`]; returns it
+/// with its journal folder.
+async fn app_with_fillable_journal(up: &FakeUpstream, policy: &str) -> (TestApp, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let journal = dir.path().join("journal");
+    let extra = format!(
+        "on_ledger_error = \"{policy}\"\njournal_segment_bytes = 1\njournal_dir = {:?}",
+        journal.display().to_string()
+    );
+    let text = config_with(&extra, &db, &up.url(), DEFAULT_MODELS);
+    (TestApp::start_with_config(dir, &text).await, journal)
+}
 
 impl FullDisk {
     /// Takes the names after the highest segment now in `dir`.
@@ -634,12 +646,7 @@ impl FullDisk {
 async fn full_journal_disk_under_reject_refuses_before_forwarding_then_recovers() {
     let up = FakeUpstream::start().await;
     up.reply(Reply::chat_json("answer", Some((10, 0, 5))));
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tollgate.db");
-    let journal = dir.path().join("journal");
-    let extra = format!("on_ledger_error = \"reject\"\n{FULL_DISK_KEYS}\njournal_dir = {:?}", journal.display().to_string());
-    let text = config_with(&extra, &db, &up.url(), DEFAULT_MODELS);
-    let app = TestApp::start_with_config(dir, &text).await;
+    let (app, journal) = app_with_fillable_journal(&up, "reject").await;
     let key = app.team_and_key("t").await;
     let body = chat_body("gpt-4o-mini", "hello");
     assert_eq!(app.chat(&key, &body).await.status(), 200);
@@ -667,12 +674,8 @@ async fn record_of_a_request_answered_503_for_an_unwritable_journal_says_503() {
     // while the upstream thinks: the journal entry is durable, the final record is not.
     let up = FakeUpstream::start().await;
     up.reply(Reply::chat_json("answer", Some((10, 0, 5))).with_header_delay(Duration::from_millis(800)));
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tollgate.db");
-    let journal = dir.path().join("journal");
-    let extra = format!("on_ledger_error = \"reject\"\n{FULL_DISK_KEYS}\njournal_dir = {:?}", journal.display().to_string());
-    let text = config_with(&extra, &db, &up.url(), DEFAULT_MODELS);
-    let app = Arc::new(TestApp::start_with_config(dir, &text).await);
+    let (app, journal) = app_with_fillable_journal(&up, "reject").await;
+    let app = Arc::new(app);
     let key = app.team_and_key("t").await;
     let request = {
         let (app, key) = (app.clone(), key.clone());
@@ -702,12 +705,7 @@ async fn full_journal_disk_under_serve_keeps_serving_and_records_still_land() {
             Reply::chat_json("answer", Some((10, 0, 5)))
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("tollgate.db");
-    let journal = dir.path().join("journal");
-    let extra = format!("on_ledger_error = \"serve\"\n{FULL_DISK_KEYS}\njournal_dir = {:?}", journal.display().to_string());
-    let text = config_with(&extra, &db, &up.url(), DEFAULT_MODELS);
-    let app = TestApp::start_with_config(dir, &text).await;
+    let (app, journal) = app_with_fillable_journal(&up, "serve").await;
     let key = app.team_and_key("t").await;
     let disk = FullDisk::fill(&journal);
     let resp = app.chat(&key, &chat_body("gpt-4o-mini", "q")).await;
