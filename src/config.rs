@@ -36,14 +36,16 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// What to do with a request when the ledger cannot be written.
+/// What to do with a request whose record cannot be journaled (a full disk under the
+/// journal). A failing database needs no policy: records wait in the journal for it.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OnLedgerError {
-    /// Refuse new requests (503) while the ledger is failing; records already queued are retried.
+    /// Refuse it (503) before forwarding; a response whose final record cannot be journaled
+    /// is a 503 (non-streaming) or cut before `[DONE]` (streaming).
     #[default]
     Reject,
-    /// Keep serving; records are held in a bounded queue and written when the database recovers.
+    /// Serve it; its records reach the database from memory (lost if the process dies first).
     Serve,
 }
 
