@@ -140,28 +140,26 @@ pub async fn load_accounts(
     ledger: &Ledger,
     budgets: &[Applicable],
     now: chrono::DateTime<chrono::Utc>,
-    wait: std::time::Duration,
 ) -> Result<(), ApiError> {
     for b in budgets.iter().filter(|b| b.spec.limit.is_some()) {
-        load_account(book, ledger, b, now, wait).await?;
+        load_account(book, ledger, b, now).await?;
     }
     Ok(())
 }
 
 /// Makes sure one budget's account holds this period's spend from the ledger, including
-/// records still on their way to the database (waiting at most `wait` for them).
+/// records still on their way to the database (waiting for them as `Ledger::sync` does).
 pub async fn load_account(
     book: &BudgetBook,
     ledger: &Ledger,
     budget: &Applicable,
     now: chrono::DateTime<chrono::Utc>,
-    wait: std::time::Duration,
 ) -> Result<(), ApiError> {
     let start = budget.spec.period.start(now);
     if book.is_loaded(&budget.scope, start) {
         return Ok(());
     }
-    ledger.sync(wait).await;
+    ledger.sync().await;
     let (is_key, id) = match &budget.scope {
         crate::budget::Scope::Key(id) => (true, id.as_str()),
         crate::budget::Scope::Team(name) => (false, name.as_str()),

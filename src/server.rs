@@ -118,7 +118,14 @@ pub async fn run(
     let ledger_tasks = TaskTracker::new();
     let ledger_stop = CancellationToken::new();
     let ledger =
-        Ledger::start(backend.clone(), journal, config.ledger_queue_capacity, &ledger_tasks, ledger_stop.clone());
+        Ledger::start(
+            backend.clone(),
+            journal,
+            config.ledger_queue_capacity,
+            Duration::from_millis(config.ledger_ack_timeout_ms),
+            &ledger_tasks,
+            ledger_stop.clone(),
+        );
     let directory = Directory::default();
     directory.refresh(&backend, true).await?;
     let state = AppState(Arc::new(Inner {

@@ -139,8 +139,7 @@ fn rfc3339(ms: i64) -> Value {
 async fn spend_fields(app: &AppState, scope: Scope, spec: &BudgetSpec) -> Result<Map<String, Value>, ApiError> {
     let now = app.clock.now();
     let applicable = Applicable { scope, spec: spec.clone() };
-    let wait = crate::api::spend::ledger_wait(app);
-    crate::routing::load_account(&app.budgets, &app.ledger, &applicable, now, wait).await?;
+    crate::routing::load_account(&app.budgets, &app.ledger, &applicable, now).await?;
     let status = app.budgets.status(&applicable, now);
     let mut m = Map::new();
     m.insert("spent_usd".into(), json!(status.spent.as_usd()));

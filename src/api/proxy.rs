@@ -167,7 +167,7 @@ async fn handle(
 
     let now = app.clock.now();
     let budgets = caller.budgets();
-    routing::load_accounts(&app.budgets, &app.ledger, &budgets, now, crate::api::spend::ledger_wait(app)).await?;
+    routing::load_accounts(&app.budgets, &app.ledger, &budgets, now).await?;
     let mut counter = PromptCounter::new(&parsed);
     let admitted = routing::admit(&app.config, &app.budgets, &caller, &budgets, &parsed, &asked, &mut counter, now);
     if dry_run {

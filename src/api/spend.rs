@@ -148,7 +148,7 @@ async fn spend(State(app): State<AppState>, headers: HeaderMap, query: Result<Qu
         Some("csv") => true,
         Some(_) => return Err(ApiError::param("format", "'format' must be json or csv.")),
     };
-    app.ledger.sync(ledger_wait(&app)).await;
+    app.ledger.sync().await;
     let (total, groups) = app.ledger.backend().spend(&filter, &group_by).await.map_err(ledger_error)?;
     if csv {
         let mut out = String::new();
@@ -238,13 +238,8 @@ async fn logs(State(app): State<AppState>, headers: HeaderMap, query: Result<Que
         }
         filter.key_id = Some(id.clone());
     }
-    app.ledger.sync(ledger_wait(&app)).await;
+    app.ledger.sync().await;
     let page = app.ledger.backend().logs(&filter).await.map_err(ledger_error)?;
     let data: Vec<Value> = page.records.iter().map(record_json).collect();
     Ok(Json(json!({"data": data, "next_before": page.next_before})).into_response())
-}
-
-/// How long a query waits for journaled records to reach the database.
-pub(crate) fn ledger_wait(app: &AppState) -> std::time::Duration {
-    std::time::Duration::from_millis(app.config.ledger_ack_timeout_ms)
 }

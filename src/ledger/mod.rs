@@ -39,8 +39,6 @@ pub enum LedgerError {
     Db(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("the ledger writer has stopped")]
-    WriterGone,
     #[error("journal: {0}")]
     Journal(#[from] std::io::Error),
     #[error("{0}")]
@@ -303,6 +301,8 @@ pub struct Ledger {
     committed: watch::Receiver<u64>,
     /// Wakes the writer from its pause between batches (a query is waiting).
     wanted: Arc<Notify>,
+    /// Longest a query waits in `sync` (`ledger_ack_timeout_ms`).
+    sync_timeout: Duration,
 }
 
 /// Observed state of the writer, for readiness, metrics and the `on_ledger_error` policy.
@@ -340,10 +340,12 @@ impl Ledger {
     /// Starts the writer on `tracker`. Once `stop` is cancelled (or every handle is dropped)
     /// it refuses new records, writes everything queued, and exits: waiting on the tracker
     /// then is a flush.
+    /// `sync_timeout` bounds how long [`Ledger::sync`] waits.
     pub fn start(
         backend: Backend,
         journal: Journal,
         capacity: usize,
+        sync_timeout: Duration,
         tracker: &TaskTracker,
         stop: CancellationToken,
     ) -> Ledger {
@@ -352,7 +354,7 @@ impl Ledger {
         let (committed_tx, committed) = watch::channel(0);
         let wanted = Arc::new(Notify::new());
         tracker.spawn(writer(backend.clone(), rx, health.clone(), committed_tx, wanted.clone(), stop));
-        Ledger { backend, journal: Arc::new(journal), queue, health, committed, wanted }
+        Ledger { backend, journal: Arc::new(journal), queue, health, committed, wanted, sync_timeout }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -419,17 +421,17 @@ impl Ledger {
         }
     }
 
-    /// Waits, at most `timeout`, until every record queued before this call is committed to
-    /// the database, so a query sees the requests already answered. Returns at once while
-    /// the database is failing (the query then shows what is committed).
-    pub async fn sync(&self, timeout: Duration) {
+    /// Waits, at most the sync timeout, until every record queued before this call is
+    /// committed to the database, so a query sees the requests already answered. Returns at
+    /// once while the database is failing (the query then shows what is committed).
+    pub async fn sync(&self) {
         let target = self.health.enqueued.load(Ordering::Acquire);
         if self.health.failing() || *self.committed.borrow() >= target {
             return;
         }
         self.wanted.notify_one();
         let mut committed = self.committed.clone();
-        let _ = tokio::time::timeout(timeout, committed.wait_for(|&n| n >= target)).await;
+        let _ = tokio::time::timeout(self.sync_timeout, committed.wait_for(|&n| n >= target)).await;
     }
 }
 
