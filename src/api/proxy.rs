@@ -423,12 +423,15 @@ async fn whole_response(
                 reported,
                 produced: Some(Produced { text: &text, overflow_bytes: 0 }),
             });
-        if settled.durable.is_err() && app.config.on_ledger_error == OnLedgerError::Reject {
-            // The client receives a 503: the record (which lands once the database recovers)
-            // must say so.
-            let error = ApiError::LedgerNotDurable;
-            app.ledger.amend(crate::ledger::RequestRecord { status: error.status().as_u16(), ..settled.record }, false, None);
-            return error.into_response();
+        if let Err(failed) = settled.durable {
+            if app.config.on_ledger_error == OnLedgerError::Reject {
+                // The client receives a 503: the record (which reaches the database from
+                // memory) must say so.
+                let error = ApiError::LedgerNotDurable;
+                let status = error.status().as_u16();
+                app.ledger.amend(crate::ledger::RequestRecord { status, ..failed.record }, false, None);
+                return error.into_response();
+            }
         }
         if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
             headers.insert("x-tollgate-cost-usd", v);

@@ -286,6 +286,14 @@ struct WriteJob {
     entry: Option<Pin>,
 }
 
+/// A record that is queued for the database but could not be journaled.
+#[derive(Debug)]
+pub struct NotJournaled {
+    pub error: Arc<LedgerError>,
+    /// A copy of the record as queued.
+    pub record: RequestRecord,
+}
+
 /// A place in the bounded write queue, claimed when a request is admitted so that writing
 /// its records later never waits for room (and a full queue refuses requests up front).
 pub struct Slot(mpsc::OwnedPermit<WriteJob>);
@@ -387,9 +395,11 @@ impl Ledger {
     /// Makes `record` durable — appended to the journal, which survives the process dying —
     /// and queues it for the database through its claimed slot, releasing `entry` (the
     /// request's journal entry) once it is committed. Never waits: an error means the journal
-    /// could not be written (the record is queued all the same, in memory).
-    pub fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), Arc<LedgerError>> {
+    /// could not be written (the record is queued all the same, in memory), and hands back a
+    /// copy of the record, to amend if the client is answered otherwise.
+    pub fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), NotJournaled> {
         let (pin, result) = self.append(Op::Write, &record);
+        let result = result.map_err(|error| NotJournaled { error, record: record.clone() });
         self.health.queued.fetch_add(1, Ordering::Relaxed);
         self.health.enqueued.fetch_add(1, Ordering::Release);
         slot.0.send(WriteJob { op: Op::Write, record, pin, entry });

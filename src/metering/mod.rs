@@ -16,7 +16,7 @@ use std::time::Instant;
 use crate::auth::Caller;
 use crate::budget::{RateTicket, Reservation};
 use crate::config::Model;
-use crate::ledger::{LedgerError, Pin, RequestRecord, Slot, UsageSource};
+use crate::ledger::{LedgerError, NotJournaled, Pin, RequestRecord, Slot, UsageSource};
 use crate::pricing::NanoUsd;
 use crate::server::AppState;
 use usage::Usage;
@@ -82,9 +82,9 @@ pub struct Settled {
     pub usage: Usage,
     pub source: UsageSource,
     pub cost: NanoUsd,
-    pub durable: Result<(), Arc<LedgerError>>,
-    /// The record as queued (to amend if the client ends up receiving something else).
-    pub record: RequestRecord,
+    /// On failure, with a copy of the record as queued (to amend if the client ends up
+    /// receiving something else).
+    pub durable: Result<(), NotJournaled>,
 }
 
 impl Meter {
@@ -166,10 +166,10 @@ impl Meter {
             latency_ms,
             stream: self.stream,
         };
-        let durable = self.app.ledger.write(self.slot, record.clone(), self.entry);
+        let durable = self.app.ledger.write(self.slot, record, self.entry);
         if let Err(e) = &durable {
-            tracing::error!(error = %e, "request record could not be written");
+            tracing::error!(error = %e.error, "request record could not be written");
         }
-        Settled { usage, source, cost, durable, record }
+        Settled { usage, source, cost, durable }
     }
 }
