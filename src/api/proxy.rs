@@ -429,7 +429,7 @@ async fn whole_response(
                 // memory) must say so.
                 let error = ApiError::LedgerNotDurable;
                 let status = error.status().as_u16();
-                app.ledger.amend(crate::ledger::RequestRecord { status, ..failed.record }, false, None);
+                app.ledger.amend(crate::ledger::RequestRecord { status, ..*failed.record }, false, None);
                 return error.into_response();
             }
         }

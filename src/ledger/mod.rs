@@ -290,8 +290,8 @@ struct WriteJob {
 #[derive(Debug)]
 pub struct NotJournaled {
     pub error: Arc<LedgerError>,
-    /// A copy of the record as queued.
-    pub record: RequestRecord,
+    /// A copy of the record as queued (boxed: the `Ok` path stays small).
+    pub record: Box<RequestRecord>,
 }
 
 /// A place in the bounded write queue, claimed when a request is admitted so that writing
@@ -399,7 +399,7 @@ impl Ledger {
     /// copy of the record, to amend if the client is answered otherwise.
     pub fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), NotJournaled> {
         let (pin, result) = self.append(Op::Write, &record);
-        let result = result.map_err(|error| NotJournaled { error, record: record.clone() });
+        let result = result.map_err(|error| NotJournaled { error, record: Box::new(record.clone()) });
         self.health.queued.fetch_add(1, Ordering::Relaxed);
         self.health.enqueued.fetch_add(1, Ordering::Release);
         slot.0.send(WriteJob { op: Op::Write, record, pin, entry });
