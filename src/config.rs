@@ -83,6 +83,8 @@ struct RawConfig {
     #[serde(default = "default_body_read_timeout")]
     body_read_timeout_ms: u64,
     #[serde(default)]
+    workers: Option<usize>,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     models: Vec<RawModel>,
@@ -257,6 +259,8 @@ pub struct Config {
     pub header_read_timeout_ms: u64,
     /// Longest a client may take to send its request body.
     pub body_read_timeout_ms: u64,
+    /// Threads serving connections (each a single-threaded runtime; default one per CPU).
+    pub workers: usize,
     pub providers: Vec<Arc<Provider>>,
     pub models: HashMap<String, Arc<Model>>,
     /// Model names in config order (for `/v1/models`).
@@ -373,6 +377,9 @@ impl RawConfig {
         }
         if self.max_body_bytes == 0 {
             problems.push("max_body_bytes must be positive".into());
+        }
+        if self.workers == Some(0) {
+            problems.push("workers must be positive (leave it out for one per CPU)".into());
         }
         if self.journal_segment_bytes == 0 {
             problems.push("journal_segment_bytes must be positive".into());
@@ -599,6 +606,7 @@ impl RawConfig {
                 .journal_dir
                 .map_or_else(|| crate::ledger::journal::default_dir(&self.database_url), std::path::PathBuf::from),
             journal_segment_bytes: self.journal_segment_bytes,
+            workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             database_url: self.database_url,
             shutdown_grace_ms: self.shutdown_grace_ms,
             master_key: self.master_key,

@@ -66,24 +66,33 @@ pub struct Upstreams {
 /// One provider's client, with what every request to it repeats prepared once: the URL of
 /// each endpoint (parsing a URL per request cost ~3% of the gateway's CPU) and the
 /// `Authorization` header.
+///
+/// Each server worker thread has its own connection pool (`http[worker]`): a pooled
+/// connection is driven by a task on the runtime that opened it, so a request only ever
+/// uses connections its own thread drives, and a response never hops between threads.
 struct Client {
-    http: reqwest::Client,
+    http: Vec<reqwest::Client>,
     urls: HashMap<&'static str, reqwest::Url>,
     authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl Upstreams {
-    pub fn new(config: &Config) -> Result<Upstreams, reqwest::Error> {
+    /// Clients for `workers` server worker threads (at least one).
+    pub fn new(config: &Config, workers: usize) -> Result<Upstreams, reqwest::Error> {
         let mut clients = HashMap::new();
         for p in config.providers.iter().filter(|p| p.kind == ProviderKind::Openai) {
-            let client = reqwest::Client::builder()
-                .connect_timeout(Duration::from_millis(p.connect_timeout_ms))
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(1024)
-                .tcp_nodelay(true)
-                // No automatic redirects: a redirect from an API is a misconfiguration.
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?;
+            let http = (0..workers.max(1))
+                .map(|_| {
+                    reqwest::Client::builder()
+                        .connect_timeout(Duration::from_millis(p.connect_timeout_ms))
+                        .pool_idle_timeout(Duration::from_secs(90))
+                        .pool_max_idle_per_host(1024)
+                        .tcp_nodelay(true)
+                        // No automatic redirects: a redirect from an API is a misconfiguration.
+                        .redirect(reqwest::redirect::Policy::none())
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let urls = crate::request::Endpoint::ALL
                 .iter()
                 .filter_map(|e| {
@@ -96,7 +105,7 @@ impl Upstreams {
                 value.set_sensitive(true);
                 Some(value)
             });
-            clients.insert(p.name.clone(), Client { http: client, urls, authorization });
+            clients.insert(p.name.clone(), Client { http, urls, authorization });
         }
         Ok(Upstreams { clients })
     }
@@ -108,9 +117,10 @@ impl Upstreams {
             return crate::mock::respond(path, body, idle_timeout).await;
         }
         let client = self.clients.get(&provider.name).ok_or_else(|| SendError::Other("no client".into()))?;
+        let http = &client.http[crate::server::worker_index() % client.http.len()];
         let mut request = match client.urls.get(path) {
-            Some(url) => client.http.post(url.clone()),
-            None => client.http.post(format!("{}{}", provider.base_url, path)),
+            Some(url) => http.post(url.clone()),
+            None => http.post(format!("{}{}", provider.base_url, path)),
         }
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(reqwest::header::ACCEPT, "application/json, text/event-stream")

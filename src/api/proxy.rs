@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -83,21 +83,62 @@ async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
     response
 }
 
-async fn read_body(body: Body, limit: usize, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+/// After refusing a body as too large, the 413 goes out at once while up to this many more
+/// bytes of the body are read and thrown away in the background (for at most [`DRAIN_TIME`]):
+/// most clients write their whole body before reading the answer, and closing a connection
+/// with unread bytes resets it, so they would see a broken pipe instead of the 413 (nginx's
+/// lingering close does the same).
+const DRAIN_BYTES: u64 = 32 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn read_body(mut body: Body, limit: usize, headers: &HeaderMap) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        if n - limit as u64 <= DRAIN_BYTES {
+            tokio::spawn(drain(body, n));
+        }
         return Err(ApiError::TooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
-        if too_large {
-            ApiError::TooLarge { limit }
-        } else {
-            ApiError::InvalidJson("The request body could not be read.".into())
+    // Usually the body is one frame: handed on as it is, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut rest = BytesMut::new();
+    let mut read = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ApiError::InvalidJson("The request body could not be read.".into()))?;
+        let Ok(data) = frame.into_data() else { continue };
+        read += data.len();
+        if read > limit {
+            tokio::spawn(drain(body, DRAIN_BYTES));
+            return Err(ApiError::TooLarge { limit });
         }
-    })
+        match &first {
+            None if rest.is_empty() => first = Some(data),
+            _ => {
+                if let Some(first) = first.take() {
+                    rest.reserve(declared.map_or(2 * first.len(), |n| n as usize).max(first.len() + data.len()));
+                    rest.extend_from_slice(&first);
+                }
+                rest.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(first.unwrap_or_else(|| rest.freeze()))
+}
+
+/// Reads and discards up to `at_most` bytes of `body`, for at most [`DRAIN_TIME`].
+async fn drain(mut body: Body, at_most: u64) {
+    use http_body_util::BodyExt;
+    let discard = async {
+        let mut read = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if read >= at_most {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
 }
 
 fn dry_run_asked(headers: &HeaderMap) -> bool {
@@ -505,24 +546,24 @@ fn tokio_stream_from(
 
 /// With `include_usage` (which tollgate adds), OpenAI puts `"usage":null` at the end of
 /// every chunk; a client that did not ask for usage would not see that field, so it is
-/// removed when it is exactly there. Anything else passes untouched.
-fn without_null_usage(raw: Bytes) -> Bytes {
+/// removed when it is exactly there. Anything else passes untouched. Appends to `out`.
+fn push_without_null_usage(out: &mut BytesMut, raw: &[u8]) {
     const FIELD: &[u8] = b",\"usage\":null}";
     let end = raw.iter().rposition(|&b| b == b'}').map_or(0, |i| i + 1);
     if end >= FIELD.len() && &raw[end - FIELD.len()..end] == FIELD {
-        let mut out = Vec::with_capacity(raw.len());
         out.extend_from_slice(&raw[..end - FIELD.len()]);
-        out.push(b'}');
+        out.extend_from_slice(b"}");
         out.extend_from_slice(&raw[end..]);
-        return Bytes::from(out);
+    } else {
+        out.extend_from_slice(raw);
     }
-    raw
 }
 
-/// Reads the upstream stream to its end, forwarding events to the client while it listens.
-/// `[DONE]` is held back until the record is durable. If the client goes away, reading
-/// continues (for at most `drain`) to learn the usage; if the upstream stops early, the
-/// client's stream is cut off too, without `[DONE]`.
+/// Reads the upstream stream to its end, forwarding events to the client while it listens:
+/// the events that arrived in one upstream read leave in one write, at once. `[DONE]` is held
+/// back until the record is durable. If the client goes away, reading continues (for at most
+/// `drain`) to learn the usage; if the upstream stops early, the client's stream is cut off
+/// too, without `[DONE]`.
 async fn pump(
     meter: Meter,
     served: Arc<Model>,
@@ -537,44 +578,35 @@ async fn pump(
     let mut gone_at: Option<Instant> = None;
     let mut done_event: Option<Bytes> = None;
     let mut failure: Option<String> = None;
-    'read: loop {
+    loop {
         if let Some(at) = gone_at {
             if at.elapsed() > drain {
                 failure = Some("client gone; stopped draining the upstream".into());
                 break;
             }
         }
-        let chunk = match upstream.next_chunk().await {
-            None => {
-                // End of body: a final event may still be waiting on its line ending.
-                match parser.finish() {
-                    Ok(events) => {
-                        for event in events {
-                            if let Some(data) = &event.data {
-                                if acc.observe(data) == ChunkKind::Done {
-                                    done_event = Some(event.raw);
-                                    break 'read;
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => failure = Some(format!("malformed SSE from the upstream: {e}")),
+        let (events, at_end) = match upstream.next_chunk().await {
+            // End of body: a final event may still be waiting on its line ending.
+            None => match parser.finish() {
+                Ok(events) => (events, true),
+                Err(e) => {
+                    failure = Some(format!("malformed SSE from the upstream: {e}"));
+                    break;
                 }
-                break;
-            }
-            Some(Ok(c)) => c,
+            },
+            Some(Ok(chunk)) => match parser.push(&chunk) {
+                Ok(events) => (events, false),
+                Err(e) => {
+                    failure = Some(format!("malformed SSE from the upstream: {e:?}"));
+                    break;
+                }
+            },
             Some(Err(e)) => {
                 failure = Some(e.to_string());
                 break;
             }
         };
-        let events = match parser.push(&chunk) {
-            Ok(events) => events,
-            Err(e) => {
-                failure = Some(format!("malformed SSE from the upstream: {e:?}"));
-                break;
-            }
-        };
+        let mut out = BytesMut::new();
         for event in events {
             let kind = match &event.data {
                 Some(data) => acc.observe(data),
@@ -583,17 +615,24 @@ async fn pump(
             match kind {
                 ChunkKind::Done => {
                     done_event = Some(event.raw);
-                    break 'read;
+                    break;
                 }
                 ChunkKind::UsageOnly if !client_wants_usage => continue,
                 _ => {}
             }
-            let raw = if client_wants_usage { event.raw } else { without_null_usage(event.raw) };
-            if !client_gone && tx.send(Ok(raw)).await.is_err() {
-                client_gone = true;
-                gone_at = Some(Instant::now());
-                tracing::info!(request_id = %meter.request_id, "client disconnected mid-stream; still metering");
+            if client_wants_usage {
+                out.extend_from_slice(&event.raw);
+            } else {
+                push_without_null_usage(&mut out, &event.raw);
             }
+        }
+        if !out.is_empty() && !client_gone && tx.send(Ok(out.freeze())).await.is_err() {
+            client_gone = true;
+            gone_at = Some(Instant::now());
+            tracing::info!(request_id = %meter.request_id, "client disconnected mid-stream; still metering");
+        }
+        if done_event.is_some() || at_end {
+            break;
         }
     }
     let complete = done_event.is_some();
@@ -629,17 +668,23 @@ mod tests {
 
     #[test]
     fn null_usage_is_removed_only_where_openai_puts_it() {
-        let chunk = Bytes::from_static(b"data: {\"id\":\"c\",\"choices\":[],\"usage\":null}\n\n");
-        assert_eq!(&without_null_usage(chunk)[..], b"data: {\"id\":\"c\",\"choices\":[]}\n\n");
-        let crlf = Bytes::from_static(b"data: {\"a\":1,\"usage\":null}\r\n\r\n");
-        assert_eq!(&without_null_usage(crlf)[..], b"data: {\"a\":1}\r\n\r\n");
+        let without_null_usage = |raw: &[u8]| {
+            let mut out = BytesMut::from(&b"before|"[..]);
+            push_without_null_usage(&mut out, raw);
+            out.strip_prefix(b"before|").expect("appends").to_vec()
+        };
+        assert_eq!(
+            without_null_usage(b"data: {\"id\":\"c\",\"choices\":[],\"usage\":null}\n\n"),
+            b"data: {\"id\":\"c\",\"choices\":[]}\n\n"
+        );
+        assert_eq!(without_null_usage(b"data: {\"a\":1,\"usage\":null}\r\n\r\n"), b"data: {\"a\":1}\r\n\r\n");
         for untouched in [
             &b"data: {\"usage\":{\"prompt_tokens\":1}}\n\n"[..],
             b"data: {\"text\":\"\\\"usage\\\":null\",\"x\":1}\n\n",
             b": comment\n\n",
             b"data: [DONE]\n\n",
         ] {
-            assert_eq!(&without_null_usage(Bytes::copy_from_slice(untouched))[..], untouched);
+            assert_eq!(without_null_usage(untouched), untouched);
         }
     }
 }
