@@ -129,7 +129,7 @@ impl Upstreams {
             request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
         }
         let first_byte = Duration::from_millis(provider.first_byte_timeout_ms);
-        let response = match tokio::time::timeout(first_byte, request.send()).await {
+        let mut response = match tokio::time::timeout(first_byte, request.send()).await {
             Err(_) => return Err(SendError::Timeout),
             Ok(Err(e)) if e.is_connect() => {
                 // reqwest reports a connect timeout as a connect error with is_timeout().
@@ -143,7 +143,7 @@ impl Upstreams {
             Ok(Ok(r)) => r,
         };
         let status = response.status();
-        let headers = response.headers().clone();
+        let headers = std::mem::take(response.headers_mut());
         let body = response.bytes_stream().map(|r| r.map_err(|e| BodyError::Broken(without_url(&e))));
         Ok(UpstreamResponse { status, headers, body: Box::pin(body), idle_timeout })
     }

@@ -508,7 +508,9 @@ async fn whole_response(
 
 /// Starts relaying a stream: the response goes out at once with the upstream's status; a
 /// tracked task reads the upstream, forwards each event as it completes, and settles.
-fn relay_stream(meter: Meter, served: Arc<Model>, upstream: UpstreamResponse, client_wants_usage: bool, mut headers: HeaderMap) -> Response {
+fn relay_stream(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse, client_wants_usage: bool, mut headers: HeaderMap) -> Response {
+    // The pump needs no upstream header: free them rather than hold them for the stream's life.
+    upstream.headers = HeaderMap::new();
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(STREAM_BUFFER);
     let app = meter.app.clone();
     let drain = std::time::Duration::from_millis(app.config.disconnect_drain_ms);
