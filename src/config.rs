@@ -662,6 +662,15 @@ mod tests {
     }
 
     #[test]
+    fn workers_default_to_the_cpus_and_cannot_be_zero() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(Config::from_toml("", env).unwrap().workers, cpus);
+        assert_eq!(Config::from_toml("workers = 3", env).unwrap().workers, 3);
+        let err = Config::from_toml("workers = 0", env).unwrap_err();
+        assert!(err.to_string().contains("workers must be positive"), "{err}");
+    }
+
+    #[test]
     fn model_without_price_is_an_error_not_free() {
         let err = Config::from_toml("[[models]]\nname='my-llama'\nprovider='mock'", env).unwrap_err();
         assert!(err.to_string().contains("no price"), "{err}");

@@ -250,3 +250,36 @@ async fn graceful_restart_keeps_the_ledger() {
     assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
     assert_eq!(app.logs().await.len(), 2);
 }
+
+#[tokio::test]
+async fn any_number_of_worker_threads_serves_concurrent_connections_and_records_them_all() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("hello", Some((12, 0, 3))));
+    // One worker, and more workers than this machine has CPUs.
+    for workers in [1, 5] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tollgate.db");
+        let text = format!("workers = {workers}\n{}", config_text(db.to_str().unwrap(), &up.url(), DEFAULT_MODELS));
+        let app = TestApp::start_with_config(dir, &text).await;
+        let key = app.team_and_key("t").await;
+        // Each request on its own connection, all at once: the accept loop hands them
+        // round robin to the workers.
+        let requests = (0..20).map(|_| {
+            let (url, key) = (app.url("/v1/chat/completions"), key.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+                let resp = client.post(url).bearer_auth(key).json(&chat_body("gpt-4o-mini", "hi")).send().await.unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            })
+        });
+        for done in futures::future::join_all(requests).await {
+            let (status, text) = done.unwrap();
+            assert_eq!(status, 200, "workers = {workers}: {text}");
+            assert!(text.contains("hello"), "{text}");
+        }
+        let records = app.wait_records(20).await;
+        assert_eq!(records.len(), 20, "workers = {workers}");
+        assert!(records.iter().all(|r| r["output_tokens"] == 3 && r["status"] == 200), "{records:?}");
+        app.stop().await;
+    }
+}
