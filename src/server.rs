@@ -274,13 +274,18 @@ impl WorkerPool {
         Ok(WorkerPool { senders, next: Default::default(), stop, threads })
     }
 
-    /// Gives an accepted connection to the next worker, round robin.
+    /// Gives an accepted connection to the next worker, round robin (skipping a worker
+    /// whose thread has ended, so its share of connections is not dropped).
     fn hand_over(&self, stream: TcpStream, watcher: hyper_util::server::graceful::Watcher) -> std::io::Result<()> {
-        let stream = stream.into_std()?;
-        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.senders.len();
-        self.senders[i]
-            .send((stream, watcher))
-            .map_err(|_| std::io::Error::other("the worker has stopped"))
+        let mut conn = (stream.into_std()?, watcher);
+        let first = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for i in 0..self.senders.len() {
+            match self.senders[(first + i) % self.senders.len()].send(conn) {
+                Ok(()) => return Ok(()),
+                Err(returned) => conn = returned.0,
+            }
+        }
+        Err(std::io::Error::other("every worker has stopped"))
     }
 
     /// Stops every worker (their connections are closed) and waits for the threads.
