@@ -5,11 +5,12 @@
 //! or compared directly, so lookup time says nothing about how many leading characters of a
 //! guess were right. The directory is a snapshot of the teams and keys tables, swapped whole
 //! when they change: at once after an admin API write, and within `POLL_INTERVAL` after a
-//! change made by the CLI in another process (it bumps `directory_version`).
+//! change made by the CLI in another process (it bumps `directory_version`) — or at once,
+//! for a key the CLI just created, when a request presents it (`authenticate_fresh`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 use rand::distr::{Alphanumeric, SampleString};
@@ -79,7 +80,13 @@ pub struct Snapshot {
 #[derive(Default)]
 pub struct Directory {
     current: RwLock<Arc<Snapshot>>,
+    /// When the last catch-up check for an unknown key started (see `authenticate_fresh`);
+    /// the lock makes concurrent checks one.
+    checked: tokio::sync::Mutex<Option<Instant>>,
 }
+
+/// Longest an unknown key's request waits for the catch-up check before its 401.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_millis(250);
 
 impl Directory {
     fn snapshot(&self) -> Arc<Snapshot> {
@@ -123,6 +130,31 @@ impl Directory {
         Some(Caller { key, team })
     }
 
+    /// Authenticates a bearer secret; a key the snapshot does not know may have been created
+    /// by the CLI since the last poll, so the database's directory version is checked once
+    /// (reloading if it moved) before giving up. Concurrent unknown keys share one check
+    /// that started after they arrived, so a flood of bad keys costs one cheap query at a
+    /// time, and a script that creates a key with the CLI can use it at once.
+    pub async fn authenticate_fresh(&self, db: &Backend, secret: &str) -> Option<Caller> {
+        if let Some(caller) = self.authenticate(secret) {
+            return Some(caller);
+        }
+        let arrived = Instant::now();
+        let _ = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+            let mut checked = self.checked.lock().await;
+            if checked.is_some_and(|started| started >= arrived) {
+                return;
+            }
+            let started = Instant::now();
+            if let Err(e) = self.refresh(db, false).await {
+                tracing::debug!(error = %e, "could not check for new keys");
+            }
+            *checked = Some(started);
+        })
+        .await;
+        self.authenticate(secret)
+    }
+
     /// The team named `name`, as of the snapshot.
     pub fn team(&self, name: &str) -> Option<Arc<TeamRow>> {
         self.snapshot().teams.get(name).cloned()
@@ -140,13 +172,16 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Authenticates a virtual key, or answers 401.
-pub fn authenticate(directory: &Directory, headers: &HeaderMap) -> Result<Caller, ApiError> {
+pub async fn authenticate(directory: &Directory, db: &Backend, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let Some(secret) = bearer(headers) else {
         return Err(ApiError::InvalidApiKey(
             "You didn't provide an API key. Provide your tollgate virtual key as a Bearer token in the Authorization header.",
         ));
     };
-    directory.authenticate(secret).ok_or(ApiError::InvalidApiKey("Incorrect API key provided, or the key was revoked."))
+    directory
+        .authenticate_fresh(db, secret)
+        .await
+        .ok_or(ApiError::InvalidApiKey("Incorrect API key provided, or the key was revoked."))
 }
 
 /// Checks the master key for the admin API. Both sides are hashed first, so the comparison

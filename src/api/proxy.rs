@@ -48,7 +48,7 @@ pub async fn embeddings(State(app): State<AppState>, req: Request) -> Response {
 
 /// `GET /v1/models`: the models this key may use.
 pub async fn list_models(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let caller = auth::authenticate(&app.directory, &headers)?;
+    let caller = auth::authenticate(&app.directory, app.ledger.backend(), &headers).await?;
     let data: Vec<_> = app
         .config
         .model_order
@@ -158,7 +158,7 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     // Authenticate before reading the body: an anonymous client gets no buffering from us.
-    let caller = auth::authenticate(&app.directory, &parts.headers)?;
+    let caller = auth::authenticate(&app.directory, app.ledger.backend(), &parts.headers).await?;
     let body_timeout = std::time::Duration::from_millis(app.config.body_read_timeout_ms);
     let body = tokio::time::timeout(body_timeout, read_body(body, app.config.max_body_bytes, &parts.headers))
         .await

@@ -25,11 +25,11 @@ enum Viewer {
     Key(String),
 }
 
-fn viewer(app: &AppState, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+async fn viewer(app: &AppState, headers: &HeaderMap) -> Result<Viewer, ApiError> {
     if auth::is_master(app.config.master_key.as_ref(), headers) {
         return Ok(Viewer::Master);
     }
-    let caller = auth::authenticate(&app.directory, headers)?;
+    let caller = auth::authenticate(&app.directory, app.ledger.backend(), headers).await?;
     Ok(Viewer::Key(caller.key.id.clone()))
 }
 
@@ -127,7 +127,7 @@ struct SpendQuery {
 }
 
 async fn spend(State(app): State<AppState>, headers: HeaderMap, query: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let viewer = viewer(&app, &headers)?;
+    let viewer = viewer(&app, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::param("query", e.body_text()))?;
     let mut filter = SpendFilter {
         from_ms: q.from.as_deref().filter(|s| !s.is_empty()).map(|s| parse_time("from", s)).transpose()?,
@@ -215,7 +215,7 @@ const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
 async fn logs(State(app): State<AppState>, headers: HeaderMap, query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let viewer = viewer(&app, &headers)?;
+    let viewer = viewer(&app, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::param("query", e.body_text()))?;
     let limit = match q.limit.as_deref().filter(|s| !s.is_empty()) {
         None => DEFAULT_LIMIT,
