@@ -255,7 +255,7 @@ async fn handle(
         // Only dry runs have no slots, and they returned above.
         return Err(ApiError::Internal);
     };
-    let mut meter = Meter {
+    let meter = Meter {
         app: app.clone(),
         caller,
         request_id: request_id.to_string(),
@@ -270,17 +270,9 @@ async fn handle(
         slot,
         entry: None,
     };
-    if let Err(e) = meter.journal(&model, prompt_tokens) {
-        if reject {
-            tracing::warn!(request_id, error = %e, "journal entry not durable; request refused");
-            meter.abandon(&model);
-            return Err(ApiError::LedgerUnavailable);
-        }
-        tracing::warn!(request_id, error = %e, "journal entry not durable; serving anyway (on_ledger_error = serve)");
-    }
-    let job = Forward { parsed, body, model, downgraded_from, meter };
-    // The forward runs in a tracked task: if this handler is dropped (client gone), the
-    // request is still metered and recorded.
+    let job = Forward { parsed, body, model, downgraded_from, meter, prompt_tokens, reject };
+    // The journal entry and the forward run in a tracked task: if this handler is dropped
+    // (client gone), the request is still journaled, metered and recorded.
     let task = app.tracker.spawn(job.run());
     match task.await {
         Ok(response) => Ok(response),
@@ -336,6 +328,10 @@ struct Forward {
     model: Arc<Model>,
     downgraded_from: Option<String>,
     meter: Meter,
+    /// The prompt's tokens as reserved, for the journal entry.
+    prompt_tokens: u64,
+    /// `on_ledger_error = reject`: forward nothing whose journal entry could not be written.
+    reject: bool,
 }
 
 /// Whether a failure is worth trying the next deployment for.
@@ -345,7 +341,18 @@ fn retryable(status: StatusCode) -> bool {
 
 impl Forward {
     async fn run(self) -> Response {
-        let Forward { parsed, body, model, downgraded_from, meter } = self;
+        let Forward { parsed, body, model, downgraded_from, mut meter, prompt_tokens, reject } = self;
+        if let Err(e) = meter.journal(&model, prompt_tokens).await {
+            if reject {
+                tracing::warn!(request_id = %meter.request_id, error = %e, "journal entry not durable; request refused");
+                let app = meter.app.clone();
+                meter.abandon(&model);
+                let error = ApiError::LedgerUnavailable;
+                app.metrics.record_refusal(&error.code());
+                return error.into_response();
+            }
+            tracing::warn!(request_id = %meter.request_id, error = %e, "journal entry not durable; serving anyway (on_ledger_error = serve)");
+        }
         let app = meter.app.clone();
         let path = parsed.endpoint.upstream_path();
         // The serving model, then its fallback deployments (allowed ones only).
@@ -397,7 +404,7 @@ impl Forward {
                 other => other,
             };
             let status = error.status().as_u16();
-            meter.settle(Outcome { status, model: &model, reported: None, produced: None });
+            meter.settle(Outcome { status, model: &model, reported: None, produced: None }).await;
             return error.into_response();
         };
         let mut headers = HeaderMap::new();
@@ -415,7 +422,7 @@ impl Forward {
                 let mut upstream = upstream;
                 let _ = upstream.read_all(app.config.max_response_bytes).await;
                 let error = ApiError::InvalidUpstreamResponse;
-                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
+                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
                 return error.into_response();
             }
             app.metrics.observe_overhead(before_upstream);
@@ -446,7 +453,7 @@ async fn whole_response(
                 ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
                 ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
             };
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
             return error.into_response();
         }
     };
@@ -454,7 +461,7 @@ async fn whole_response(
     if status.is_success() {
         let Some((reported, text)) = answer else {
             let error = ApiError::InvalidUpstreamResponse;
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
             return error.into_response();
         };
         let settled = meter
@@ -463,7 +470,8 @@ async fn whole_response(
                 model: &served,
                 reported,
                 produced: Some(Produced { text: &text, overflow_bytes: 0 }),
-            });
+            })
+            .await;
         if let Err(failed) = settled.durable {
             if app.config.on_ledger_error == OnLedgerError::Reject {
                 // The client receives a 503: the record (which reaches the database from
@@ -490,14 +498,14 @@ async fn whole_response(
             status: Some(status.as_u16()),
             message: format!("The upstream failed with status {}.", status.as_u16()),
         };
-        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None });
+        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None }).await;
         let mut response = error.into_response();
         if let Some(retry) = upstream.headers.get(header::RETRY_AFTER) {
             response.headers_mut().insert(header::RETRY_AFTER, retry.clone());
         }
         return response;
     }
-    let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None });
+    let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None }).await;
     if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
         headers.insert("x-tollgate-cost-usd", v);
     }
@@ -648,7 +656,8 @@ async fn pump(
             model: &served,
             reported: acc.usage(),
             produced: Some(Produced { text: acc.produced_text(), overflow_bytes: acc.overflow_bytes() }),
-        });
+        })
+        .await;
     if client_gone {
         return;
     }

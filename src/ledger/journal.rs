@@ -7,6 +7,13 @@
 //! instead of a round trip through the database. No lock of ours is held across the write;
 //! concurrent appends are atomic per line (`O_APPEND`).
 //!
+//! On a server worker thread, appends are grouped: the lines appended while the worker's
+//! event loop runs one turn are written together, in one `write(2)`, when the loop is about
+//! to wait for I/O, and each appender resumes only after that write (so "appended before
+//! forwarding / before the last byte" holds as before). At 64 concurrent requests this
+//! cut the journal's writes per request from two to about 0.7 and the gateway's CPU per
+//! request by about 8% (docs/benchmarks.md).
+//!
 //! The journal is a folder of numbered segments. The current one takes appends until it is
 //! `SEGMENT_BYTES` long, then a new one is started. A segment is deleted when it is no longer
 //! current and every record appended to it has been committed to the database (each queued
@@ -148,6 +155,13 @@ pub struct Pin {
     committed: bool,
 }
 
+impl Clone for Pin {
+    /// Another hold on the same segment, released on its own.
+    fn clone(&self) -> Pin {
+        Pin { segment: self.segment.clone(), committed: false }
+    }
+}
+
 impl Pin {
     /// Releases the hold: the record is committed to the database.
     pub fn commit(mut self) {
@@ -170,6 +184,8 @@ pub struct Journal {
     next_number: AtomicU64,
     segment_bytes: u64,
     failing: AtomicBool,
+    /// `write(2)` calls that appended lines (a grouped write counts once).
+    writes: AtomicU64,
     /// Held for the journal's life: the folder's exclusive lock.
     _lock: File,
 }
@@ -241,6 +257,7 @@ impl Journal {
             next_number: AtomicU64::new(next + 1),
             segment_bytes: segment_bytes.max(1),
             failing: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
             _lock: lock,
         };
         Ok((journal, leftovers))
@@ -249,6 +266,11 @@ impl Journal {
     /// Whether the last append failed.
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// How many writes appended lines so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
     }
 
     /// Appends `record` with `op` (as the ledger does; public for benchmarks and tools).
@@ -266,12 +288,28 @@ impl Journal {
         }
     }
 
+    /// Appends one line like [`Journal::append`], but on a thread that groups appends (a
+    /// server worker, see [`group_appends_on_this_thread`]) the line waits for the end of
+    /// the worker's event-loop turn and goes out in one `write(2)` with every other line
+    /// appended in that turn. It returns once that write has; elsewhere it writes at once.
+    pub(crate) async fn append_grouped(self: &Arc<Self>, line: Vec<u8>) -> io::Result<Pin> {
+        let Some(done) = GROUP.with(|g| g.borrow_mut().as_mut().map(|group| group.add(self, line.as_slice()))) else {
+            return self.append(&line);
+        };
+        match done.await {
+            Ok(result) => result,
+            // The thread's group went away unflushed (its runtime is stopping): write it alone.
+            Err(_) => self.append(&line),
+        }
+    }
+
     fn try_append(&self, line: &[u8]) -> io::Result<Pin> {
         let mut segment = self.current();
         if segment.len.load(Ordering::Relaxed) >= self.segment_bytes {
             self.rotate(&segment);
             segment = self.current();
         }
+        self.writes.fetch_add(1, Ordering::Relaxed);
         match (&segment.file).write_all(line) {
             Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
@@ -323,6 +361,83 @@ impl Segment {
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Segment { path, file, len: AtomicU64::new(len), keep: AtomicBool::new(false) })
     }
+}
+
+/// The lines appended on one worker thread during its current event-loop turn, and who
+/// waits for them.
+struct Group {
+    journal: Option<Arc<Journal>>,
+    lines: Vec<u8>,
+    waiting: Vec<tokio::sync::oneshot::Sender<io::Result<Pin>>>,
+}
+
+type Done = tokio::sync::oneshot::Receiver<io::Result<Pin>>;
+
+impl Group {
+    fn add(&mut self, journal: &Arc<Journal>, line: &[u8]) -> Done {
+        if self.journal.as_ref().is_some_and(|j| !Arc::ptr_eq(j, journal)) {
+            // Another server's journal on this thread (tests run several): write what is
+            // grouped for the first before taking lines for the second.
+            self.flush();
+        }
+        self.journal.get_or_insert_with(|| journal.clone());
+        self.lines.extend_from_slice(line);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting.push(tx);
+        if self.lines.len() >= GROUP_BYTES {
+            self.flush();
+        }
+        rx
+    }
+
+    /// Writes the grouped lines in one append and tells every waiter how it went.
+    fn flush(&mut self) {
+        let Some(journal) = self.journal.take() else { return };
+        let result = journal.append(&self.lines);
+        self.lines.clear();
+        for tx in self.waiting.drain(..) {
+            let _ = tx.send(match &result {
+                Ok(pin) => Ok(pin.clone()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            });
+        }
+        // `result`'s own pin is dropped here as committed: each waiter holds a copy.
+        if let Ok(pin) = result {
+            pin.commit();
+        }
+        if self.lines.capacity() > 4 * GROUP_BYTES {
+            self.lines = Vec::new();
+        }
+    }
+}
+
+/// A group is written at once when it reaches this many bytes, turn over or not.
+const GROUP_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// This thread's group of appends; `None` on threads that write each append at once.
+    static GROUP: std::cell::RefCell<Option<Group>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes [`Journal::append_grouped`] group appends on this thread until the thread ends. The
+/// thread must call [`flush_grouped_appends`] whenever its event loop is about to wait
+/// (tokio's `on_thread_park`), or nobody waiting on an append is ever woken.
+pub fn group_appends_on_this_thread() {
+    GROUP.with(|g| {
+        g.borrow_mut().get_or_insert_with(|| Group { journal: None, lines: Vec::new(), waiting: Vec::new() });
+    });
+}
+
+/// Writes the lines this thread grouped since its last flush, in one `write(2)`, and wakes
+/// the tasks waiting on them. Called at the end of each event-loop turn of a worker.
+pub fn flush_grouped_appends() {
+    GROUP.with(|g| {
+        if let Ok(mut group) = g.try_borrow_mut() {
+            if let Some(group) = group.as_mut() {
+                group.flush();
+            }
+        }
+    });
 }
 
 fn segment_number(name: &str) -> Option<u64> {
@@ -408,6 +523,77 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
             .collect();
         assert!(logs.is_empty(), "{logs:?}");
+    }
+
+    /// Appends `n` lines from `n` tasks on a worker-like thread: a single-threaded runtime,
+    /// grouping on, and flushing when it is about to wait, as the server's workers do.
+    fn append_from_tasks(journal: Arc<Journal>, n: usize, grouped: bool) -> Vec<io::Result<Pin>> {
+        std::thread::spawn(move || {
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder.enable_all();
+            if grouped {
+                group_appends_on_this_thread();
+                builder.on_thread_park(flush_grouped_appends);
+            }
+            let runtime = builder.build().unwrap();
+            runtime.block_on(async move {
+                let tasks: Vec<_> = (0..n)
+                    .map(|i| {
+                        let journal = journal.clone();
+                        tokio::spawn(async move {
+                            let line = encode(LineOp::Write, &record(&format!("r{i}"), UsageSource::Reported));
+                            journal.append_grouped(line).await
+                        })
+                    })
+                    .collect();
+                let mut results = Vec::new();
+                for t in tasks {
+                    results.push(t.await.unwrap());
+                }
+                results
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn appends_of_one_event_loop_turn_go_out_in_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let journal = Arc::new(journal);
+        let pins: Vec<Pin> = append_from_tasks(journal.clone(), 50, true).into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(pins.len(), 50);
+        assert_eq!(journal.writes(), 1, "fifty tasks ready in one turn share one write");
+        // Elsewhere (no grouping on the thread) each append is its own write.
+        let more: Vec<Pin> = append_from_tasks(journal.clone(), 5, false).into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(journal.writes(), 6);
+        // Every line is there, whole, and each pin holds the segment until committed.
+        let segment = fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().ends_with(".log")).unwrap().path();
+        let text = fs::read_to_string(&segment).unwrap();
+        let ids: std::collections::BTreeSet<String> = text.lines().map(|l| decode(l).unwrap().1.request_id).collect();
+        assert_eq!(ids.len(), 50, "the grouped lines are distinct and whole");
+        assert_eq!(text.lines().count(), 55);
+        drop(pins);
+        drop(more);
+        drop(journal);
+        assert!(segment.exists(), "uncommitted pins keep their segment for the next start");
+    }
+
+    #[test]
+    fn a_group_is_written_before_it_grows_past_its_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let journal = Arc::new(journal);
+        let line_len = encode(LineOp::Write, &record("r0", UsageSource::Reported)).len();
+        let n = 3 * GROUP_BYTES / line_len;
+        let results = append_from_tasks(journal.clone(), n, true);
+        assert!(results.iter().all(|r| r.is_ok()));
+        let writes = journal.writes();
+        assert!((3..=5).contains(&writes), "{n} lines of {line_len} bytes in {writes} writes");
+        for pin in results.into_iter().flatten() {
+            pin.commit();
+        }
     }
 
     #[test]

@@ -388,17 +388,19 @@ impl Ledger {
     /// request settles (then a start replays it and marks it `interrupted`) — so it costs a
     /// `write(2)`, not a database row. The returned pin keeps the entry's segment on disk;
     /// pass it to [`Ledger::write`] or [`Ledger::amend`] with the request's last record.
-    pub fn journal(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
-        self.append(Op::Write, record)
+    pub async fn journal(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
+        self.append_grouped(record).await
     }
 
     /// Makes `record` durable — appended to the journal, which survives the process dying —
     /// and queues it for the database through its claimed slot, releasing `entry` (the
-    /// request's journal entry) once it is committed. Never waits: an error means the journal
-    /// could not be written (the record is queued all the same, in memory), and hands back a
-    /// copy of the record, to amend if the client is answered otherwise.
-    pub fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), NotJournaled> {
-        let (pin, result) = self.append(Op::Write, &record);
+    /// request's journal entry) once it is committed. Waits only for the journal write
+    /// (grouped with the other appends of this worker's event-loop turn), never for room
+    /// or the database: an error means the journal could not be written (the record is
+    /// queued all the same, in memory), and hands back a copy of the record, to amend if the
+    /// client is answered otherwise.
+    pub async fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), NotJournaled> {
+        let (pin, result) = self.append_grouped(&record).await;
         let result = result.map_err(|error| NotJournaled { error, record: Box::new(record.clone()) });
         self.health.queued.fetch_add(1, Ordering::Relaxed);
         self.health.enqueued.fetch_add(1, Ordering::Release);
@@ -421,6 +423,14 @@ impl Ledger {
             // Never arriving, it must not hold queries waiting in `sync` for it.
             self.health.enqueued.fetch_sub(1, Ordering::Release);
             tracing::error!("ledger queue full; a record correction waits in the journal for the next start");
+        }
+    }
+
+    /// Appends a record's line, grouped with the other appends of this worker's turn.
+    async fn append_grouped(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
+        match self.journal.append_grouped(journal::encode(Op::Write, record)).await {
+            Ok(pin) => (Some(pin), Ok(())),
+            Err(e) => (None, Err(Arc::new(LedgerError::Journal(e)))),
         }
     }
 

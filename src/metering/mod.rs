@@ -90,9 +90,9 @@ pub struct Settled {
 impl Meter {
     /// Journals the request as in flight on `served`, charged its reservation until it
     /// settles: a request is forwarded only once a crash can no longer lose it silently.
-    pub fn journal(&mut self, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
+    pub async fn journal(&mut self, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
         let record = self.pending_record(served, prompt_tokens);
-        let (entry, result) = self.app.ledger.journal(&record);
+        let (entry, result) = self.app.ledger.journal(&record).await;
         self.entry = entry;
         result
     }
@@ -126,7 +126,7 @@ impl Meter {
 
     /// Settles the request: usage (reported, else estimated), cost, budgets, rate windows,
     /// metrics, and the ledger record, durable (journaled) when this returns.
-    pub fn settle(self, outcome: Outcome<'_>) -> Settled {
+    pub async fn settle(self, outcome: Outcome<'_>) -> Settled {
         let model = outcome.model;
         let (usage, source) = match (outcome.reported, &outcome.produced) {
             (Some(u), _) => (u, UsageSource::Reported),
@@ -166,7 +166,7 @@ impl Meter {
             latency_ms,
             stream: self.stream,
         };
-        let durable = self.app.ledger.write(self.slot, record, self.entry);
+        let durable = self.app.ledger.write(self.slot, record, self.entry).await;
         if let Err(e) = &durable {
             tracing::error!(error = %e.error, "request record could not be written");
         }
