@@ -155,3 +155,37 @@ async fn big_batches_fit_each_backends_parameter_limit() {
         assert_eq!(pg.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 5000);
     }
 }
+
+/// The CLI writes keys and teams through its own connection while the server's ledger writer
+/// commits batches to the same SQLite file: every such write must wait its turn, not fail with
+/// "database is locked" (a transaction that reads before it writes must take the write lock
+/// up front; SQLite's busy wait does not cover a read lock that turns into a write lock).
+#[tokio::test]
+async fn sqlite_admin_writes_wait_for_a_busy_ledger_writer_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("l.db").display());
+    let server = Backend::connect(&url).await.unwrap();
+    let cli = Backend::connect(&url).await.unwrap();
+    cli.create_team(&TeamRow { name: "t".into(), budget: BudgetSpec::default(), created_ms: 0 }).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let batch: Vec<RequestRecord> = (0..20)
+                    .map(|j| record(&format!("req_{i}_{j}"), T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported))
+                    .collect();
+                server.insert_records(&batch).await.unwrap();
+                i += 1;
+            }
+        })
+    };
+    for i in 0..150 {
+        let (row, _) = tollgate::api::admin::new_key("t", &format!("k{i}"), BudgetSpec::default());
+        cli.create_key(&row).await.unwrap_or_else(|e| panic!("key {i}: {e}"));
+        cli.revoke_key(&row.id, T0).await.unwrap_or_else(|e| panic!("revoking key {i}: {e}"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+}

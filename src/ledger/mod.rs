@@ -683,7 +683,8 @@ macro_rules! shared_queries {
         $db:ty,
         day = $day:literal,
         int = $int:literal,
-        max_rows = $max_rows:expr
+        max_rows = $max_rows:expr,
+        begin_write = $begin_write:literal
     ) => {
         /// Writes a batch as multi-row upserts: a journal entry (`pending`) never overwrites
         /// a row, a final record replaces its journal entry. Statements hold a power of two
@@ -697,7 +698,7 @@ macro_rules! shared_queries {
                 Self::insert_chunk(&self.pool, &records).await?;
                 return Ok(());
             }
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             let mut at = 0;
             for len in chunks {
                 Self::insert_chunk(&mut *tx, &records[at..at + len]).await?;
@@ -747,7 +748,7 @@ macro_rules! shared_queries {
         }
 
         pub async fn retract<R: std::borrow::Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             for r in records.iter().map(std::borrow::Borrow::borrow) {
                 sqlx::query("DELETE FROM requests WHERE request_id = $1 AND usage_source = 'pending'")
                     .bind(&r.request_id)
@@ -805,7 +806,7 @@ macro_rules! shared_queries {
         }
 
         pub async fn create_team(&self, team: &TeamRow) -> Result<(), LedgerError> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             let b = &team.budget;
             let result = sqlx::query(
                 "INSERT INTO teams (name, limit_nano, period, downgrade_at, models, rpm, tpm, created_ms) \
@@ -833,7 +834,7 @@ macro_rules! shared_queries {
         }
 
         pub async fn update_team(&self, team: &TeamRow) -> Result<(), LedgerError> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             let b = &team.budget;
             let done = sqlx::query(
                 "UPDATE teams SET limit_nano = $2, period = $3, downgrade_at = $4, models = $5, rpm = $6, tpm = $7 \
@@ -857,7 +858,7 @@ macro_rules! shared_queries {
         }
 
         pub async fn delete_team(&self, name: &str, now_ms: i64) -> Result<(), LedgerError> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             let done = sqlx::query("DELETE FROM teams WHERE name = $1").bind(name).execute(&mut *tx).await?;
             if done.rows_affected() == 0 {
                 return Err(LedgerError::NotFound(format!("team {name:?} does not exist")));
@@ -873,7 +874,7 @@ macro_rules! shared_queries {
         }
 
         pub async fn create_key(&self, key: &KeyRow) -> Result<(), LedgerError> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             let exists: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM teams WHERE name = $1").bind(&key.team).fetch_one(&mut *tx).await?;
             if exists == 0 {
@@ -904,7 +905,7 @@ macro_rules! shared_queries {
         }
 
         pub async fn update_key(&self, key: &KeyRow) -> Result<(), LedgerError> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             let b = &key.budget;
             let done = sqlx::query(
                 "UPDATE keys SET name = $2, limit_nano = $3, period = $4, downgrade_at = $5, models = $6, rpm = $7, \
@@ -929,7 +930,7 @@ macro_rules! shared_queries {
         }
 
         pub async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<(), LedgerError> {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.pool.begin_with($begin_write).await?;
             let done = sqlx::query("UPDATE keys SET revoked_ms = COALESCE(revoked_ms, $2) WHERE id = $1")
                 .bind(id)
                 .bind(now_ms)

@@ -44,7 +44,8 @@ impl PostgresBackend {
         day = "to_char(to_timestamp(time_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
         int = "::BIGINT",
         // PostgreSQL binds at most 65,535 parameters a statement.
-        max_rows = 60_000 / RECORD_COLUMNS
+        max_rows = 60_000 / RECORD_COLUMNS,
+        begin_write = "BEGIN"
     );
 }
 

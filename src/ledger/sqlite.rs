@@ -53,7 +53,11 @@ impl SqliteBackend {
         day = "strftime('%Y-%m-%d', time_ms / 1000, 'unixepoch')",
         int = "",
         // SQLite binds at most 32,766 parameters a statement.
-        max_rows = 32_000 / RECORD_COLUMNS
+        max_rows = 32_000 / RECORD_COLUMNS,
+        // A transaction that reads and then writes takes the write lock up front: a deferred
+        // one fails at once with SQLITE_BUSY (no busy wait) when another connection — the
+        // server's ledger writer, while the CLI creates a key — commits between the two.
+        begin_write = "BEGIN IMMEDIATE"
     );
 }
 
