@@ -414,7 +414,9 @@ impl RawConfig {
             }
             let base_url = match (p.kind, p.base_url) {
                 (_, Some(url)) => {
-                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    if !(url.starts_with("http://") || url.starts_with("https://"))
+                        || crate::upstream::parse_upstream_uri(&url).is_none()
+                    {
                         problems.push(format!("provider {:?}: base_url must be an http(s) URL", p.name));
                     }
                     url.trim_end_matches('/').to_string()
@@ -668,6 +670,18 @@ mod tests {
         assert_eq!(Config::from_toml("workers = 3", env).unwrap().workers, 3);
         let err = Config::from_toml("workers = 0", env).unwrap_err();
         assert!(err.to_string().contains("workers must be positive"), "{err}");
+    }
+
+    #[test]
+    fn a_provider_base_url_must_parse_with_a_host() {
+        let provider = |url: &str| format!("[[providers]]\nname='p'\nkind='openai'\nbase_url='{url}'");
+        for good in ["https://api.openai.com/v1", "http://127.0.0.1:8080/v1/", "http://[::1]:9000"] {
+            assert!(Config::from_toml(&provider(good), env).is_ok(), "{good}");
+        }
+        for bad in ["http://", "https://exa mple.com/v1", "http://host:port/v1", "ftp://host/v1", "api.openai.com"] {
+            let err = Config::from_toml(&provider(bad), env).unwrap_err();
+            assert!(err.to_string().contains("base_url must be an http(s) URL"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -1,15 +1,25 @@
-//! The only outbound HTTP. One `reqwest::Client` per provider (its connect timeout is the
-//! provider's), the first-byte timeout around the wait for response headers, and the idle
+//! The only outbound HTTP: hyper's pooled client (hyper-util), over rustls for `https://`
+//! providers (HTTP/1.1, or HTTP/2 when the provider offers it), with the provider's connect
+//! timeout, the first-byte timeout around the wait for response headers, and the idle
 //! timeout applied to every gap inside the body.
+//!
+//! hyper is called directly rather than through reqwest: reqwest re-parsed every request's
+//! URL and ran each request through redirect and retry layers tollgate does not use, about
+//! 4% of the gateway's CPU per request (docs/benchmarks.md). What tollgate needs of it is
+//! here: pooled keep-alive connections, TLS with Mozilla's roots, timeouts, and error text
+//! that never carries the URL. Proxy environment variables (`HTTPS_PROXY`) are not read.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Config, Provider, ProviderKind};
 use crate::error::ApiError;
@@ -58,54 +68,54 @@ impl SendError {
     }
 }
 
+/// Why the upstream clients could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("provider {provider:?}: base_url {url:?} is not a valid URL")]
+    BadUrl { provider: String, url: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+type Http = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// HTTP clients for every provider.
 pub struct Upstreams {
     clients: HashMap<String, Client>,
 }
 
-/// One provider's client, with what every request to it repeats prepared once: the URL of
-/// each endpoint (parsing a URL per request cost ~3% of the gateway's CPU) and the
-/// `Authorization` header.
+/// One provider's client, with what every request to it repeats prepared once: the URI of
+/// each endpoint and the `Authorization` header.
 ///
 /// Each server worker thread has its own connection pool (`http[worker]`): a pooled
 /// connection is driven by a task on the runtime that opened it, so a request only ever
 /// uses connections its own thread drives, and a response never hops between threads.
 struct Client {
-    http: Vec<reqwest::Client>,
-    urls: HashMap<&'static str, reqwest::Url>,
-    authorization: Option<reqwest::header::HeaderValue>,
+    http: Vec<Http>,
+    uris: HashMap<&'static str, Uri>,
+    authorization: Option<HeaderValue>,
 }
 
 impl Upstreams {
     /// Clients for `workers` server worker threads (at least one).
-    pub fn new(config: &Config, workers: usize) -> Result<Upstreams, reqwest::Error> {
+    pub fn new(config: &Config, workers: usize) -> Result<Upstreams, ClientError> {
         let mut clients = HashMap::new();
         for p in config.providers.iter().filter(|p| p.kind == ProviderKind::Openai) {
-            let http = (0..workers.max(1))
-                .map(|_| {
-                    reqwest::Client::builder()
-                        .connect_timeout(Duration::from_millis(p.connect_timeout_ms))
-                        .pool_idle_timeout(Duration::from_secs(90))
-                        .pool_max_idle_per_host(1024)
-                        .tcp_nodelay(true)
-                        // No automatic redirects: a redirect from an API is a misconfiguration.
-                        .redirect(reqwest::redirect::Policy::none())
-                        .build()
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let urls = crate::request::Endpoint::ALL
-                .iter()
-                .filter_map(|e| {
-                    let path = e.upstream_path();
-                    reqwest::Url::parse(&format!("{}{path}", p.base_url)).ok().map(|url| (path, url))
-                })
-                .collect();
+            let http = (0..workers.max(1)).map(|_| http_client(p)).collect::<Result<Vec<_>, _>>()?;
+            let mut uris = HashMap::new();
+            for e in crate::request::Endpoint::ALL {
+                let path = e.upstream_path();
+                let url = format!("{}{path}", p.base_url);
+                let uri = parse_upstream_uri(&url)
+                    .ok_or_else(|| ClientError::BadUrl { provider: p.name.clone(), url: p.base_url.clone() })?;
+                uris.insert(path, uri);
+            }
             let authorization = p.api_key.as_ref().and_then(|key| {
-                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+                let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
                 value.set_sensitive(true);
                 Some(value)
             });
-            clients.insert(p.name.clone(), Client { http, urls, authorization });
+            clients.insert(p.name.clone(), Client { http, uris, authorization });
         }
         Ok(Upstreams { clients })
     }
@@ -117,45 +127,86 @@ impl Upstreams {
             return crate::mock::respond(path, body, idle_timeout).await;
         }
         let client = self.clients.get(&provider.name).ok_or_else(|| SendError::Other("no client".into()))?;
+        let uri = client.uris.get(path).ok_or_else(|| SendError::Other(format!("no upstream path {path}")))?;
         let http = &client.http[crate::server::worker_index() % client.http.len()];
-        let mut request = match client.urls.get(path) {
-            Some(url) => http.post(url.clone()),
-            None => http.post(format!("{}{}", provider.base_url, path)),
-        }
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
-        .body(body);
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri.clone();
+        let headers = request.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
         if let Some(authorization) = &client.authorization {
-            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
+            headers.insert(header::AUTHORIZATION, authorization.clone());
         }
         let first_byte = Duration::from_millis(provider.first_byte_timeout_ms);
-        let mut response = match tokio::time::timeout(first_byte, request.send()).await {
+        let response = match tokio::time::timeout(first_byte, http.request(request)).await {
             Err(_) => return Err(SendError::Timeout),
             Ok(Err(e)) if e.is_connect() => {
-                // reqwest reports a connect timeout as a connect error with is_timeout().
-                if e.is_timeout() {
+                // The connector reports its connect timeout as a connect error.
+                if caused_by_timeout(&e) {
                     return Err(SendError::Timeout);
                 }
-                return Err(SendError::Connect(without_url(&e)));
+                return Err(SendError::Connect(describe(&e)));
             }
-            Ok(Err(e)) if e.is_timeout() => return Err(SendError::Timeout),
-            Ok(Err(e)) => return Err(SendError::Other(without_url(&e))),
+            Ok(Err(e)) => return Err(SendError::Other(describe(&e))),
             Ok(Ok(r)) => r,
         };
-        let status = response.status();
-        let headers = std::mem::take(response.headers_mut());
-        let body = response.bytes_stream().map(|r| r.map_err(|e| BodyError::Broken(without_url(&e))));
-        Ok(UpstreamResponse { status, headers, body: Box::pin(body), idle_timeout })
+        let (parts, incoming) = response.into_parts();
+        let body = incoming.into_data_stream().map(|r| r.map_err(|e| BodyError::Broken(describe(&e))));
+        Ok(UpstreamResponse { status: parts.status, headers: parts.headers, body: Box::pin(body), idle_timeout })
     }
 }
 
-/// A reqwest error's text without the URL (which could carry credentials in userinfo).
-fn without_url(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    if let Some(url) = e.url() {
-        text = text.replace(url.as_str(), "<upstream>");
+/// A pooled client for one provider, for one worker thread.
+fn http_client(p: &Provider) -> Result<Http, ClientError> {
+    let mut tcp = HttpConnector::new();
+    tcp.set_connect_timeout(Some(Duration::from_millis(p.connect_timeout_ms)));
+    tcp.set_nodelay(true);
+    // The TLS wrapper below decides the scheme.
+    tcp.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .build(connector))
+}
+
+/// The URI of an upstream endpoint: an absolute `http(s)://` URL with a host.
+pub fn parse_upstream_uri(url: &str) -> Option<Uri> {
+    let uri: Uri = url.parse().ok()?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
+    // `Uri` takes `host:port` with a port that is not a number (and then reports none).
+    let host_port = uri.authority().map_or("", |a| a.as_str().rsplit('@').next().unwrap_or(""));
+    let after_host = host_port.rfind(']').map_or(host_port, |i| &host_port[i + 1..]);
+    let port_ok = after_host.rfind(':').is_none_or(|i| after_host[i + 1..].parse::<u16>().is_ok());
+    (scheme_ok && host_ok && port_ok).then_some(uri)
+}
+
+/// Whether a connect error was the connect timeout.
+fn caused_by_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = s.source();
     }
-    let mut source = std::error::Error::source(e);
+    false
+}
+
+/// An error and its causes on one line. hyper's errors carry no URL, so no credential a
+/// base URL might hold can leak into logs or answers through them.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
     while let Some(s) = source {
         text.push_str(": ");
         text.push_str(&s.to_string());
@@ -187,7 +238,7 @@ impl UpstreamResponse {
     }
 
     pub fn content_type(&self) -> &str {
-        self.headers.get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
     }
 }
 
