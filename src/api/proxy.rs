@@ -273,7 +273,9 @@ async fn handle(
     let job = Forward { parsed, body, model, downgraded_from, meter, prompt_tokens, reject };
     // The journal entry and the forward run in a tracked task: if this handler is dropped
     // (client gone), the request is still journaled, metered and recorded.
-    let task = app.tracker.spawn(job.run());
+    // Boxed: the task then moves a pointer, not the few kilobytes of the forwarding state
+    // machine, through each layer of spawning (those copies were ~2% of the CPU per request).
+    let task = app.tracker.spawn(Box::pin(job.run()));
     match task.await {
         Ok(response) => Ok(response),
         Err(e) => {
@@ -523,7 +525,7 @@ fn relay_stream(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse
     let app = meter.app.clone();
     let drain = std::time::Duration::from_millis(app.config.disconnect_drain_ms);
     let status = upstream.status;
-    app.tracker.spawn(pump(meter, served, upstream, client_wants_usage, tx, drain));
+    app.tracker.spawn(Box::pin(pump(meter, served, upstream, client_wants_usage, tx, drain)));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
