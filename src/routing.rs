@@ -172,17 +172,26 @@ pub async fn load_account(
     Ok(())
 }
 
+/// Who asks for what: the request side of [`admit`].
+#[derive(Clone, Copy)]
+pub struct Ask<'a> {
+    pub caller: &'a Caller,
+    /// The caller's budgets (its key's and its team's).
+    pub budgets: &'a [Applicable],
+    pub request: &'a ParsedRequest,
+    /// The model the request names.
+    pub asked: &'a Arc<Model>,
+}
+
 /// Routes the request and reserves its worst case, or says why nothing fits.
 pub fn admit(
     config: &Config,
     book: &BudgetBook,
-    caller: &Caller,
-    budgets: &[Applicable],
-    request: &ParsedRequest,
-    asked: &Arc<Model>,
+    ask: Ask<'_>,
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Admission, (String, Option<Refusal>)> {
+    let Ask { caller, budgets, request, asked } = ask;
     let chain = chain(config, asked);
     let mut past_threshold = chain.len() > 1 && book.past_threshold(budgets, now);
     if past_threshold {

@@ -210,7 +210,8 @@ async fn handle(
     let budgets = caller.budgets();
     routing::load_accounts(&app.budgets, &app.ledger, &budgets, now).await?;
     let mut counter = PromptCounter::new(&parsed);
-    let admitted = routing::admit(&app.config, &app.budgets, &caller, &budgets, &parsed, &asked, &mut counter, now);
+    let ask = routing::Ask { caller: &caller, budgets: &budgets, request: &parsed, asked: &asked };
+    let admitted = routing::admit(&app.config, &app.budgets, ask, &mut counter, now);
     if dry_run {
         return Ok(dry_run_answer(app, &budgets, &parsed, &asked, admitted, &mut counter, now));
     }
