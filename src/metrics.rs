@@ -1,7 +1,9 @@
 //! Prometheus metrics: requests, tokens and cost by model and team, refusals by code,
 //! upstream latency and gateway overhead, and the ledger writer's state.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -58,7 +60,32 @@ pub struct Metrics {
     ledger_written: Gauge,
     ledger_queued: Gauge,
     ledger_failing: Gauge,
+    /// Each worker thread's handles on the series it records into (see [`Handles`]).
+    shards: Vec<Shard>,
 }
+
+/// How many sets of cached handles there are; worker `i` uses set `i % SHARDS`.
+const SHARDS: usize = 16;
+
+/// One worker's cached handles, by model, then team; on a cache line of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<HashMap<String, HashMap<String, Handles>>>);
+
+/// The series one (model, team) pair records into. A handle shares its counter with the
+/// family it came from, so recording through it is one atomic add: no label set to build
+/// (two `String`s each), hash and look up under the family's lock, which both workers
+/// share, on every request. Series are still created on first use only.
+#[derive(Default)]
+struct Handles {
+    requests: Vec<(u16, Counter)>,
+    /// Input, cached input and output tokens.
+    tokens: [Option<Counter>; 3],
+    cost: Option<Counter<f64, AtomicU64>>,
+    upstream_latency: Option<Histogram>,
+}
+
+const TOKEN_KINDS: [&str; 3] = ["input", "cached_input", "output"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -82,23 +109,65 @@ impl Default for Metrics {
         registry.register("ledger_queue_depth", "Request records waiting to be written", ledger_queued.clone());
         let ledger_failing = Gauge::default();
         registry.register("ledger_failing", "1 while ledger writes fail", ledger_failing.clone());
-        Metrics { registry, requests, tokens, cost, refused, upstream_latency, overhead, ledger_written, ledger_queued, ledger_failing }
+        let shards = (0..SHARDS).map(|_| Shard::default()).collect();
+        Metrics {
+            registry,
+            requests,
+            tokens,
+            cost,
+            refused,
+            upstream_latency,
+            overhead,
+            ledger_written,
+            ledger_queued,
+            ledger_failing,
+            shards,
+        }
     }
 }
 
 impl Metrics {
-    pub fn record_request(&self, model: &str, team: &str, status: u16, usage: &Usage, cost: NanoUsd) {
-        self.requests.get_or_create(&RequestLabels { model: model.into(), team: team.into(), status }).inc();
-        for (kind, n) in [
-            ("input", usage.input_tokens),
-            ("cached_input", usage.cached_input_tokens),
-            ("output", usage.output_tokens),
-        ] {
-            if n > 0 {
-                self.tokens.get_or_create(&TokenLabels { model: model.into(), team: team.into(), kind }).inc_by(n);
-            }
+    /// Runs `f` on this worker's handles for (`model`, `team`).
+    fn with_handles<R>(&self, model: &str, team: &str, f: impl FnOnce(&mut Handles) -> R) -> R {
+        let shard = &self.shards[crate::server::worker_index() % SHARDS];
+        let mut by_model = shard.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !by_model.contains_key(model) {
+            by_model.insert(model.to_string(), HashMap::new());
         }
-        self.cost.get_or_create(&CostLabels { model: model.into(), team: team.into() }).inc_by(cost.as_usd());
+        let by_team = by_model.get_mut(model).expect("inserted above");
+        if !by_team.contains_key(team) {
+            by_team.insert(team.to_string(), Handles::default());
+        }
+        f(by_team.get_mut(team).expect("inserted above"))
+    }
+
+    pub fn record_request(&self, model: &str, team: &str, status: u16, usage: &Usage, cost: NanoUsd) {
+        self.with_handles(model, team, |h| {
+            match h.requests.iter().find(|(s, _)| *s == status) {
+                Some((_, counter)) => {
+                    counter.inc();
+                }
+                None => {
+                    let counter =
+                        self.requests.get_or_create(&RequestLabels { model: model.into(), team: team.into(), status }).clone();
+                    counter.inc();
+                    h.requests.push((status, counter));
+                }
+            }
+            let counts = [usage.input_tokens, usage.cached_input_tokens, usage.output_tokens];
+            for ((kind, n), handle) in TOKEN_KINDS.into_iter().zip(counts).zip(&mut h.tokens) {
+                if n > 0 {
+                    handle
+                        .get_or_insert_with(|| {
+                            self.tokens.get_or_create(&TokenLabels { model: model.into(), team: team.into(), kind }).clone()
+                        })
+                        .inc_by(n);
+                }
+            }
+            h.cost
+                .get_or_insert_with(|| self.cost.get_or_create(&CostLabels { model: model.into(), team: team.into() }).clone())
+                .inc_by(cost.as_usd());
+        });
     }
 
     pub fn record_refusal(&self, code: &str) {
@@ -106,7 +175,12 @@ impl Metrics {
     }
 
     pub fn observe_upstream(&self, model: &str, elapsed: Duration) {
-        self.upstream_latency.get_or_create(&ModelLabels { model: model.into() }).observe(elapsed.as_secs_f64());
+        // Keyed by model alone: the team slot is left empty.
+        self.with_handles(model, "", |h| {
+            h.upstream_latency
+                .get_or_insert_with(|| self.upstream_latency.get_or_create(&ModelLabels { model: model.into() }).clone())
+                .observe(elapsed.as_secs_f64());
+        });
     }
 
     pub fn observe_overhead(&self, elapsed: Duration) {
@@ -123,5 +197,48 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(input: u64, cached: u64, output: u64) -> Usage {
+        Usage { input_tokens: input, cached_input_tokens: cached, output_tokens: output }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix)).map(|l| l[prefix.len()..].trim())
+    }
+
+    #[test]
+    fn requests_tokens_and_cost_add_up_by_model_and_team() {
+        let m = Metrics::default();
+        m.record_request("gpt-4o-mini", "search", 200, &usage(10, 0, 5), NanoUsd(1_500));
+        m.record_request("gpt-4o-mini", "search", 200, &usage(20, 4, 7), NanoUsd(2_500));
+        m.record_request("gpt-4o-mini", "search", 502, &usage(0, 0, 0), NanoUsd(0));
+        m.record_request("gpt-4o", "search", 200, &usage(1, 0, 1), NanoUsd(10));
+        // The same pair recorded from another thread (another worker's handles) lands in the same series.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                crate::server::set_worker_index(1);
+                m.record_request("gpt-4o-mini", "search", 200, &usage(1, 0, 1), NanoUsd(1_000));
+            });
+        });
+        m.observe_upstream("gpt-4o-mini", Duration::from_millis(3));
+        m.observe_upstream("gpt-4o-mini", Duration::from_millis(5));
+        let text = m.render(&LedgerHealth::default());
+        let series = |p: &str| line(&text, p).unwrap_or_else(|| panic!("no {p} in\n{text}")).to_string();
+        assert_eq!(series(r#"tollgate_requests_total{model="gpt-4o-mini",team="search",status="200"}"#), "3");
+        assert_eq!(series(r#"tollgate_requests_total{model="gpt-4o-mini",team="search",status="502"}"#), "1");
+        assert_eq!(series(r#"tollgate_requests_total{model="gpt-4o",team="search",status="200"}"#), "1");
+        assert_eq!(series(r#"tollgate_tokens_total{model="gpt-4o-mini",team="search",kind="input"}"#), "31");
+        assert_eq!(series(r#"tollgate_tokens_total{model="gpt-4o-mini",team="search",kind="cached_input"}"#), "4");
+        assert_eq!(series(r#"tollgate_tokens_total{model="gpt-4o-mini",team="search",kind="output"}"#), "13");
+        assert!(line(&text, r#"tollgate_tokens_total{model="gpt-4o",team="search",kind="cached_input"}"#).is_none());
+        let cost: f64 = series(r#"tollgate_cost_usd_total{model="gpt-4o-mini",team="search"}"#).parse().unwrap();
+        assert!((cost - 5e-6).abs() < 1e-12, "{cost}");
+        assert_eq!(series(r#"tollgate_upstream_latency_seconds_count{model="gpt-4o-mini"}"#), "2");
     }
 }

@@ -237,6 +237,11 @@ pub fn worker_index() -> usize {
     WORKER.with(|w| w.get())
 }
 
+/// Marks this thread as server worker `index`.
+pub(crate) fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
 type Handover = (std::net::TcpStream, hyper_util::server::graceful::Watcher);
 
 /// The threads that serve connections, nginx-style: each runs a single-threaded runtime
@@ -270,7 +275,7 @@ impl WorkerPool {
                 .build()?;
             let (router, builder, stop) = (router.clone(), builder.clone(), stop.clone());
             let thread = std::thread::Builder::new().name(format!("tollgate-worker-{index}")).spawn(move || {
-                WORKER.with(|w| w.set(index));
+                set_worker_index(index);
                 crate::ledger::journal::group_appends_on_this_thread();
                 runtime.block_on(serve_handed_over(rx, router, builder, header_timeout, stop));
                 drop(runtime);
