@@ -298,7 +298,7 @@ impl Journal {
         let done = GROUP.with(|g| {
             let mut group = g.borrow_mut();
             let group = group.as_mut()?;
-            group.appends_this_turn += 1;
+            group.appends_this_turn = group.appends_this_turn.saturating_add(1);
             group.grouping.then(|| group.add(self, line.as_slice()))
         });
         let Some(done) = done else {
