@@ -455,8 +455,9 @@ pub fn group_appends_on_this_thread() {
     });
 }
 
-/// Writes the lines this thread grouped since its last flush, in one `write(2)`, and wakes
-/// the tasks waiting on them. Called at the end of each event-loop turn of a worker.
+/// Writes the lines this thread grouped since its last flush, in one `write(2)`, wakes the
+/// tasks waiting on them, and decides whether the next turn groups (only after a turn with
+/// more than one append). Called at the end of each event-loop turn of a worker.
 pub fn flush_grouped_appends() {
     GROUP.with(|g| {
         if let Ok(mut group) = g.try_borrow_mut() {

@@ -428,17 +428,11 @@ impl Ledger {
 
     /// Appends a record's line, grouped with the other appends of this worker's turn.
     async fn append_grouped(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
-        match self.journal.append_grouped(journal::encode(Op::Write, record)).await {
-            Ok(pin) => (Some(pin), Ok(())),
-            Err(e) => (None, Err(Arc::new(LedgerError::Journal(e)))),
-        }
+        appended(self.journal.append_grouped(journal::encode(Op::Write, record)).await)
     }
 
     fn append(&self, op: Op, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
-        match self.journal.append(&journal::encode(op, record)) {
-            Ok(pin) => (Some(pin), Ok(())),
-            Err(e) => (None, Err(Arc::new(LedgerError::Journal(e)))),
-        }
+        appended(self.journal.append(&journal::encode(op, record)))
     }
 
     /// Waits, at most the sync timeout, until every record queued before this call is
@@ -452,6 +446,14 @@ impl Ledger {
         self.wanted.notify_one();
         let mut committed = self.committed.clone();
         let _ = tokio::time::timeout(self.sync_timeout, committed.wait_for(|&n| n >= target)).await;
+    }
+}
+
+/// A journal append's outcome as the ledger hands it on: the pin, if any, and the error.
+fn appended(result: std::io::Result<Pin>) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
+    match result {
+        Ok(pin) => (Some(pin), Ok(())),
+        Err(e) => (None, Err(Arc::new(LedgerError::Journal(e)))),
     }
 }
 
