@@ -13,9 +13,11 @@ mod postgres;
 
 use postgres::postgres_url;
 
-fn record(id: &str, time_ms: i64, key: &str, team: &str, model: &str, cost: i64, source: UsageSource) -> RequestRecord {
+/// A record with an id as the server makes them (`req_` + start time in hex + 64 bits), the
+/// 64 bits being `tag`.
+fn record(tag: u64, time_ms: i64, key: &str, team: &str, model: &str, cost: i64, source: UsageSource) -> RequestRecord {
     RequestRecord {
-        request_id: id.into(),
+        request_id: id(tag, time_ms),
         time_ms,
         key_id: key.into(),
         team: team.into(),
@@ -29,6 +31,10 @@ fn record(id: &str, time_ms: i64, key: &str, team: &str, model: &str, cost: i64,
         latency_ms: 5,
         stream: false,
     }
+}
+
+fn id(tag: u64, time_ms: i64) -> String {
+    format!("req_{time_ms:012x}{tag:016x}")
 }
 
 const DAY: i64 = 86_400_000;
@@ -66,15 +72,15 @@ async fn contract(db: Backend) {
 
     // Records: a journal entry is replaced by its final record and never counted as spend.
     let k = key.id.as_str();
-    db.insert_records(&[record("req_a", T0, k, "search", "gpt-4o", 1000, UsageSource::Pending)]).await.unwrap();
+    db.insert_records(&[record(0xa, T0, k, "search", "gpt-4o", 1000, UsageSource::Pending)]).await.unwrap();
     assert_eq!(db.spent_since(true, k, 0).await.unwrap(), NanoUsd(0));
     db.insert_records(&[
-        record("req_a", T0, k, "search", "gpt-4o", 700, UsageSource::Reported),
-        record("req_b", T0 + DAY, k, "search", "gpt-4o-mini", 300, UsageSource::Estimated),
-        record("req_c", T0 + DAY, "key_other", "growth", "gpt-4o-mini", 50, UsageSource::Reported),
-        record("req_d", T0 + 2 * DAY, k, "search", "gpt-4o", 9, UsageSource::Pending),
+        record(0xa, T0, k, "search", "gpt-4o", 700, UsageSource::Reported),
+        record(0xb, T0 + DAY, k, "search", "gpt-4o-mini", 300, UsageSource::Estimated),
+        record(0xc, T0 + DAY, "key_other", "growth", "gpt-4o-mini", 50, UsageSource::Reported),
+        record(0xd, T0 + 2 * DAY, k, "search", "gpt-4o", 9, UsageSource::Pending),
         // A journal entry arriving after its final record must not overwrite it.
-        record("req_a", T0, k, "search", "gpt-4o", 1000, UsageSource::Pending),
+        record(0xa, T0, k, "search", "gpt-4o", 1000, UsageSource::Pending),
     ])
     .await
     .unwrap();
@@ -98,17 +104,28 @@ async fn contract(db: Backend) {
     let filtered = SpendFilter { from_ms: Some(T0 + DAY), to_ms: Some(T0 + 2 * DAY), team: Some("search".into()), ..Default::default() };
     let (total, _) = db.spend(&filtered, &[]).await.unwrap();
     assert_eq!((total.requests, total.cost), (1, NanoUsd(300)));
+    // A time range alone (found through the request ids, which begin with their time):
+    // `from` is inclusive, `to` exclusive.
+    let range = |from, to| SpendFilter { from_ms: Some(from), to_ms: Some(to), ..Default::default() };
+    let (total, _) = db.spend(&range(T0 + DAY, T0 + 2 * DAY), &[]).await.unwrap();
+    assert_eq!((total.requests, total.cost), (2, NanoUsd(350)));
+    let (total, _) = db.spend(&range(T0, T0 + DAY), &[]).await.unwrap();
+    assert_eq!((total.requests, total.cost), (1, NanoUsd(700)));
+    let (total, _) = db.spend(&range(T0 + 1, T0 + DAY + 1), &[]).await.unwrap();
+    assert_eq!((total.requests, total.cost), (2, NanoUsd(350)));
+    let (total, _) = db.spend(&SpendFilter { from_ms: Some(-5), ..Default::default() }, &[]).await.unwrap();
+    assert_eq!(total.requests, 3);
     let by_model = SpendFilter { model: Some("gpt-4o-mini".into()), ..Default::default() };
     assert_eq!(db.spend(&by_model, &[]).await.unwrap().0.requests, 2);
 
     // Logs: newest first, paginated by cursor; journal entries are visible as pending.
     let page = db.logs(&LogFilter { limit: 2, ..Default::default() }).await.unwrap();
     let ids: Vec<&str> = page.records.iter().map(|r| r.request_id.as_str()).collect();
-    assert_eq!(ids, vec!["req_d", "req_c"]);
+    assert_eq!(ids, vec![id(0xd, T0 + 2 * DAY), id(0xc, T0 + DAY)]);
     assert_eq!(page.records[0].usage_source, UsageSource::Pending);
     let next = db.logs(&LogFilter { limit: 2, before: page.next_before.clone(), ..Default::default() }).await.unwrap();
     let ids: Vec<&str> = next.records.iter().map(|r| r.request_id.as_str()).collect();
-    assert_eq!(ids, vec!["req_b", "req_a"]);
+    assert_eq!(ids, vec![id(0xb, T0 + DAY), id(0xa, T0)]);
     assert!(next.next_before.is_none());
     assert_eq!(next.records[1].usage_source, UsageSource::Reported);
     assert_eq!(next.records[1].usage, Usage { input_tokens: 100, cached_input_tokens: 10, output_tokens: 20 });
@@ -144,7 +161,7 @@ async fn postgres_backend_meets_the_ledger_contract() {
 #[tokio::test]
 async fn big_batches_fit_each_backends_parameter_limit() {
     let records: Vec<RequestRecord> =
-        (0..5000).map(|i| record(&format!("req_{i:06}"), T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported)).collect();
+        (0..5000).map(|i| record(i as u64, T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported)).collect();
     let dir = tempfile::tempdir().unwrap();
     let sqlite = Backend::connect(&format!("sqlite://{}", dir.path().join("l.db").display())).await.unwrap();
     sqlite.insert_records(&records).await.unwrap();
@@ -174,7 +191,7 @@ async fn sqlite_admin_writes_wait_for_a_busy_ledger_writer_instead_of_failing() 
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let batch: Vec<RequestRecord> = (0..20)
-                    .map(|j| record(&format!("req_{i}_{j}"), T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported))
+                    .map(|j| record(j, T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported))
                     .collect();
                 server.insert_records(&batch).await.unwrap();
                 i += 1;

@@ -59,16 +59,11 @@ pub async fn list_models(State(app): State<AppState>, headers: HeaderMap) -> Res
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-/// A request id that sorts by time: `req_` + start time (ms, hex) + 64 random bits.
-fn new_request_id(time_ms: i64) -> String {
-    format!("req_{:012x}{:016x}", time_ms, rand::random::<u64>())
-}
-
 async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
     let started = Instant::now();
     // The budget clock, so records and budget periods agree even when a test moves it.
     let time_ms = app.clock.now().timestamp_millis();
-    let request_id = new_request_id(time_ms);
+    let request_id = crate::ledger::new_request_id(time_ms);
     let mut response = match handle(&app, endpoint, req, started, time_ms, &request_id).await {
         Ok(response) => response,
         Err(e) => {

@@ -74,9 +74,29 @@ impl UsageSource {
     }
 }
 
+/// Hex digits of the start time in a request id.
+const ID_TIME_DIGITS: usize = 12;
+
+/// A new request id: `req_`, the start time (Unix ms) as 12 lower-case hex digits, then 64
+/// random bits in hex. Ids therefore sort by start time: the requests table's primary key
+/// serves as its time index (spend queries over a time range) and as the logs' cursor.
+pub fn new_request_id(time_ms: i64) -> String {
+    format!("req_{:012x}{:016x}", time_ms.clamp(0, max_id_time()), rand::random::<u64>())
+}
+
+fn max_id_time() -> i64 {
+    (1i64 << (4 * ID_TIME_DIGITS)) - 1
+}
+
+/// The smallest id a request started at `time_ms` can have; `None` past the ids' range.
+pub(crate) fn request_id_floor(time_ms: i64) -> Option<String> {
+    (time_ms <= max_id_time()).then(|| format!("req_{:0width$x}", time_ms.max(0), width = ID_TIME_DIGITS))
+}
+
 /// One forwarded request, as recorded.
 #[derive(Clone, Debug)]
 pub struct RequestRecord {
+    /// See [`new_request_id`]: the time it starts with is `time_ms`.
     pub request_id: String,
     /// Start of the request, Unix ms.
     pub time_ms: i64,
@@ -1048,10 +1068,19 @@ macro_rules! shared_queries {
         }
 
         fn push_spend_filter(qb: &mut QueryBuilder<'_, $db>, filter: &SpendFilter) {
+            // A time range is also put as a range of request ids (which begin with their
+            // time): the primary key's index then finds it, with no index on time_ms to keep
+            // up on every insert.
             if let Some(from) = filter.from_ms {
+                if let Some(floor) = crate::ledger::request_id_floor(from) {
+                    qb.push(" AND request_id >= ").push_bind(floor);
+                }
                 qb.push(" AND time_ms >= ").push_bind(from);
             }
             if let Some(to) = filter.to_ms {
+                if let Some(floor) = crate::ledger::request_id_floor(to) {
+                    qb.push(" AND request_id < ").push_bind(floor);
+                }
                 qb.push(" AND time_ms < ").push_bind(to);
             }
             if let Some(team) = &filter.team {
