@@ -557,7 +557,7 @@ fn tokio_stream_from(
 /// removed when it is exactly there. Anything else passes untouched. Appends to `out`.
 fn push_without_null_usage(out: &mut BytesMut, raw: &[u8]) {
     const FIELD: &[u8] = b",\"usage\":null}";
-    let end = raw.iter().rposition(|&b| b == b'}').map_or(0, |i| i + 1);
+    let end = memchr::memrchr(b'}', raw).map_or(0, |i| i + 1);
     if end >= FIELD.len() && &raw[end - FIELD.len()..end] == FIELD {
         out.extend_from_slice(&raw[..end - FIELD.len()]);
         out.extend_from_slice(b"}");

@@ -164,7 +164,7 @@ impl SseParser {
         };
         loop {
             let unscanned = &self.buf[self.scan..];
-            let found = unscanned.iter().position(|&b| b == b'\n' || b == b'\r');
+            let found = memchr::memchr2(b'\n', b'\r', unscanned);
             #[cfg(test)]
             {
                 self.scanned += found.map_or(unscanned.len(), |i| i + 1);
@@ -229,7 +229,7 @@ fn apply_line(
         // A comment, typically a keep-alive; it stays in `raw` and carries nothing to parse.
         return Ok(());
     }
-    let (name, value) = match line.iter().position(|&b| b == b':') {
+    let (name, value) = match memchr::memchr(b':', line) {
         Some(colon) => {
             let value = &line[colon + 1..];
             (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
