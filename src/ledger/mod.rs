@@ -564,11 +564,13 @@ async fn writer(
                 }
             }
         };
+        // `written` counts records; retractions leave no row.
+        let records = batch.len() as u64;
         drop(batch);
         let n = jobs.len() as u64;
         health.queued.fetch_sub(n, Ordering::Relaxed);
         if landed {
-            health.written.fetch_add(n, Ordering::Relaxed);
+            health.written.fetch_add(records, Ordering::Relaxed);
             health.batches.fetch_add(1, Ordering::Relaxed);
             for job in jobs.drain(..) {
                 for pin in [job.pin, job.entry].into_iter().flatten() {

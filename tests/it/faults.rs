@@ -666,6 +666,10 @@ async fn full_journal_disk_under_reject_refuses_before_forwarding_then_recovers(
     assert_eq!(settled_record(&app, &served).await["status"], 200);
     assert!(!app.logs().await.iter().any(|r| r["request_id"] == refused.as_str()), "a refused request is not recorded");
     assert_eq!(app.http.get(app.url("/health/ready")).send().await.unwrap().status(), 200);
+    // The refused request's withdrawn journal entry is not a record written.
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let written = metrics.lines().find(|l| l.starts_with("tollgate_ledger_records_written ")).unwrap_or_else(|| panic!("{metrics}"));
+    assert_eq!(written, "tollgate_ledger_records_written 2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,9 +727,9 @@ async fn full_journal_disk_under_serve_keeps_serving_and_records_still_land() {
     disk.free();
 }
 
-/// Product bug (reported): `Ledger::record` waits for a queue slot without the ack timeout,
-/// so once the queue is full an admitted request hangs for as long as the database is down.
-/// Run with `--ignored` to reproduce.
+/// Once the queue is full, new requests are refused at admission (they claim their record's
+/// queue place up front), and an admitted request never waits for a place: it once hung for
+/// as long as the database was down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_ledger_queue_refuses_new_requests_and_never_hangs_admitted_ones() {
     // A queue of 4 records and a locked database, policy `serve`: requests are served until
