@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# A/B: compares tollgate builds with each other and with nginx, in one session, alternating.
+#
+#   bench/ab.sh [options] BIN [BIN...]
+#     --secs S       seconds per wrk run (default 5)
+#     --rounds N     rounds; each runs nginx then every BIN, per case (default 3)
+#     --cases "..."  any of chat_c64 stream_c64 chat_c1 (default: all three)
+#     --direct       also run wrk straight at the mock (the "direct" row)
+#
+# For each case and target it prints the medians over rounds of requests/s, p50 and p99
+# latency, the target's CPU time per request (user + system, from /proc, all its threads),
+# and for tollgate that CPU split by thread kind: request workers, the ledger runtime, the
+# SQLite connection threads. Each BIN runs with its own SQLite file, a team with a budget and
+# a key, as bench/run.sh sets them up. Use it to decide whether a change pays: build the old
+# and the new binary (copy target/release/tollgate aside between builds) and compare them
+# here, not with numbers from another session — this machine's noise is larger than most
+# single changes. Do not build while it runs.
+set -Eeuo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SECS=5 ROUNDS=3 CASES="chat_c64 stream_c64 chat_c1" DIRECT=0 BINS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --secs) SECS=$2; shift ;;
+    --rounds) ROUNDS=$2; shift ;;
+    --cases) CASES=$2; shift ;;
+    --direct) DIRECT=1 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    -*) echo "bench/ab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) BINS+=("$(realpath "$1")") ;;
+  esac
+  shift
+done
+[ ${#BINS[@]} -gt 0 ] || { echo "bench/ab.sh: give at least one tollgate binary (see --help)" >&2; exit 2; }
+for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "bench/ab.sh: $b is not executable" >&2; exit 2; }; done
+command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "bench/ab.sh: needs wrk and nginx (bench/run.sh installs them)" >&2; exit 2; }
+MOCK=${CARGO_TARGET_DIR:-$ROOT/target}/release/mock-upstream
+[ -x "$MOCK" ] || (cd "$ROOT" && cargo build --release --quiet --bin mock-upstream)
+
+W=$(mktemp -d /tmp/tollgate-ab.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port_in_log() { # file pattern: waits for the line and prints the port in its URL
+  local i
+  for i in $(seq 100); do
+    grep -q "$2" "$1" 2>/dev/null && { grep -o "$2[^ \"]*" "$1" | head -1 | sed -E 's#.*:([0-9]+).*#\1#'; return; }
+    sleep 0.1
+  done
+  cat "$1" >&2; echo "bench/ab.sh: no '$2' in $1" >&2; exit 1
+}
+
+python3 - "$W" <<'EOF'
+import json, sys
+def chat(stream):
+    body = {"model": "gpt-4o-mini", "max_tokens": 64,
+            "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "Write one sentence about toll bridges."}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":"))
+open(sys.argv[1] + "/chat.json", "w").write(chat(False))
+open(sys.argv[1] + "/stream.json", "w").write(chat(True))
+EOF
+cat >"$W/post.lua" <<'EOF'
+local f = assert(io.open(os.getenv("BODY"), "rb"))
+wrk.method = "POST"; wrk.body = f:read("*a"); f:close()
+wrk.headers["Content-Type"] = "application/json"
+local key = os.getenv("KEY")
+if key and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
+done = function(s, latency)
+  local e = s.errors
+  io.write(string.format("AB %d %d %d %d %d\n", s.requests, s.duration, latency:percentile(50),
+    latency:percentile(99), e.status + e.read + e.write + e.timeout + e.connect))
+end
+EOF
+
+"$MOCK" --port 0 >"$W/mock.log" 2>&1 &
+PIDS+=($!)
+MOCK_PORT=$(port_in_log "$W/mock.log" 'listening on ')
+NGINX_PORT=$(free_port)
+{
+  [ "$(id -u)" = 0 ] && echo "user root;"
+  cat <<EOF
+worker_processes auto; worker_rlimit_nofile 65536; pid $W/nginx.pid; error_log $W/nginx.err warn;
+events { worker_connections 20000; }
+http {
+  access_log off; client_body_temp_path $W/ngx_b; proxy_temp_path $W/ngx_p; fastcgi_temp_path $W/ngx_f;
+  uwsgi_temp_path $W/ngx_u; scgi_temp_path $W/ngx_s; keepalive_requests 10000000;
+  upstream fast { server 127.0.0.1:$MOCK_PORT; keepalive 256; keepalive_requests 10000000; }
+  server { listen 127.0.0.1:$NGINX_PORT;
+    location / { proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }
+}
+EOF
+} >"$W/nginx.conf"
+nginx -p "$W" -c "$W/nginx.conf" -g 'daemon off;' >"$W/nginx.log" 2>&1 &
+NGINX_PID=$!
+PIDS+=($NGINX_PID)
+
+TG_PORT=() TG_PID=() TG_KEY=()
+for i in "${!BINS[@]}"; do
+  mkdir -p "$W/t$i"
+  cat >"$W/t$i/tollgate.toml" <<EOF
+listen = "127.0.0.1:0"
+database_url = "sqlite://$W/t$i/tollgate.db"
+master_key = "sk-admin-ab"
+
+[[providers]]
+name = "fast"
+kind = "openai"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+api_key = "sk-x"
+
+[[models]]
+name = "gpt-4o-mini"
+provider = "fast"
+EOF
+  "${BINS[$i]}" --config "$W/t$i/tollgate.toml" serve >"$W/t$i/log" 2>&1 &
+  TG_PID+=($!)
+  PIDS+=($!)
+  port=$(port_in_log "$W/t$i/log" 'listening on http://')
+  TG_PORT+=("$port")
+  admin() { curl -sSf -X POST -H 'Authorization: Bearer sk-admin-ab' -H 'Content-Type: application/json' -d "$2" "http://127.0.0.1:$port$1"; }
+  admin /admin/teams '{"name":"ab","limit_usd":1000000,"period":"monthly"}' >/dev/null
+  TG_KEY+=("$(admin /admin/keys '{"team":"ab","name":"ab"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')")
+done
+sleep 1
+
+# CPU ticks of a process (all threads), or of its threads whose name matches a pattern.
+ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+thread_ticks() { # pid pattern
+  local t s=0 n
+  for t in /proc/"$1"/task/*; do
+    grep -qE "$2" "$t/comm" 2>/dev/null || continue
+    n=$(sed 's/.*) //' "$t/stat" 2>/dev/null | awk '{print $12 + $13}') || continue
+    s=$((s + ${n:-0}))
+  done
+  echo $s
+}
+RESULTS=$W/results
+run() { # label port key body conc pid [pid...]
+  local label=$1 port=$2 key=$3 body=$4 conc=$5; shift 5
+  local threads=2 t0=0 t1=0 p w0 l0 s0 out
+  [ "$conc" = 1 ] && threads=1
+  for p in "$@"; do t0=$((t0 + $(ticks "$p"))); done
+  w0=$(thread_ticks "$1" '^tollgate-worker') l0=$(thread_ticks "$1" '^tokio-rt') s0=$(thread_ticks "$1" '^sqlx')
+  out=$(BODY="$W/$body" KEY="$key" wrk -t"$threads" -c"$conc" -d"${SECS}s" --timeout 10s -s "$W/post.lua" \
+    "http://127.0.0.1:$port/v1/chat/completions" | grep '^AB ') || { echo "bench/ab.sh: wrk failed ($label)" >&2; exit 1; }
+  for p in "$@"; do t1=$((t1 + $(ticks "$p"))); done
+  [ "$label" = warm ] && return 0
+  echo "$label $out $((t1 - t0)) $(( $(thread_ticks "$1" '^tollgate-worker') - w0 )) \
+$(( $(thread_ticks "$1" '^tokio-rt') - l0 )) $(( $(thread_ticks "$1" '^sqlx') - s0 ))" >>"$RESULTS"
+}
+nginx_pids() { echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; }
+for c in $CASES; do
+  case $c in
+    chat_c64) body=chat.json conc=64 ;;
+    stream_c64) body=stream.json conc=64 ;;
+    chat_c1) body=chat.json conc=1 ;;
+    *) echo "bench/ab.sh: unknown case $c" >&2; exit 2 ;;
+  esac
+  echo "[ab] $c: $ROUNDS round(s) of ${SECS} s per target" >&2
+  # shellcheck disable=SC2046
+  run warm "$NGINX_PORT" "" $body $conc $(nginx_pids)
+  for i in "${!BINS[@]}"; do run warm "${TG_PORT[$i]}" "${TG_KEY[$i]}" $body $conc "${TG_PID[$i]}"; done
+  for r in $(seq "$ROUNDS"); do
+    [ "$DIRECT" = 1 ] && run "$c direct" "$MOCK_PORT" "" $body $conc "${PIDS[0]}"
+    # shellcheck disable=SC2046
+    run "$c nginx" "$NGINX_PORT" "" $body $conc $(nginx_pids)
+    for i in "${!BINS[@]}"; do run "$c tollgate#$((i + 1))" "${TG_PORT[$i]}" "${TG_KEY[$i]}" $body $conc "${TG_PID[$i]}"; done
+  done
+done
+
+echo
+for i in "${!BINS[@]}"; do echo "tollgate#$((i + 1)) = ${BINS[$i]}"; done
+python3 - "$RESULTS" "$(getconf CLK_TCK)" <<'EOF'
+import collections, statistics, sys
+hz = int(sys.argv[2])
+rows = collections.OrderedDict()
+for line in open(sys.argv[1]):
+    case, target, _, n, dur_us, p50, p99, errors, cpu, workers, ledger, sqlite = line.split()
+    n = int(n)
+    per = lambda t: int(t) / hz * 1e6 / n  # µs of CPU per request
+    rows.setdefault((case, target), []).append(
+        (n / (int(dur_us) / 1e6), int(p50), int(p99), per(cpu), per(workers), per(ledger), per(sqlite), int(errors)))
+print(f"{'case':<11} {'target':<11} {'req/s':>8} {'p50 µs':>7} {'p99 µs':>7} {'CPU µs/req':>10}"
+      f" {'workers':>8} {'ledger':>7} {'sqlite':>7} {'errors':>6}  req/s by round")
+for (case, target), runs in rows.items():
+    med = [statistics.median(col) for col in zip(*runs)]
+    split = f"{med[4]:8.1f} {med[5]:7.1f} {med[6]:7.1f}" if target.startswith("tollgate") else f"{'':8} {'':7} {'':7}"
+    direct = target == "direct"
+    cpu = "" if direct else f"{med[3]:.1f}"
+    print(f"{case:<11} {target:<11} {med[0]:8.0f} {med[1]:7.0f} {med[2]:7.0f} {cpu:>10} {split}"
+          f" {sum(r[7] for r in runs):6d}  {[round(r[0]) for r in runs]}")
+EOF
