@@ -267,19 +267,11 @@ impl WorkerPool {
         let (mut senders, mut threads) = (Vec::new(), Vec::new());
         for index in 0..workers {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            // A worker's journal appends wait for the end of its event-loop turn and go out
-            // in one write (the turn ends when the runtime is about to wait for I/O).
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_park(crate::ledger::journal::flush_grouped_appends)
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (router, builder, stop) = (router.clone(), builder.clone(), stop.clone());
             let thread = std::thread::Builder::new().name(format!("tollgate-worker-{index}")).spawn(move || {
                 set_worker_index(index);
-                crate::ledger::journal::group_appends_on_this_thread();
                 runtime.block_on(serve_handed_over(rx, router, builder, header_timeout, stop));
-                drop(runtime);
-                crate::ledger::journal::flush_grouped_appends();
             })?;
             senders.push(tx);
             threads.push(thread);

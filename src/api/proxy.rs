@@ -340,7 +340,7 @@ fn retryable(status: StatusCode) -> bool {
 impl Forward {
     async fn run(self) -> Response {
         let Forward { parsed, body, model, downgraded_from, mut meter, prompt_tokens, reject } = self;
-        if let Err(e) = meter.journal(&model, prompt_tokens).await {
+        if let Err(e) = meter.journal(&model, prompt_tokens) {
             if reject {
                 tracing::warn!(request_id = %meter.request_id, error = %e, "journal entry not durable; request refused");
                 let app = meter.app.clone();

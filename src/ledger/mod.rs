@@ -1,8 +1,8 @@
 //! The ledger: the only code that speaks SQL. It holds teams, keys and one record per
 //! forwarded request.
 //!
-//! A record is made durable by appending it to the write-ahead journal (`journal.rs`: one
-//! `write(2)`, which survives the process dying), and queued in memory for the database. One
+//! A record is made durable by appending it to the write-ahead journal (`journal.rs`: a copy
+//! into a mapped segment, which survives the process dying), and queued in memory for the database. One
 //! group-commit task writes whatever has queued up in a single transaction, off the request
 //! path, and a journal segment is deleted once all its records are committed; a starting
 //! server replays what is left. A request's in-flight entry lives only in the journal; the
@@ -406,21 +406,21 @@ impl Ledger {
     /// Journals a request as in flight (`record` is its `pending` entry). The entry lives
     /// only in the journal — the database never sees it unless the process dies before the
     /// request settles (then a start replays it and marks it `interrupted`) — so it costs a
-    /// `write(2)`, not a database row. The returned pin keeps the entry's segment on disk;
-    /// pass it to [`Ledger::write`] or [`Ledger::amend`] with the request's last record.
-    pub async fn journal(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
-        self.append_grouped(record).await
+    /// copy into a mapped journal segment, not a database row. The returned pin keeps the
+    /// entry's segment on disk; pass it to [`Ledger::write`] or [`Ledger::amend`] with the
+    /// request's last record.
+    pub fn journal(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
+        self.append(Op::Write, record)
     }
 
     /// Makes `record` durable — appended to the journal, which survives the process dying —
     /// and queues it for the database through its claimed slot, releasing `entry` (the
-    /// request's journal entry) once it is committed. Waits only for the journal write
-    /// (grouped with the other appends of this worker's event-loop turn), never for room
-    /// or the database: an error means the journal could not be written (the record is
-    /// queued all the same, in memory), and hands back a copy of the record, to amend if the
-    /// client is answered otherwise.
-    pub async fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), NotJournaled> {
-        let (pin, result) = self.append_grouped(&record).await;
+    /// request's journal entry) once it is committed. Never waits for room or the database:
+    /// an error means the journal could not be written (the record is queued all the same,
+    /// in memory), and hands back a copy of the record, to amend if the client is answered
+    /// otherwise.
+    pub fn write(&self, slot: Slot, record: RequestRecord, entry: Option<Pin>) -> Result<(), NotJournaled> {
+        let (pin, result) = self.append(Op::Write, &record);
         let result = result.map_err(|error| NotJournaled { error, record: Box::new(record.clone()) });
         self.health.queued.fetch_add(1, Ordering::Relaxed);
         self.health.enqueued.fetch_add(1, Ordering::Release);
@@ -444,11 +444,6 @@ impl Ledger {
             self.health.enqueued.fetch_sub(1, Ordering::Release);
             tracing::error!("ledger queue full; a record correction waits in the journal for the next start");
         }
-    }
-
-    /// Appends a record's line, grouped with the other appends of this worker's turn.
-    async fn append_grouped(&self, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
-        appended(self.journal.append_grouped(journal::encode(Op::Write, record)).await)
     }
 
     fn append(&self, op: Op, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {

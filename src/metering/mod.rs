@@ -90,9 +90,9 @@ pub struct Settled {
 impl Meter {
     /// Journals the request as in flight on `served`, charged its reservation until it
     /// settles: a request is forwarded only once a crash can no longer lose it silently.
-    pub async fn journal(&mut self, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
+    pub fn journal(&mut self, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
         let record = self.pending_record(served, prompt_tokens);
-        let (entry, result) = self.app.ledger.journal(&record).await;
+        let (entry, result) = self.app.ledger.journal(&record);
         self.entry = entry;
         result
     }
@@ -166,7 +166,7 @@ impl Meter {
             latency_ms,
             stream: self.stream,
         };
-        let durable = self.app.ledger.write(self.slot, record, self.entry).await;
+        let durable = self.app.ledger.write(self.slot, record, self.entry);
         if let Err(e) = &durable {
             tracing::error!(error = %e.error, "request record could not be written");
         }

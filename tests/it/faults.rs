@@ -594,9 +594,10 @@ async fn records_served_while_the_database_is_locked_survive_kill_9() {
     assert!((team["spent_usd"].as_f64().unwrap() - total).abs() < 1e-9, "{team} vs {total}");
 }
 
-/// A journal whose disk is full: every segment name from `first` on is taken by a link to
-/// `/dev/full`, so opening it works and writing to it fails with ENOSPC, as on a full disk.
-/// With `journal_segment_bytes = 1`, every append moves to the next segment.
+/// A journal that cannot get a new segment, as on a full disk: every segment name from
+/// `first` on is taken by a link to `/dev/full`, so starting a segment fails (the journal
+/// never writes over an existing file, and `/dev/full` can be neither allocated nor mapped).
+/// With `journal_segment_bytes = 1`, every append needs a new segment.
 struct FullDisk {
     dir: PathBuf,
     first: u64,
