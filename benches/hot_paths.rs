@@ -153,7 +153,8 @@ fn ledger_batch(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    // The request path's only ledger cost: one journal append (a `write(2)`) per record.
+    // The request path's only ledger cost: one journal append (encode the line, copy it into
+    // the mapped segment) per record.
     let journal_dir = tempfile::tempdir().unwrap();
     let (journal, _) = Journal::open(journal_dir.path(), journal::SEGMENT_BYTES).unwrap();
     let record = bench_record(1);

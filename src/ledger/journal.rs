@@ -9,8 +9,14 @@
 //! 0.7 µs on a busy server and ~27 µs on a quiet one (the inode's times are updated, the
 //! kernel's caches are cold), twice per request (docs/benchmarks.md). No lock is taken to
 //! append; concurrent appends get disjoint byte ranges. The space is allocated when the
-//! segment starts (`posix_fallocate`), so a full disk fails there, as an error, and never as a
-//! fault on a page of the mapping.
+//! segment starts (`posix_fallocate`), so a full disk fails there, as an error. That holds
+//! on ext4, XFS and tmpfs, where allocated blocks are the blocks later written; elsewhere
+//! (btrfs and ZFS allocate anew on every write, NFS and FUSE may not allocate at all) a
+//! write into a mapping could find no space and fault, so there segments are not mapped and
+//! each append is a `pwrite(2)` into its reserved range instead, which reports a full disk
+//! as an error. (On ext4 and XFS a mapping still faults if the disk fails under it and the
+//! filesystem turns read-only: the process then dies and the next start replays the
+//! journal, where a `write(2)` would have returned an error.)
 //!
 //! The journal is a folder of numbered segments. The current one takes appends until the
 //! next line would not fit in its `SEGMENT_BYTES`, then a new one is started (the rest of
@@ -125,10 +131,13 @@ pub(crate) fn decode(text: &str) -> Option<(LineOp, RequestRecord)> {
     Some((l.op, record))
 }
 
-/// One segment file, allocated and mapped whole.
+/// One segment file, allocated whole and, where that is safe, mapped.
 pub(crate) struct Segment {
     path: PathBuf,
-    map: memmap2::MmapRaw,
+    /// `None` only in the stand-in for a segment that could not be started.
+    file: Option<File>,
+    /// `None` on filesystems where a write into a mapping could fault (appends `pwrite`).
+    map: Option<memmap2::MmapRaw>,
     capacity: u64,
     /// Bytes handed out to appends so far (may run past `capacity`: the append that crossed
     /// it went to the next segment).
@@ -185,6 +194,8 @@ pub struct Journal {
     current: Mutex<Arc<Segment>>,
     next_number: AtomicU64,
     segment_bytes: u64,
+    /// Whether segments may be mapped (where their filesystem allows it).
+    map_segments: bool,
     failing: AtomicBool,
     /// Held for the journal's life: the folder's exclusive lock.
     _lock: File,
@@ -214,6 +225,16 @@ impl Journal {
     /// Opens (creating) the journal folder, takes its lock, and reads what an earlier run left
     /// behind. The caller applies the leftovers to the database, then discards them.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<(Journal, Leftovers)> {
+        Journal::open_with(dir, segment_bytes, true)
+    }
+
+    /// [`Journal::open`], with segments written by `pwrite(2)` even where they could be mapped.
+    #[cfg(test)]
+    fn open_unmapped(dir: &Path, segment_bytes: u64) -> io::Result<(Journal, Leftovers)> {
+        Journal::open_with(dir, segment_bytes, false)
+    }
+
+    fn open_with(dir: &Path, segment_bytes: u64, map_segments: bool) -> io::Result<(Journal, Leftovers)> {
         fs::create_dir_all(dir)?;
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK"))?;
         match lock.try_lock() {
@@ -253,12 +274,23 @@ impl Journal {
             leftovers.files.push(path);
         }
         let segment_bytes = segment_bytes.max(1);
-        let first = Arc::new(Segment::create(dir, next, segment_bytes)?);
+        // With no room for a first segment (a full disk), start anyway: the leftovers can
+        // still be replayed and removed, and appends start a segment once there is room
+        // (until then they fail, and the ledger's policy decides).
+        let first = match Segment::create(dir, next, segment_bytes, map_segments) {
+            Ok(segment) => segment,
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e, "could not start a journal segment; appends fail until one can be");
+                Segment::full_placeholder(dir.join(format!("{next:012}.log")))
+            }
+        };
+        let first = Arc::new(first);
         let journal = Journal {
             dir: dir.to_path_buf(),
             current: Mutex::new(first),
             next_number: AtomicU64::new(next + 1),
             segment_bytes,
+            map_segments,
             failing: AtomicBool::new(false),
             _lock: lock,
         };
@@ -291,8 +323,19 @@ impl Journal {
         loop {
             let at = segment.reserved.fetch_add(len, Ordering::Relaxed);
             if at + len <= segment.capacity {
-                segment.copy_in(at, line);
-                if self.failing.swap(false, Ordering::Relaxed) {
+                // SAFETY: `at..at + len` lies within `capacity` and was reserved by this
+                // append alone (`fetch_add` above).
+                if let Err(e) = unsafe { segment.copy_in(at, line) } {
+                    // A partial line may be there: keep the segment for the next start (a
+                    // torn line is skipped there) and move later appends to a fresh one.
+                    segment.keep.store(true, Ordering::Release);
+                    segment.reserved.store(u64::MAX / 2, Ordering::Relaxed);
+                    if !self.failing.swap(true, Ordering::Relaxed) {
+                        tracing::error!(path = %segment.path.display(), error = %e, "journal append failed");
+                    }
+                    return Err(e);
+                }
+                if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!(path = %segment.path.display(), "journal appends work again");
                 }
                 return Ok(Pin { segment, committed: false });
@@ -325,7 +368,7 @@ impl Journal {
             }
         }
         let number = self.next_number.fetch_add(1, Ordering::Relaxed);
-        let fresh = Arc::new(Segment::create(&self.dir, number, self.segment_bytes.max(line_len))?);
+        let fresh = Arc::new(Segment::create(&self.dir, number, self.segment_bytes.max(line_len), self.map_segments)?);
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&current, full) {
             *current = fresh;
@@ -337,18 +380,19 @@ impl Journal {
 
 impl Segment {
     /// Creates segment `number` (never over an existing file), allocates `capacity` bytes of
-    /// disk for it and maps it.
-    fn create(dir: &Path, number: u64, capacity: u64) -> io::Result<Segment> {
+    /// disk for it and, if `map` and on a filesystem where that is safe, maps it.
+    fn create(dir: &Path, number: u64, capacity: u64, map: bool) -> io::Result<Segment> {
         let path = dir.join(format!("{number:012}.log"));
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         let mapped = allocate(&file, capacity).and_then(|()| {
+            if !map || !allocation_is_kept(&file)? {
+                return Ok(None);
+            }
             let len = usize::try_from(capacity).map_err(|_| io::Error::other("journal segment too large"))?;
-            memmap2::MmapOptions::new().len(len).map_raw(&file)
+            memmap2::MmapOptions::new().len(len).map_raw(&file).map(Some)
         });
         match mapped {
-            Ok(map) => {
-                Ok(Segment { path, map, capacity, reserved: AtomicU64::new(0), keep: AtomicBool::new(false) })
-            }
+            Ok(map) => Ok(Segment { path, file: Some(file), map, capacity, reserved: AtomicU64::new(0), keep: AtomicBool::new(false) }),
             Err(e) => {
                 let _ = fs::remove_file(&path);
                 Err(e)
@@ -356,21 +400,71 @@ impl Segment {
         }
     }
 
-    /// Copies `line` to `at`, a range reserved for it alone.
-    fn copy_in(&self, at: u64, line: &[u8]) {
-        debug_assert!(at + line.len() as u64 <= self.capacity);
-        // SAFETY: `at..at + line.len()` lies inside the mapping (`capacity` bytes, alive as
-        // long as `self`) and was reserved by exactly one append (`reserved.fetch_add`), so no
-        // other thread writes those bytes; nothing else writes the file while this process
-        // holds the folder's lock, and nothing in this process reads the mapping.
-        unsafe { std::ptr::copy_nonoverlapping(line.as_ptr(), self.map.as_mut_ptr().add(at as usize), line.len()) }
+    /// A stand-in for a segment that could not be started: it takes no line, so the first
+    /// append tries to start a real one.
+    fn full_placeholder(path: PathBuf) -> Segment {
+        // Nothing of ours is at `path`: `keep` so that it is never removed.
+        Segment { path, file: None, map: None, capacity: 0, reserved: AtomicU64::new(0), keep: AtomicBool::new(true) }
     }
+
+    /// Copies `line` to `at`.
+    ///
+    /// # Safety
+    /// `at..at + line.len()` must lie within `capacity` and be reserved for this call alone.
+    unsafe fn copy_in(&self, at: u64, line: &[u8]) -> io::Result<()> {
+        assert!(at + line.len() as u64 <= self.capacity);
+        match &self.map {
+            // SAFETY: the range lies inside the mapping (`capacity` bytes, alive as long as
+            // `self`) and no other thread writes it (the caller's contract); nothing else
+            // writes the file while this process holds the folder's lock, and nothing in this
+            // process reads the mapping.
+            Some(map) => {
+                unsafe { std::ptr::copy_nonoverlapping(line.as_ptr(), map.as_mut_ptr().add(at as usize), line.len()) };
+                Ok(())
+            }
+            None => match &self.file {
+                Some(file) => std::os::unix::fs::FileExt::write_all_at(file, line, at),
+                None => Err(io::Error::other("no journal segment")),
+            },
+        }
+    }
+}
+
+/// Whether blocks allocated to `file` are the ones later writes land in (ext4, XFS, tmpfs):
+/// only then can a mapping of it never meet a full disk.
+fn allocation_is_kept(file: &File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    const EXT4: i64 = 0xEF53;
+    const XFS: i64 = 0x5846_5342;
+    const TMPFS: i64 = 0x0102_1994;
+    let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `fstatfs` fills the struct it is given for a descriptor `file` owns.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: initialised by the successful call above.
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s width differs across targets
+    let kind = unsafe { fs.assume_init() }.f_type as i64;
+    Ok(matches!(kind, EXT4 | XFS | TMPFS))
 }
 
 /// Gives `file` `len` bytes of real disk blocks (not a sparse hole): an append into the
 /// mapping can then never need a block the disk does not have.
 fn allocate(file: &File, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    // More than the disk has free fails at once (glibc emulates `posix_fallocate` where the
+    // filesystem lacks it by writing every block, which would first fill the disk).
+    let mut vfs = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `fstatvfs` fills the struct it is given for a descriptor `file` owns.
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), vfs.as_mut_ptr()) } == 0 {
+        // SAFETY: initialised by the successful call above.
+        let vfs = unsafe { vfs.assume_init() };
+        #[allow(clippy::unnecessary_cast)] // the fields' widths differ across targets
+        let free = (vfs.f_bavail as u64).saturating_mul(vfs.f_frsize as u64);
+        if len > free {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+    }
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("journal segment too large"))?;
     // SAFETY: a plain system call on a descriptor `file` owns for the call's duration.
     match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
@@ -477,11 +571,27 @@ mod tests {
 
     #[test]
     fn appends_racing_on_several_threads_all_land_whole_across_segment_changes() {
+        appends_racing(true);
+    }
+
+    #[test]
+    fn appends_racing_on_several_threads_all_land_whole_across_segment_changes_unmapped() {
+        appends_racing(false);
+    }
+
+    fn appends_racing(mapped: bool) {
         let dir = tempfile::tempdir().unwrap();
         let line_len = encode(LineOp::Write, &record("t0-000", UsageSource::Reported)).len() as u64;
         {
             // Small segments: the threads race through many segment changes.
-            let (journal, _) = Journal::open(dir.path(), 10 * line_len).unwrap();
+            let open = if mapped { Journal::open } else { Journal::open_unmapped };
+            let (journal, _) = open(dir.path(), 10 * line_len).unwrap();
+            let probe = File::create(dir.path().join("probe")).unwrap();
+            let mappable = allocation_is_kept(&probe).unwrap();
+            if mapped && !mappable {
+                eprintln!("note: {} is not on ext4, XFS or tmpfs: the mapped case runs unmapped", dir.path().display());
+            }
+            assert_eq!(journal.current().map.is_some(), mapped && mappable);
             let journal = Arc::new(journal);
             let threads: Vec<_> = (0..4)
                 .map(|t| {
@@ -565,6 +675,22 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("000000000003.log")).unwrap(), b"not ours", "never written over");
         journal.append(&line).unwrap().commit();
         assert!(!journal.failing());
+    }
+
+    #[test]
+    fn a_journal_starts_without_room_for_a_segment_and_its_appends_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        // No disk has a petabyte to allocate: no segment can start.
+        let (journal, left) = Journal::open(dir.path(), 1 << 50).unwrap();
+        assert!(left.lines.is_empty());
+        let line = encode(LineOp::Write, &record("a", UsageSource::Reported));
+        assert!(journal.append(&line).is_err());
+        assert!(journal.failing());
+        drop(journal);
+        assert!(segment_files(dir.path()).is_empty(), "no file left behind");
+        // With a size that fits, the same folder works.
+        let (journal, _) = Journal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        journal.append(&line).unwrap().commit();
     }
 
     #[test]
