@@ -4,7 +4,9 @@
 #   bench/ab.sh [options] BIN [BIN...]
 #     --secs S       seconds per wrk run (default 5)
 #     --rounds N     rounds; each runs nginx then every BIN, per case (default 3)
-#     --cases "..."  any of chat_c64 stream_c64 chat_c1 (default: all three)
+#     --cases "..."  any of chat_c64 stream_c64 chat_c1 ttfb (default: all four); ttfb is
+#                    streaming time to first byte at c=1, 200 requests in a row on one
+#                    connection per run, against a mock that drips its events 5 ms apart
 #     --direct       also run wrk straight at the mock (the "direct" row)
 #
 # For each case and target it prints the medians over rounds of requests/s, p50 and p99
@@ -18,7 +20,7 @@
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SECS=5 ROUNDS=3 CASES="chat_c64 stream_c64 chat_c1" DIRECT=0 BINS=()
+SECS=5 ROUNDS=3 CASES="chat_c64 stream_c64 chat_c1 ttfb" DIRECT=0 BINS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --secs) SECS=$2; shift ;;
@@ -35,7 +37,8 @@ done
 for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "bench/ab.sh: $b is not executable" >&2; exit 2; }; done
 command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "bench/ab.sh: needs wrk and nginx (bench/run.sh installs them)" >&2; exit 2; }
 MOCK=${CARGO_TARGET_DIR:-$ROOT/target}/release/mock-upstream
-[ -x "$MOCK" ] || (cd "$ROOT" && cargo build --release --quiet --bin mock-upstream)
+CLIENT=${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-client
+[ -x "$MOCK" ] && [ -x "$CLIENT" ] || (cd "$ROOT" && cargo build --release --quiet --bin mock-upstream --bin bench-client)
 
 W=$(mktemp -d /tmp/tollgate-ab.XXXXXX)
 PIDS=()
@@ -67,6 +70,7 @@ def chat(stream):
     return json.dumps(body, separators=(",", ":"))
 open(sys.argv[1] + "/chat.json", "w").write(chat(False))
 open(sys.argv[1] + "/stream.json", "w").write(chat(True))
+open(sys.argv[1] + "/drip.json", "w").write(chat(True).replace('"gpt-4o-mini"', '"drip-mini"'))
 EOF
 cat >"$W/post.lua" <<'EOF'
 local f = assert(io.open(os.getenv("BODY"), "rb"))
@@ -84,7 +88,10 @@ EOF
 "$MOCK" --port 0 >"$W/mock.log" 2>&1 &
 PIDS+=($!)
 MOCK_PORT=$(port_in_log "$W/mock.log" 'listening on ')
-NGINX_PORT=$(free_port)
+"$MOCK" --port 0 --chunks 3 --chunk-interval-ms 5 >"$W/drip.log" 2>&1 &
+PIDS+=($!)
+DRIP_PORT=$(port_in_log "$W/drip.log" 'listening on ')
+NGINX_PORT=$(free_port) NGINX_DRIP_PORT=$(free_port)
 {
   [ "$(id -u)" = 0 ] && echo "user root;"
   cat <<EOF
@@ -94,8 +101,11 @@ http {
   access_log off; client_body_temp_path $W/ngx_b; proxy_temp_path $W/ngx_p; fastcgi_temp_path $W/ngx_f;
   uwsgi_temp_path $W/ngx_u; scgi_temp_path $W/ngx_s; keepalive_requests 10000000;
   upstream fast { server 127.0.0.1:$MOCK_PORT; keepalive 256; keepalive_requests 10000000; }
+  upstream drip { server 127.0.0.1:$DRIP_PORT; keepalive 16; }
   server { listen 127.0.0.1:$NGINX_PORT;
     location / { proxy_pass http://fast; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }
+  server { listen 127.0.0.1:$NGINX_DRIP_PORT;
+    location / { proxy_pass http://drip; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }
 }
 EOF
 } >"$W/nginx.conf"
@@ -117,9 +127,20 @@ kind = "openai"
 base_url = "http://127.0.0.1:$MOCK_PORT/v1"
 api_key = "sk-x"
 
+[[providers]]
+name = "drip"
+kind = "openai"
+base_url = "http://127.0.0.1:$DRIP_PORT/v1"
+api_key = "sk-x"
+
 [[models]]
 name = "gpt-4o-mini"
 provider = "fast"
+
+[[models]]
+name = "drip-mini"
+provider = "drip"
+upstream_model = "gpt-4o-mini"
 EOF
   "${BINS[$i]}" --config "$W/t$i/tollgate.toml" serve >"$W/t$i/log" 2>&1 &
   TG_PID+=($!)
@@ -158,7 +179,22 @@ run() { # label port key body conc pid [pid...]
 $(( $(thread_ticks "$1" '^tokio-rt') - l0 )) $(( $(thread_ticks "$1" '^sqlx') - s0 ))" >>"$RESULTS"
 }
 nginx_pids() { echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; }
+ttfb() { # label addr key
+  local out
+  out=$(BENCH_KEY="$3" "$CLIENT" ttfb --addr "$2" --body-file "$W/drip.json" --n 200 --warmup 10 | tr -d '\n') \
+    || { echo "bench/ab.sh: bench-client failed ($1)" >&2; exit 1; }
+  echo "$1 $out" >>"$W/ttfb"
+}
 for c in $CASES; do
+  if [ "$c" = ttfb ]; then
+    echo "[ab] ttfb: $ROUNDS round(s) of 200 streaming requests per target" >&2
+    for r in $(seq "$ROUNDS"); do
+      ttfb direct "127.0.0.1:$DRIP_PORT" ""
+      ttfb nginx "127.0.0.1:$NGINX_DRIP_PORT" ""
+      for i in "${!BINS[@]}"; do ttfb "tollgate#$((i + 1))" "127.0.0.1:${TG_PORT[$i]}" "${TG_KEY[$i]}"; done
+    done
+    continue
+  fi
   case $c in
     chat_c64) body=chat.json conc=64 ;;
     stream_c64) body=stream.json conc=64 ;;
@@ -179,9 +215,20 @@ done
 
 echo
 for i in "${!BINS[@]}"; do echo "tollgate#$((i + 1)) = ${BINS[$i]}"; done
-python3 - "$RESULTS" "$(getconf CLK_TCK)" <<'EOF'
-import collections, statistics, sys
+touch "$RESULTS" "$W/ttfb"
+python3 - "$RESULTS" "$(getconf CLK_TCK)" "$W/ttfb" <<'EOF'
+import collections, json, statistics, sys
 hz = int(sys.argv[2])
+ttfb = collections.OrderedDict()
+for line in open(sys.argv[3]):
+    target, doc = line.split(" ", 1)
+    ttfb.setdefault(target, []).append(json.loads(doc))
+if ttfb:
+    print(f"{'ttfb':<11} {'target':<11} {'first byte p50 µs':>17} {'p90 µs':>7} {'p99 µs':>7}  p50 by round")
+    for target, runs in ttfb.items():
+        med = lambda k: statistics.median(r[k] for r in runs)
+        print(f"{'':<11} {target:<11} {med('first_byte_p50_us'):17.0f} {med('first_byte_p90_us'):7.0f}"
+              f" {med('first_byte_p99_us'):7.0f}  {[round(r['first_byte_p50_us']) for r in runs]}")
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
     case, target, _, n, dur_us, p50, p99, errors, cpu, workers, ledger, sqlite = line.split()
@@ -189,7 +236,8 @@ for line in open(sys.argv[1]):
     per = lambda t: int(t) / hz * 1e6 / n  # µs of CPU per request
     rows.setdefault((case, target), []).append(
         (n / (int(dur_us) / 1e6), int(p50), int(p99), per(cpu), per(workers), per(ledger), per(sqlite), int(errors)))
-print(f"{'case':<11} {'target':<11} {'req/s':>8} {'p50 µs':>7} {'p99 µs':>7} {'CPU µs/req':>10}"
+if rows:
+  print(f"{'case':<11} {'target':<11} {'req/s':>8} {'p50 µs':>7} {'p99 µs':>7} {'CPU µs/req':>10}"
       f" {'workers':>8} {'ledger':>7} {'sqlite':>7} {'errors':>6}  req/s by round")
 for (case, target), runs in rows.items():
     med = [statistics.median(col) for col in zip(*runs)]
