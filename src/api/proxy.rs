@@ -402,7 +402,7 @@ impl Forward {
                 other => other,
             };
             let status = error.status().as_u16();
-            meter.settle(Outcome { status, model: &model, reported: None, produced: None }).await;
+            meter.settle(Outcome { status, model: &model, reported: None, produced: None });
             return error.into_response();
         };
         let mut headers = HeaderMap::new();
@@ -420,7 +420,7 @@ impl Forward {
                 let mut upstream = upstream;
                 let _ = upstream.read_all(app.config.max_response_bytes).await;
                 let error = ApiError::InvalidUpstreamResponse;
-                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
                 return error.into_response();
             }
             app.metrics.observe_overhead(before_upstream);
@@ -451,7 +451,7 @@ async fn whole_response(
                 ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
                 ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
             };
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
             return error.into_response();
         }
     };
@@ -459,7 +459,7 @@ async fn whole_response(
     if status.is_success() {
         let Some((reported, text)) = answer else {
             let error = ApiError::InvalidUpstreamResponse;
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None }).await;
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
             return error.into_response();
         };
         let settled = meter
@@ -468,8 +468,7 @@ async fn whole_response(
                 model: &served,
                 reported,
                 produced: Some(Produced { text: &text, overflow_bytes: 0 }),
-            })
-            .await;
+            });
         if let Err(failed) = settled.durable {
             if app.config.on_ledger_error == OnLedgerError::Reject {
                 // The client receives a 503: the record (which reaches the database from
@@ -496,14 +495,14 @@ async fn whole_response(
             status: Some(status.as_u16()),
             message: format!("The upstream failed with status {}.", status.as_u16()),
         };
-        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None }).await;
+        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None });
         let mut response = error.into_response();
         if let Some(retry) = upstream.headers.get(header::RETRY_AFTER) {
             response.headers_mut().insert(header::RETRY_AFTER, retry.clone());
         }
         return response;
     }
-    let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None }).await;
+    let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None });
     if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
         headers.insert("x-tollgate-cost-usd", v);
     }
@@ -654,8 +653,7 @@ async fn pump(
             model: &served,
             reported: acc.usage(),
             produced: Some(Produced { text: acc.produced_text(), overflow_bytes: acc.overflow_bytes() }),
-        })
-        .await;
+        });
     if client_gone {
         return;
     }

@@ -550,11 +550,7 @@ mod tests {
         // Everything committed: the current segment goes when the journal closes.
         journal.append(&encode(LineOp::Write, &record("c", UsageSource::Reported))).unwrap().commit();
         drop(journal);
-        let logs: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
-            .collect();
+        let logs = segment_files(dir.path());
         assert!(logs.is_empty(), "{logs:?}");
     }
 

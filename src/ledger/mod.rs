@@ -81,7 +81,7 @@ const ID_TIME_DIGITS: usize = 12;
 /// random bits in hex. Ids therefore sort by start time: the requests table's primary key
 /// serves as its time index (spend queries over a time range) and as the logs' cursor.
 pub fn new_request_id(time_ms: i64) -> String {
-    format!("req_{:012x}{:016x}", time_ms.clamp(0, max_id_time()), rand::random::<u64>())
+    format!("req_{:0width$x}{:016x}", time_ms.clamp(0, max_id_time()), rand::random::<u64>(), width = ID_TIME_DIGITS)
 }
 
 fn max_id_time() -> i64 {
@@ -447,7 +447,10 @@ impl Ledger {
     }
 
     fn append(&self, op: Op, record: &RequestRecord) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
-        appended(self.journal.append(&journal::encode(op, record)))
+        match self.journal.append(&journal::encode(op, record)) {
+            Ok(pin) => (Some(pin), Ok(())),
+            Err(e) => (None, Err(Arc::new(LedgerError::Journal(e)))),
+        }
     }
 
     /// Waits, at most the sync timeout, until every record queued before this call is
@@ -461,14 +464,6 @@ impl Ledger {
         self.wanted.notify_one();
         let mut committed = self.committed.clone();
         let _ = tokio::time::timeout(self.sync_timeout, committed.wait_for(|&n| n >= target)).await;
-    }
-}
-
-/// A journal append's outcome as the ledger hands it on: the pin, if any, and the error.
-fn appended(result: std::io::Result<Pin>) -> (Option<Pin>, Result<(), Arc<LedgerError>>) {
-    match result {
-        Ok(pin) => (Some(pin), Ok(())),
-        Err(e) => (None, Err(Arc::new(LedgerError::Journal(e)))),
     }
 }
 

@@ -126,7 +126,7 @@ impl Meter {
 
     /// Settles the request: usage (reported, else estimated), cost, budgets, rate windows,
     /// metrics, and the ledger record, durable (journaled) when this returns.
-    pub async fn settle(self, outcome: Outcome<'_>) -> Settled {
+    pub fn settle(self, outcome: Outcome<'_>) -> Settled {
         let model = outcome.model;
         let (usage, source) = match (outcome.reported, &outcome.produced) {
             (Some(u), _) => (u, UsageSource::Reported),
