@@ -63,8 +63,14 @@ impl fmt::Display for NanoUsd {
         if frac == 0 {
             return write!(f, "{sign}{whole}");
         }
-        let digits = format!("{frac:09}");
-        write!(f, "{sign}{whole}.{}", digits.trim_end_matches('0'))
+        // The fraction's nine digits without their trailing zeros, written without a buffer
+        // (this formats every response's cost header).
+        let (mut frac, mut width) = (frac, 9);
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
+        }
+        write!(f, "{sign}{whole}.{frac:0width$}")
     }
 }
 
@@ -244,6 +250,9 @@ mod tests {
         assert_eq!(NanoUsd(1).to_string(), "0.000000001");
         assert_eq!(NanoUsd(2_500_000_000).to_string(), "2.5");
         assert_eq!(NanoUsd(0).to_string(), "0");
+        assert_eq!(NanoUsd(-1_500_000_010).to_string(), "-1.50000001");
+        assert_eq!(NanoUsd(7_000_000_000).to_string(), "7");
+        assert_eq!(NanoUsd(i64::MIN).to_string(), "-9223372036.854775808");
     }
 
     #[test]

@@ -88,8 +88,16 @@ pub struct ParsedRequest {
     close: usize,
 }
 
-/// The top-level object with each value's raw text, in order, duplicates kept.
-struct TopLevel<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+/// The body's top-level object, read in one pass: every value parsed into the tree token
+/// counting and the checks read, and the raw text of the two values a rewrite replaces
+/// (`model`, `stream_options`), whose byte ranges it splices.
+struct TopLevel<'a> {
+    map: serde_json::Map<String, Value>,
+    model: Option<&'a RawValue>,
+    stream_options: Option<&'a RawValue>,
+    /// The first key that appears twice (the rest of the body is still checked first).
+    duplicate: Option<String>,
+}
 
 impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -100,12 +108,26 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut entries = Vec::new();
+                let mut top = TopLevel { map: serde_json::Map::new(), model: None, stream_options: None, duplicate: None };
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    let value: &'de RawValue = map.next_value()?;
-                    entries.push((key, value));
+                    let value = match key.as_ref() {
+                        "model" | "stream_options" => {
+                            let raw: &'de RawValue = map.next_value()?;
+                            let value = serde_json::from_str(raw.get()).map_err(serde::de::Error::custom)?;
+                            if key == "model" {
+                                top.model = Some(raw);
+                            } else {
+                                top.stream_options = Some(raw);
+                            }
+                            value
+                        }
+                        _ => map.next_value::<Value>()?,
+                    };
+                    if top.map.insert(key.clone().into_owned(), value).is_some() && top.duplicate.is_none() {
+                        top.duplicate = Some(key.into_owned());
+                    }
                 }
-                Ok(TopLevel(entries))
+                Ok(top)
             }
         }
         deserializer.deserialize_map(V)
@@ -136,20 +158,12 @@ fn optional_u64(value: &Value, field: &str) -> Result<Option<u64>, ApiError> {
 /// Parses and checks a request body for `endpoint`.
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
     let top: TopLevel = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
-    let value: Value = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
-    let mut model_span = None;
-    let mut stream_options_span = None;
-    let mut seen = std::collections::HashSet::with_capacity(top.0.len());
-    for (key, raw) in &top.0 {
-        if !seen.insert(key.as_ref()) {
-            return Err(ApiError::param(key.as_ref(), format!("Duplicate key '{key}' in the request body.")));
-        }
-        match key.as_ref() {
-            "model" => model_span = Some(span_of(body, raw)),
-            "stream_options" => stream_options_span = Some(span_of(body, raw)),
-            _ => {}
-        }
+    if let Some(key) = top.duplicate {
+        return Err(ApiError::param(&key, format!("Duplicate key '{key}' in the request body.")));
     }
+    let model_span = top.model.map(|raw| span_of(body, raw));
+    let stream_options_span = top.stream_options.map(|raw| span_of(body, raw));
+    let value = Value::Object(top.map);
     let close = body.iter().rposition(|&b| b == b'}').ok_or_else(|| ApiError::InvalidJson("The body must be a JSON object.".into()))?;
 
     let model = match value.get("model") {

@@ -226,15 +226,28 @@ impl UpstreamResponse {
 
     /// Reads the whole body, at most `limit` bytes.
     pub async fn read_all(&mut self, limit: usize) -> Result<Bytes, ReadError> {
+        // A small answer usually arrives as one chunk: that chunk is the body, uncopied.
+        let mut first: Option<Bytes> = None;
         let mut buf = bytes::BytesMut::new();
+        let mut read = 0usize;
         while let Some(chunk) = self.next_chunk().await {
             let chunk = chunk.map_err(ReadError::Body)?;
-            if buf.len() + chunk.len() > limit {
+            read += chunk.len();
+            if read > limit {
                 return Err(ReadError::TooLarge);
             }
-            buf.extend_from_slice(&chunk);
+            match first.take() {
+                None if buf.is_empty() => first = Some(chunk),
+                earlier => {
+                    if let Some(earlier) = earlier {
+                        buf.reserve(2 * (earlier.len() + chunk.len()));
+                        buf.extend_from_slice(&earlier);
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+            }
         }
-        Ok(buf.freeze())
+        Ok(first.unwrap_or_else(|| buf.freeze()))
     }
 
     pub fn content_type(&self) -> &str {
@@ -249,4 +262,30 @@ pub enum ReadError {
     Body(BodyError),
     #[error("the upstream response exceeded max_response_bytes")]
     TooLarge,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(chunks: &[&'static str]) -> UpstreamResponse {
+        let chunks: Vec<Result<Bytes, BodyError>> = chunks.iter().map(|c| Ok(Bytes::from_static(c.as_bytes()))).collect();
+        UpstreamResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Box::pin(futures::stream::iter(chunks)),
+            idle_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn read_all_joins_chunks_and_keeps_the_limit() {
+        assert_eq!(response(&[]).read_all(10).await.unwrap(), "");
+        assert_eq!(response(&["abc"]).read_all(10).await.unwrap(), "abc");
+        assert_eq!(response(&["ab", "", "cd", "e"]).read_all(10).await.unwrap(), "abcde");
+        assert_eq!(response(&["", "xy"]).read_all(10).await.unwrap(), "xy");
+        assert_eq!(response(&["abcde", "fghij"]).read_all(10).await.unwrap(), "abcdefghij");
+        assert!(matches!(response(&["abcde", "fghijk"]).read_all(10).await, Err(ReadError::TooLarge)));
+        assert!(matches!(response(&["abcdefghijk"]).read_all(10).await, Err(ReadError::TooLarge)));
+    }
 }
