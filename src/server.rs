@@ -67,15 +67,17 @@ pub enum ServeError {
 
 /// The router, with every route of SPEC §4, §3, §6 and §7.
 pub fn app(state: AppState) -> Router {
-    let openai = Router::new()
-        .route("/chat/completions", post(api::proxy::chat_completions))
-        .route("/completions", post(api::proxy::completions))
-        .route("/embeddings", post(api::proxy::embeddings))
-        .route("/models", get(api::proxy::list_models));
-    Router::new()
-        .nest("/v1", openai.clone())
-        // SDKs configured with a base URL without `/v1` call these paths directly.
-        .merge(openai)
+    let mut router = Router::new();
+    // SDKs configured with a base URL without `/v1` call these paths directly. Routes,
+    // not a nested router: nesting rebuilds every request's URI to strip the prefix.
+    for prefix in ["/v1", ""] {
+        router = router
+            .route(&format!("{prefix}/chat/completions"), post(api::proxy::chat_completions))
+            .route(&format!("{prefix}/completions"), post(api::proxy::completions))
+            .route(&format!("{prefix}/embeddings"), post(api::proxy::embeddings))
+            .route(&format!("{prefix}/models"), get(api::proxy::list_models));
+    }
+    router
         .merge(api::admin::router())
         .merge(api::spend::router())
         .merge(api::health::router())

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
@@ -26,6 +26,13 @@ use crate::request::{self, Endpoint, ParsedRequest};
 use crate::routing::{self, Admission, Decision, PromptCounter};
 use crate::server::AppState;
 use crate::upstream::{ReadError, SendError, UpstreamResponse};
+
+// tollgate's own headers (SPEC §4), named once instead of parsed per use.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
+const DRY_RUN: HeaderName = HeaderName::from_static("x-tollgate-dry-run");
+const MODEL: HeaderName = HeaderName::from_static("x-tollgate-model");
+const DOWNGRADED_FROM: HeaderName = HeaderName::from_static("x-tollgate-downgraded-from");
+const COST_USD: HeaderName = HeaderName::from_static("x-tollgate-cost-usd");
 
 /// Largest single SSE event accepted from an upstream.
 const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
@@ -62,9 +69,10 @@ pub async fn list_models(State(app): State<AppState>, headers: HeaderMap) -> Res
 async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
     let started = Instant::now();
     // The budget clock, so records and budget periods agree even when a test moves it.
-    let time_ms = app.clock.now().timestamp_millis();
-    let request_id = crate::ledger::new_request_id(time_ms);
-    let mut response = match handle(&app, endpoint, req, started, time_ms, &request_id).await {
+    // Read once: the record's time and the budget period the request is charged to agree.
+    let now = app.clock.now();
+    let request_id = crate::ledger::new_request_id(now.timestamp_millis());
+    let mut response = match handle(&app, endpoint, req, started, now, &request_id).await {
         Ok(response) => response,
         Err(e) => {
             app.metrics.record_refusal(&e.code());
@@ -73,7 +81,7 @@ async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
         }
     };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-tollgate-request-id", v);
+        response.headers_mut().insert(REQUEST_ID, v);
     }
     response
 }
@@ -138,7 +146,7 @@ async fn drain(mut body: Body, at_most: u64) {
 
 fn dry_run_asked(headers: &HeaderMap) -> bool {
     headers
-        .get("x-tollgate-dry-run")
+        .get(DRY_RUN)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
@@ -148,7 +156,7 @@ async fn handle(
     endpoint: Endpoint,
     req: Request,
     started: Instant,
-    time_ms: i64,
+    now: chrono::DateTime<chrono::Utc>,
     request_id: &str,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -201,7 +209,6 @@ async fn handle(
         }
     };
 
-    let now = app.clock.now();
     let budgets = caller.budgets();
     routing::load_accounts(&app.budgets, &app.ledger, &budgets, now).await?;
     let mut counter = PromptCounter::new(&parsed);
@@ -255,7 +262,7 @@ async fn handle(
         app: app.clone(),
         caller,
         request_id: request_id.to_string(),
-        time_ms,
+        time_ms: now.timestamp_millis(),
         started,
         endpoint: endpoint.name(),
         asked: asked.name.clone(),
@@ -407,11 +414,11 @@ impl Forward {
         };
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(&served.name) {
-            headers.insert("x-tollgate-model", v);
+            headers.insert(MODEL, v);
         }
         if let Some(from) = &downgraded_from {
             if let Ok(v) = HeaderValue::from_str(from) {
-                headers.insert("x-tollgate-downgraded-from", v);
+                headers.insert(DOWNGRADED_FROM, v);
             }
         }
         let is_sse = upstream.content_type().starts_with("text/event-stream");
@@ -480,7 +487,7 @@ async fn whole_response(
             }
         }
         if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
-            headers.insert("x-tollgate-cost-usd", v);
+            headers.insert(COST_USD, v);
         }
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         app.metrics.observe_overhead(before_upstream + after_upstream.elapsed());
@@ -504,7 +511,7 @@ async fn whole_response(
     }
     let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None });
     if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
-        headers.insert("x-tollgate-cost-usd", v);
+        headers.insert(COST_USD, v);
     }
     let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned().unwrap_or(HeaderValue::from_static("application/json"));
     headers.insert(header::CONTENT_TYPE, content_type);

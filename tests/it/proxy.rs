@@ -156,6 +156,26 @@ async fn models_lists_only_what_the_key_may_use() {
 }
 
 #[tokio::test]
+async fn the_openai_paths_answer_with_and_without_the_v1_prefix() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    for prefix in ["/v1", ""] {
+        let resp = app.post(&format!("{prefix}/chat/completions"), &key, &chat_body("gpt-4o-mini", "hi")).await;
+        assert_eq!(resp.status(), 200, "{prefix}/chat/completions");
+        assert!(resp.headers().contains_key("x-tollgate-cost-usd"));
+        let body = json!({"model": "text-embedding-3-small", "input": "hi"});
+        assert_eq!(app.post(&format!("{prefix}/embeddings"), &key, &body).await.status(), 200, "{prefix}/embeddings");
+        let resp = app.http.get(app.url(&format!("{prefix}/models"))).bearer_auth(&key).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{prefix}/models");
+        let resp = app.http.get(app.url(&format!("{prefix}/completions"))).bearer_auth(&key).send().await.unwrap();
+        assert_eq!(resp.status(), 405, "GET {prefix}/completions");
+    }
+    assert_eq!(up.hits(), 4);
+    assert_eq!(app.logs().await.len(), 4);
+}
+
+#[tokio::test]
 async fn spend_groups_by_team_model_and_day_and_keys_see_only_their_own() {
     let up = FakeUpstream::start().await;
     up.reply(Reply::chat_json("x", Some((100, 0, 10))));
