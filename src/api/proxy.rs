@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
@@ -66,7 +66,22 @@ pub async fn list_models(State(app): State<AppState>, headers: HeaderMap) -> Res
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
+/// The metered endpoint a request is for: a `POST` to one of their paths, with or without
+/// the `/v1` prefix (the server sends these here without going through the router).
+pub fn metered_endpoint(method: &Method, path: &str) -> Option<Endpoint> {
+    if method != Method::POST {
+        return None;
+    }
+    match path.strip_prefix("/v1").unwrap_or(path) {
+        "/chat/completions" => Some(Endpoint::Chat),
+        "/completions" => Some(Endpoint::Completions),
+        "/embeddings" => Some(Endpoint::Embeddings),
+        _ => None,
+    }
+}
+
+/// Serves one request to a metered endpoint, answering every refusal in OpenAI's envelope.
+pub async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response {
     let started = Instant::now();
     // The budget clock, so records and budget periods agree even when a test moves it.
     // Read once: the record's time and the budget period the request is charged to agree.
@@ -679,6 +694,20 @@ async fn pump(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metered_endpoints_are_posts_to_their_paths() {
+        let post = |path| metered_endpoint(&Method::POST, path);
+        assert_eq!(post("/v1/chat/completions"), Some(Endpoint::Chat));
+        assert_eq!(post("/chat/completions"), Some(Endpoint::Chat));
+        assert_eq!(post("/v1/completions"), Some(Endpoint::Completions));
+        assert_eq!(post("/embeddings"), Some(Endpoint::Embeddings));
+        for other in ["/v1/models", "/v1/v1/chat/completions", "/v1chat/completions", "/v1/chat/completions/", "/admin/keys", "/"] {
+            assert_eq!(post(other), None, "{other}");
+        }
+        assert_eq!(metered_endpoint(&Method::GET, "/v1/chat/completions"), None);
+        assert_eq!(metered_endpoint(&Method::PUT, "/v1/embeddings"), None);
+    }
 
     #[test]
     fn null_usage_is_removed_only_where_openai_puts_it() {
