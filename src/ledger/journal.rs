@@ -19,8 +19,11 @@
 //! journal, where a `write(2)` would have returned an error.)
 //!
 //! The journal is a folder of numbered segments. The current one takes appends until the
-//! next line would not fit in its `SEGMENT_BYTES`, then a new one is started (the rest of
-//! the full one stays zero; replay skips zero bytes). A segment is deleted when it is no longer
+//! next line would not fit in its `SEGMENT_BYTES`, then the next one takes over (the rest of
+//! the full one stays zero; replay skips zero bytes). The next segment is started ahead of
+//! need by the journal's own thread — created, allocated, mapped, and its pages faulted in
+//! writable — so a request neither waits for that nor takes a page fault per 4 KiB of lines;
+//! a rotation that finds none ready starts one itself. A segment is deleted when it is no longer
 //! current and every record appended to it has been committed to the database (each queued
 //! record holds a [`Pin`] on its segment). A record dropped uncommitted (the process stopping
 //! with the database down) marks its segment to be kept. On start, leftover segments are
@@ -33,7 +36,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +46,7 @@ use crate::metering::usage::Usage;
 use crate::pricing::NanoUsd;
 
 /// A segment takes appends until it is this long, unless configured otherwise.
-pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+pub const SEGMENT_BYTES: u64 = 1024 * 1024;
 
 /// What a journal line asks of the database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +137,8 @@ pub(crate) fn decode(text: &str) -> Option<(LineOp, RequestRecord)> {
 
 /// One segment file, allocated whole and, where that is safe, mapped.
 pub(crate) struct Segment {
+    /// Its place in the journal: lines in a higher-numbered segment were appended later.
+    number: u64,
     path: PathBuf,
     /// `None` only in the stand-in for a segment that could not be started.
     file: Option<File>,
@@ -192,13 +198,79 @@ impl Drop for Pin {
 pub struct Journal {
     dir: PathBuf,
     current: Mutex<Arc<Segment>>,
-    next_number: AtomicU64,
     segment_bytes: u64,
     /// Whether segments may be mapped (where their filesystem allows it).
     map_segments: bool,
     failing: AtomicBool,
+    /// The next segment, started ahead by `preparer`.
+    ahead: Arc<Ahead>,
+    preparer: Option<std::thread::JoinHandle<()>>,
     /// Held for the journal's life: the folder's exclusive lock.
     _lock: File,
+}
+
+/// The segment the next rotation takes, and what the thread starting it ahead shares with
+/// the journal.
+struct Ahead {
+    spare: Mutex<Option<Segment>>,
+    /// Signalled when the spare is taken or thrown away (start another) and at close.
+    wanted: Condvar,
+    closed: AtomicBool,
+    /// The number the next segment started gets.
+    next_number: AtomicU64,
+}
+
+impl Ahead {
+    fn number(&self) -> u64 {
+        self.next_number.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// How long the preparer waits before trying again after it could not start a segment (a
+/// full disk); a rotation that needs one meanwhile starts it itself, and reports why not.
+const RETRY_AHEAD: Duration = Duration::from_secs(1);
+
+/// The preparer thread: keeps one spare segment ready until the journal closes.
+fn prepare_ahead(ahead: Arc<Ahead>, dir: PathBuf, segment_bytes: u64, map: bool) {
+    loop {
+        {
+            let mut spare = ahead.spare.lock().unwrap_or_else(|p| p.into_inner());
+            while spare.is_some() && !ahead.closed.load(Ordering::Acquire) {
+                spare = ahead.wanted.wait(spare).unwrap_or_else(|p| p.into_inner());
+            }
+            if ahead.closed.load(Ordering::Acquire) {
+                return;
+            }
+        }
+        match Segment::create(&dir, ahead.number(), segment_bytes, map) {
+            Ok(segment) => {
+                segment.prefault();
+                *ahead.spare.lock().unwrap_or_else(|p| p.into_inner()) = Some(segment);
+            }
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "could not start a journal segment ahead");
+                let spare = ahead.spare.lock().unwrap_or_else(|p| p.into_inner());
+                if !ahead.closed.load(Ordering::Acquire) {
+                    let _ = ahead.wanted.wait_timeout(spare, RETRY_AHEAD);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        {
+            // Under the lock, so the preparer cannot miss it between its check and its wait.
+            let _spare = self.ahead.spare.lock().unwrap_or_else(|p| p.into_inner());
+            self.ahead.closed.store(true, Ordering::Release);
+            self.ahead.wanted.notify_all();
+        }
+        if let Some(preparer) = self.preparer.take() {
+            let _ = preparer.join();
+        }
+        // The spare, never written, goes with `ahead` (its file is removed).
+    }
 }
 
 /// What replaying a journal found.
@@ -281,17 +353,31 @@ impl Journal {
             Ok(segment) => segment,
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "could not start a journal segment; appends fail until one can be");
-                Segment::full_placeholder(dir.join(format!("{next:012}.log")))
+                Segment::full_placeholder(next, dir.join(format!("{next:012}.log")))
             }
         };
+        first.prefault();
         let first = Arc::new(first);
+        let ahead = Arc::new(Ahead {
+            spare: Mutex::new(None),
+            wanted: Condvar::new(),
+            closed: AtomicBool::new(false),
+            next_number: AtomicU64::new(next + 1),
+        });
+        let preparer = {
+            let (ahead, dir) = (ahead.clone(), dir.to_path_buf());
+            std::thread::Builder::new()
+                .name("tollgate-journal".into())
+                .spawn(move || prepare_ahead(ahead, dir, segment_bytes, map_segments))?
+        };
         let journal = Journal {
             dir: dir.to_path_buf(),
             current: Mutex::new(first),
-            next_number: AtomicU64::new(next + 1),
             segment_bytes,
             map_segments,
             failing: AtomicBool::new(false),
+            ahead,
+            preparer: Some(preparer),
             _lock: lock,
         };
         Ok((journal, leftovers))
@@ -367,14 +453,39 @@ impl Journal {
                 return Ok(current.clone());
             }
         }
-        let number = self.next_number.fetch_add(1, Ordering::Relaxed);
-        let fresh = Arc::new(Segment::create(&self.dir, number, self.segment_bytes.max(line_len), self.map_segments)?);
+        let fresh = match self.take_spare(full.number, line_len) {
+            Some(spare) => spare,
+            None => {
+                let number = self.ahead.number();
+                Segment::create(&self.dir, number, self.segment_bytes.max(line_len), self.map_segments)?
+            }
+        };
+        let fresh = Arc::new(fresh);
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if Arc::ptr_eq(&current, full) {
             *current = fresh;
         }
         // else: another append rotated meanwhile; `fresh` is dropped unused, its file removed.
         Ok(current.clone())
+    }
+}
+
+impl Journal {
+    /// The spare segment, if one is ready that can follow segment `after` and hold a line of
+    /// `line_len` bytes; the preparer is asked for the next. A spare numbered below `after`
+    /// (a rotation that found none ready started a later-numbered one) is thrown away: lines
+    /// must land in segments in the order replay reads them.
+    fn take_spare(&self, after: u64, line_len: u64) -> Option<Segment> {
+        let mut spare = self.ahead.spare.lock().unwrap_or_else(|p| p.into_inner());
+        let fits = spare.as_ref().is_some_and(|s| s.number > after && s.capacity >= line_len);
+        let stale = spare.as_ref().is_some_and(|s| s.number <= after);
+        let taken = if fits || stale { spare.take() } else { None };
+        if taken.is_some() {
+            self.ahead.wanted.notify_one();
+        }
+        drop(spare);
+        // A stale spare is dropped here, outside the lock (its file is removed).
+        taken.filter(|_| fits)
     }
 }
 
@@ -392,7 +503,15 @@ impl Segment {
             memmap2::MmapOptions::new().len(len).map_raw(&file).map(Some)
         });
         match mapped {
-            Ok(map) => Ok(Segment { path, file: Some(file), map, capacity, reserved: AtomicU64::new(0), keep: AtomicBool::new(false) }),
+            Ok(map) => Ok(Segment {
+                number,
+                path,
+                file: Some(file),
+                map,
+                capacity,
+                reserved: AtomicU64::new(0),
+                keep: AtomicBool::new(false),
+            }),
             Err(e) => {
                 let _ = fs::remove_file(&path);
                 Err(e)
@@ -402,9 +521,19 @@ impl Segment {
 
     /// A stand-in for a segment that could not be started: it takes no line, so the first
     /// append tries to start a real one.
-    fn full_placeholder(path: PathBuf) -> Segment {
+    fn full_placeholder(number: u64, path: PathBuf) -> Segment {
         // Nothing of ours is at `path`: `keep` so that it is never removed.
-        Segment { path, file: None, map: None, capacity: 0, reserved: AtomicU64::new(0), keep: AtomicBool::new(true) }
+        Segment { number, path, file: None, map: None, capacity: 0, reserved: AtomicU64::new(0), keep: AtomicBool::new(true) }
+    }
+
+    /// Faults the mapping's pages in, writable, so appends do not (one fault per 4 KiB of
+    /// lines otherwise, each costing more than the copy). Best effort: before Linux 5.14, or
+    /// short of memory, the appends fault them in as before.
+    fn prefault(&self) {
+        #[cfg(target_os = "linux")]
+        if let Some(map) = &self.map {
+            let _ = map.advise(memmap2::Advice::PopulateWrite);
+        }
     }
 
     /// Copies `line` to `at`.
@@ -651,8 +780,51 @@ mod tests {
         assert_eq!(ids, ["a", "c"]);
         assert_eq!(left.torn, 1);
         // New appends go to a later segment, never over the leftover.
-        journal.append(&whole("d")).unwrap().commit();
-        assert_eq!(segment_files(dir.path()).last().unwrap().file_name().unwrap(), "000000000008.log");
+        let pin = journal.append(&whole("d")).unwrap();
+        assert_eq!(pin.segment.number, 8);
+        pin.commit();
+        assert!(fs::read(dir.path().join("000000000007.log")).unwrap().starts_with(&whole("a")));
+    }
+
+    /// Waits until the preparer has a spare segment ready.
+    fn wait_for_spare(journal: &Journal) -> u64 {
+        for _ in 0..1000 {
+            if let Some(spare) = journal.ahead.spare.lock().unwrap().as_ref() {
+                return spare.number;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("no spare segment was started");
+    }
+
+    #[test]
+    fn rotations_take_the_segment_started_ahead_and_never_one_numbered_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = encode(LineOp::Write, &record("a", UsageSource::Reported));
+        let (journal, _) = Journal::open(dir.path(), 4 * line.len() as u64).unwrap();
+        let mut pins = Vec::new();
+        let spare = wait_for_spare(&journal);
+        assert_eq!(spare, 2);
+        for _ in 0..5 {
+            pins.push(journal.append(&line).unwrap());
+        }
+        // The fifth line did not fit in segment 1: it went to the spare, and another is started.
+        assert_eq!(pins.iter().map(|p| p.segment.number).collect::<Vec<_>>(), [1, 1, 1, 1, 2]);
+        assert_eq!(wait_for_spare(&journal), 3);
+        // A line too long for a spare gets a segment of its own, started then (number 4) ...
+        let long = encode(LineOp::Write, &record(&"x".repeat(10 * line.len()), UsageSource::Reported));
+        pins.push(journal.append(&long).unwrap());
+        assert_eq!(pins.last().unwrap().segment.number, 4);
+        // ... so spare 3 may no longer follow: the next rotation throws it away.
+        pins.push(journal.append(&line).unwrap());
+        assert!(pins.last().unwrap().segment.number > 4);
+        assert!(!dir.path().join("000000000003.log").exists(), "the stale spare is removed");
+        // Replayed in the order appended.
+        drop(pins);
+        drop(journal);
+        let (_journal, left) = Journal::open(dir.path(), SEGMENT_BYTES).unwrap();
+        let lens: Vec<usize> = left.lines.iter().map(|(_, r)| r.request_id.len()).collect();
+        assert_eq!(lens, [1, 1, 1, 1, 1, 10 * line.len(), 1]);
     }
 
     #[test]
@@ -661,14 +833,22 @@ mod tests {
         let (journal, _) = Journal::open(dir.path(), 1).unwrap();
         let line = encode(LineOp::Write, &record("a", UsageSource::Reported));
         journal.append(&line).unwrap().commit();
-        // The next two segment names are taken (what a full disk or a stray file does to the
+        // Every line needs a segment of its own, larger than the spare (which then stays put):
+        // the next two segment names are taken (what a full disk or a stray file does to the
         // next segment): the append and its retry fail, and the journal says so.
-        for n in 3..=4 {
-            fs::write(dir.path().join(format!("{n:012}.log")), b"not ours").unwrap();
+        // (The preparer may take one of them too, when it replaces a spare numbered behind.)
+        wait_for_spare(&journal);
+        let next = journal.ahead.next_number.load(Ordering::Relaxed);
+        let taken: Vec<PathBuf> = (next..next + 8).map(|n| dir.path().join(format!("{n:012}.log"))).collect();
+        for name in &taken {
+            fs::write(name, b"not ours").unwrap();
         }
         assert!(journal.append(&line).is_err());
         assert!(journal.failing());
-        assert_eq!(fs::read(dir.path().join("000000000003.log")).unwrap(), b"not ours", "never written over");
+        for name in &taken {
+            assert_eq!(fs::read(name).unwrap(), b"not ours", "never written over");
+            fs::remove_file(name).unwrap();
+        }
         journal.append(&line).unwrap().commit();
         assert!(!journal.failing());
     }
