@@ -468,9 +468,7 @@ impl Journal {
         // else: another append rotated meanwhile; `fresh` is dropped unused, its file removed.
         Ok(current.clone())
     }
-}
 
-impl Journal {
     /// The spare segment, if one is ready that can follow segment `after` and hold a line of
     /// `line_len` bytes; the preparer is asked for the next. A spare numbered below `after`
     /// (a rotation that found none ready started a later-numbered one) is thrown away: lines
