@@ -226,32 +226,58 @@ impl UpstreamResponse {
 
     /// Reads the whole body, at most `limit` bytes.
     pub async fn read_all(&mut self, limit: usize) -> Result<Bytes, ReadError> {
-        // A small answer usually arrives as one chunk: that chunk is the body, uncopied.
-        let mut first: Option<Bytes> = None;
-        let mut buf = bytes::BytesMut::new();
-        let mut read = 0usize;
+        let mut body = Joined::new(None);
         while let Some(chunk) = self.next_chunk().await {
             let chunk = chunk.map_err(ReadError::Body)?;
-            read += chunk.len();
-            if read > limit {
+            if body.len() + chunk.len() > limit {
                 return Err(ReadError::TooLarge);
             }
-            match first.take() {
-                None if buf.is_empty() => first = Some(chunk),
-                earlier => {
-                    if let Some(earlier) = earlier {
-                        buf.reserve(2 * (earlier.len() + chunk.len()));
-                        buf.extend_from_slice(&earlier);
-                    }
-                    buf.extend_from_slice(&chunk);
-                }
-            }
+            body.push(chunk);
         }
-        Ok(first.unwrap_or_else(|| buf.freeze()))
+        Ok(body.into_bytes())
     }
 
     pub fn content_type(&self) -> &str {
         self.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+/// A body read chunk by chunk, joined. A small body usually arrives as one chunk: that
+/// chunk is the body, uncopied; a second chunk starts a buffer of the expected size (twice
+/// what has arrived, when the size is not known).
+pub(crate) struct Joined {
+    first: Option<Bytes>,
+    rest: bytes::BytesMut,
+    len: usize,
+    expected: Option<usize>,
+}
+
+impl Joined {
+    pub(crate) fn new(expected: Option<usize>) -> Joined {
+        Joined { first: None, rest: bytes::BytesMut::new(), len: 0, expected }
+    }
+
+    /// Bytes so far.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        self.len += chunk.len();
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(chunk),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    self.rest.reserve(self.expected.unwrap_or(2 * self.len).max(self.len));
+                    self.rest.extend_from_slice(&earlier);
+                }
+                self.rest.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.rest.freeze())
     }
 }
 

@@ -25,7 +25,7 @@ use crate::metering::{LocalPrompt, Meter, Outcome, Produced};
 use crate::request::{self, Endpoint, ParsedRequest};
 use crate::routing::{self, Admission, Decision, PromptCounter};
 use crate::server::AppState;
-use crate::upstream::{ReadError, SendError, UpstreamResponse};
+use crate::upstream::{Joined, ReadError, SendError, UpstreamResponse};
 
 // tollgate's own headers (SPEC §4), named once instead of parsed per use.
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-tollgate-request-id");
@@ -72,12 +72,8 @@ pub fn metered_endpoint(method: &Method, path: &str) -> Option<Endpoint> {
     if method != Method::POST {
         return None;
     }
-    match path.strip_prefix("/v1").unwrap_or(path) {
-        "/chat/completions" => Some(Endpoint::Chat),
-        "/completions" => Some(Endpoint::Completions),
-        "/embeddings" => Some(Endpoint::Embeddings),
-        _ => None,
-    }
+    let path = path.strip_prefix("/v1").unwrap_or(path);
+    Endpoint::ALL.into_iter().find(|e| e.upstream_path() == path)
 }
 
 /// Serves one request to a metered endpoint, answering every refusal in OpenAI's envelope.
@@ -119,29 +115,17 @@ async fn read_body(mut body: Body, limit: usize, headers: &HeaderMap) -> Result<
         return Err(ApiError::TooLarge { limit });
     }
     // Usually the body is one frame: handed on as it is, without a copy.
-    let mut first: Option<Bytes> = None;
-    let mut rest = BytesMut::new();
-    let mut read = 0usize;
+    let mut joined = Joined::new(declared.map(|n| n as usize));
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|_| ApiError::InvalidJson("The request body could not be read.".into()))?;
         let Ok(data) = frame.into_data() else { continue };
-        read += data.len();
-        if read > limit {
+        if joined.len() + data.len() > limit {
             tokio::spawn(drain(body, DRAIN_BYTES));
             return Err(ApiError::TooLarge { limit });
         }
-        match &first {
-            None if rest.is_empty() => first = Some(data),
-            _ => {
-                if let Some(first) = first.take() {
-                    rest.reserve(declared.map_or(2 * first.len(), |n| n as usize).max(first.len() + data.len()));
-                    rest.extend_from_slice(&first);
-                }
-                rest.extend_from_slice(&data);
-            }
-        }
+        joined.push(data);
     }
-    Ok(first.unwrap_or_else(|| rest.freeze()))
+    Ok(joined.into_bytes())
 }
 
 /// Reads and discards up to `at_most` bytes of `body`, for at most [`DRAIN_TIME`].

@@ -353,7 +353,7 @@ impl Journal {
             Ok(segment) => segment,
             Err(e) => {
                 tracing::error!(dir = %dir.display(), error = %e, "could not start a journal segment; appends fail until one can be");
-                Segment::full_placeholder(next, dir.join(format!("{next:012}.log")))
+                Segment::full_placeholder(next, segment_path(dir, next))
             }
         };
         first.prefault();
@@ -491,7 +491,7 @@ impl Segment {
     /// Creates segment `number` (never over an existing file), allocates `capacity` bytes of
     /// disk for it and, if `map` and on a filesystem where that is safe, maps it.
     fn create(dir: &Path, number: u64, capacity: u64, map: bool) -> io::Result<Segment> {
-        let path = dir.join(format!("{number:012}.log"));
+        let path = segment_path(dir, number);
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         let mapped = allocate(&file, capacity).and_then(|()| {
             if !map || !allocation_is_kept(&file)? {
@@ -598,6 +598,11 @@ fn allocate(file: &File, len: u64) -> io::Result<()> {
         0 => Ok(()),
         errno => Err(io::Error::from_raw_os_error(errno)),
     }
+}
+
+/// Where segment `number` lives (names sort in number order; [`segment_number`] reads one).
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("{number:012}.log"))
 }
 
 fn segment_number(name: &str) -> Option<u64> {
