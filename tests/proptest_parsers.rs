@@ -599,6 +599,24 @@ proptest! {
         prop_assert_eq!(acc.usage(), want);
         prop_assert_eq!(kinds.iter().filter(|k| **k == ChunkKind::UsageOnly).count(), usize::from(s.usage.is_some()));
         prop_assert_eq!(kinds.iter().filter(|k| **k == ChunkKind::Done).count(), usize::from(s.done));
+
+        // As the proxy reads them: chunks that cannot report usage held unread until the end.
+        let mut later = StreamAccumulator::new(1 << 20);
+        let mut acted = Vec::new();
+        for d in &datas {
+            if let Some(kind @ (ChunkKind::Done | ChunkKind::UsageOnly)) = later.observe_later(d.clone()) {
+                acted.push(kind);
+            }
+        }
+        later.finish();
+        prop_assert_eq!(later.usage(), want);
+        prop_assert_eq!(later.saw_done(), s.done);
+        if want.is_none() {
+            prop_assert_eq!(later.produced_text(), s.text.as_str());
+        }
+        let acted_direct: Vec<ChunkKind> =
+            kinds.into_iter().filter(|k| matches!(k, ChunkKind::Done | ChunkKind::UsageOnly)).collect();
+        prop_assert_eq!(acted, acted_direct);
     }
 }
 

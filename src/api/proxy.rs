@@ -621,16 +621,14 @@ async fn pump(
         };
         let mut out = BytesMut::new();
         for event in events {
-            let kind = match &event.data {
-                Some(data) => acc.observe(data),
-                None => ChunkKind::Content,
-            };
+            // A chunk held unread (`None`) is forwarded like any other content.
+            let kind = event.data.and_then(|data| acc.observe_later(data));
             match kind {
-                ChunkKind::Done => {
+                Some(ChunkKind::Done) => {
                     done_event = Some(event.raw);
                     break;
                 }
-                ChunkKind::UsageOnly if !client_wants_usage => continue,
+                Some(ChunkKind::UsageOnly) if !client_wants_usage => continue,
                 _ => {}
             }
             if client_wants_usage {
@@ -652,6 +650,7 @@ async fn pump(
     if let Some(why) = &failure {
         tracing::warn!(request_id = %meter.request_id, model = %served.name, reason = %why, "stream ended early");
     }
+    acc.finish();
     let app = meter.app.clone();
     let settled = meter
         .settle(Outcome {

@@ -15,6 +15,8 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::LazyLock;
 
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -128,13 +130,54 @@ pub enum ChunkKind {
 
 /// Follows a streamed chat/completions response: remembers the usage if one is reported and the
 /// generated text so output tokens can be estimated when usage never arrives.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct StreamAccumulator {
     usage: Option<Usage>,
     text: String,
     max_text_bytes: usize,
     overflow_bytes: u64,
     saw_done: bool,
+    /// Chunks held unread by [`observe_later`](Self::observe_later), in arrival order, and
+    /// the bytes they hold.
+    held: Vec<String>,
+    held_bytes: usize,
+}
+
+/// Chunk bytes one stream may hold unread.
+const MAX_HELD_PER_STREAM: usize = 64 * 1024;
+/// Chunk bytes all streams together may hold unread, so that thousands of open streams cost
+/// little memory for it: past this, chunks are read as they arrive.
+const MAX_HELD_TOTAL: usize = 2 * 1024 * 1024;
+static HELD_TOTAL: AtomicUsize = AtomicUsize::new(0);
+
+fn hold_bytes(n: usize) -> bool {
+    if HELD_TOTAL.fetch_add(n, Ordering::Relaxed) + n <= MAX_HELD_TOTAL {
+        return true;
+    }
+    HELD_TOTAL.fetch_sub(n, Ordering::Relaxed);
+    false
+}
+
+fn release_bytes(n: usize) {
+    if n > 0 {
+        HELD_TOTAL.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Whether a chunk's JSON might report usage: it names a `"usage"` key — other than the
+/// `"usage":null` OpenAI ends every chunk with under `include_usage` — or has a `\u` escape
+/// that could spell one. A chunk without either has no usage in any reading of it.
+fn may_report_usage(data: &str) -> bool {
+    static USAGE: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> = LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
+    const TRAILING_NULL: &[u8] = b",\"usage\":null}";
+    let bytes = data.trim_ascii_end().as_bytes();
+    if ESCAPE.find(bytes).is_some() {
+        return true;
+    }
+    // The first `"usage"` is the one that ends the chunk, so it is the only one.
+    USAGE.find(bytes).is_some_and(|at| at == 0 || &bytes[at - 1..] != TRAILING_NULL)
 }
 
 impl StreamAccumulator {
@@ -146,7 +189,72 @@ impl StreamAccumulator {
             max_text_bytes,
             overflow_bytes: 0,
             saw_done: false,
+            held: Vec::new(),
+            held_bytes: 0,
         }
+    }
+
+    /// Looks at a chunk as [`observe`](Self::observe) does, or holds it unread: a chunk that
+    /// cannot report usage is only needed for its text, and the text only if the stream ends
+    /// without a usage report. Such a chunk is held (returns `None`: forward it as it is) —
+    /// or skipped, once usage has been reported — and read by [`finish`](Self::finish) if
+    /// it turns out to be needed. Most streams report usage in their last chunk, so most
+    /// chunks are never read. What is held is bounded per stream and across all streams;
+    /// past a bound, chunks are read as they arrive, as `observe` does.
+    pub fn observe_later(&mut self, data: String) -> Option<ChunkKind> {
+        if data.trim_ascii() == "[DONE]" {
+            return Some(self.observe(&data));
+        }
+        if !may_report_usage(&data) {
+            if self.usage.is_some() {
+                return None;
+            }
+            let size = data.capacity() + std::mem::size_of::<String>();
+            if self.held_bytes + size <= MAX_HELD_PER_STREAM && hold_bytes(size) {
+                self.held_bytes += size;
+                self.held.push(data);
+                return None;
+            }
+            self.read_held();
+            return Some(self.observe(&data));
+        }
+        if self.held.is_empty() {
+            return Some(self.observe(&data));
+        }
+        // Held chunks come first. Their text is needed only if this chunk reports no usage:
+        // read it on its own first (keeping no text).
+        let mut probe = StreamAccumulator::new(0);
+        let kind = probe.observe(&data);
+        if probe.usage.is_some() {
+            self.usage = probe.usage;
+            self.drop_held();
+            return Some(kind);
+        }
+        self.read_held();
+        Some(self.observe(&data))
+    }
+
+    /// The end of the stream: reads the chunks held unread if no usage was reported (their
+    /// text is needed for the estimate), else lets them go. Call before `produced_text`.
+    pub fn finish(&mut self) {
+        if self.usage.is_some() {
+            self.drop_held();
+        } else {
+            self.read_held();
+        }
+    }
+
+    fn read_held(&mut self) {
+        let held = std::mem::take(&mut self.held);
+        release_bytes(std::mem::take(&mut self.held_bytes));
+        for data in &held {
+            self.observe(data);
+        }
+    }
+
+    fn drop_held(&mut self) {
+        self.held = Vec::new();
+        release_bytes(std::mem::take(&mut self.held_bytes));
     }
 
     /// Look at the `data` of one event.
@@ -203,7 +311,9 @@ impl StreamAccumulator {
     /// Generated text seen so far: `choices[].delta.content`, `delta.refusal`,
     /// `delta.reasoning_content` (or `delta.reasoning` when that is absent),
     /// `delta.tool_calls[].function.name` and `.arguments`, `delta.function_call`, and legacy
-    /// completions `choices[].text` — in arrival order, at most `max_text_bytes` of it.
+    /// completions `choices[].text` — in arrival order, at most `max_text_bytes` of it. With
+    /// [`observe_later`](Self::observe_later): complete after [`finish`](Self::finish) when no
+    /// usage was reported; with a report, the text of chunks never read is left out.
     pub fn produced_text(&self) -> &str {
         &self.text
     }
@@ -217,6 +327,12 @@ impl StreamAccumulator {
     /// Whether `data: [DONE]` has been seen.
     pub fn saw_done(&self) -> bool {
         self.saw_done
+    }
+
+    /// Chunks held unread, and their bytes (for tests).
+    #[cfg(test)]
+    fn held(&self) -> (usize, usize) {
+        (self.held.len(), self.held_bytes)
     }
 
     fn keep_text(&mut self, s: &str) {
@@ -234,6 +350,12 @@ impl StreamAccumulator {
         let (kept, dropped) = s.split_at(cut);
         self.text.push_str(kept);
         self.overflow_bytes = self.overflow_bytes.saturating_add(dropped.len() as u64);
+    }
+}
+
+impl Drop for StreamAccumulator {
+    fn drop(&mut self) {
+        release_bytes(self.held_bytes);
     }
 }
 
@@ -976,6 +1098,119 @@ mod tests {
         (acc, kinds, parser.pending().to_vec())
     }
 
+    /// Runs a stream's events through `observe_later`, then `finish`.
+    fn run_later(stream: &str) -> (StreamAccumulator, Vec<Option<ChunkKind>>) {
+        let mut parser = SseParser::new(1 << 20);
+        let mut acc = StreamAccumulator::new(1 << 16);
+        let kinds = parser
+            .push(stream.as_bytes())
+            .expect("fixture is valid SSE")
+            .into_iter()
+            .filter_map(|e| e.data)
+            .map(|d| acc.observe_later(d))
+            .collect();
+        acc.finish();
+        (acc, kinds)
+    }
+
+    #[test]
+    fn only_chunks_that_name_usage_or_escape_a_character_may_report_usage() {
+        for plain in [
+            r#"{"choices":[{"delta":{"content":"hi"}}]}"#,
+            r#"{"choices":[{"delta":{"content":"hi"}}],"usage":null}"#,
+            "{\"choices\":[],\"usage\":null}\n ",
+            r#"{"choices":[{"delta":{"content":"the \"usage\" field"}}]}"#,
+            r#"{"x":"usage"#,
+            "not json",
+            "",
+        ] {
+            assert!(!may_report_usage(plain), "{plain}");
+        }
+        for may in [
+            r#"{"choices":[],"usage":{"prompt_tokens":1}}"#,
+            r#"{"usage":null,"choices":[]}"#,
+            r#"{"usage":null,"usage":null}"#,
+            r#""usage":null}"#,
+            r#"{"type":"response.completed","response":{"usage":{"input_tokens":1}}}"#,
+            r#"{"\u0075sage":{"prompt_tokens":1}}"#,
+            r#"{"choices":[{"delta":{"content":"caf\u00e9"}}],"usage":null}"#,
+            r#"{"a":"x","usage":null} {"usage":1}"#,
+        ] {
+            assert!(may_report_usage(may), "{may}");
+        }
+    }
+
+    #[test]
+    fn a_stream_that_reports_usage_at_its_end_is_read_only_there() {
+        use ChunkKind::*;
+        let (acc, kinds) = run_later(CHAT_WITH_USAGE);
+        // The third chunk spells é with an escape: it is read, and the two before it with it.
+        assert_eq!(kinds, [None, None, Some(Content), None, Some(UsageOnly), Some(Done)]);
+        assert_eq!(acc.usage(), usage(19, 0, 10));
+        assert_eq!(acc.held(), (0, 0));
+        assert!(acc.saw_done());
+        // Once usage is known, the text that was never read is not needed.
+        assert_eq!(acc.produced_text(), "Hello! \"Quoted\" été\n");
+    }
+
+    #[test]
+    fn held_chunks_are_read_in_order_when_the_stream_ends_without_usage() {
+        for stream in [CHAT_WITHOUT_USAGE, LEGACY_COMPLETIONS, TOOL_CALLS] {
+            let (direct, kinds, _) = run(stream, 0);
+            let (later, later_kinds) = run_later(stream);
+            assert_eq!(later.usage(), direct.usage(), "{stream}");
+            if direct.usage().is_none() {
+                assert_eq!(later.produced_text(), direct.produced_text(), "{stream}");
+            }
+            assert_eq!(later.saw_done(), direct.saw_done());
+            // What the pump acts on is the same: `[DONE]` and usage-only chunks.
+            let acted = |k: Option<ChunkKind>| matches!(k, Some(ChunkKind::Done | ChunkKind::UsageOnly));
+            assert_eq!(
+                later_kinds.iter().copied().filter(|k| acted(*k)).collect::<Vec<_>>(),
+                kinds.iter().copied().filter(|k| acted(Some(*k))).map(Some).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunk_naming_usage_without_reporting_it_reads_the_held_chunks_first() {
+        let mut acc = StreamAccumulator::new(1 << 10);
+        assert_eq!(acc.observe_later(r#"{"choices":[{"delta":{"content":"a"}}]}"#.into()), None);
+        assert_eq!(acc.observe_later(r#"{"choices":[{"delta":{"content":"b"}}]}"#.into()), None);
+        let odd = r#"{"usage":"soon","choices":[{"delta":{"content":"c"}}]}"#;
+        assert_eq!(acc.observe_later(odd.into()), Some(ChunkKind::Content));
+        assert_eq!(acc.held(), (0, 0));
+        assert_eq!(acc.observe_later(r#"{"choices":[{"delta":{"content":"d"}}]}"#.into()), None);
+        acc.finish();
+        assert_eq!((acc.usage(), acc.produced_text()), (None, "abcd"));
+    }
+
+    #[test]
+    fn chunks_after_a_usage_report_are_neither_held_nor_read() {
+        let mut acc = StreamAccumulator::new(1 << 10);
+        acc.observe_later(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#.into());
+        assert_eq!(acc.observe_later(r#"{"choices":[{"delta":{"content":"x"}}]}"#.into()), None);
+        assert_eq!(acc.held(), (0, 0));
+        acc.finish();
+        assert_eq!(acc.usage(), usage(3, 0, 1));
+    }
+
+    #[test]
+    fn a_stream_holds_at_most_its_bound_and_its_text_stays_whole() {
+        let mut acc = StreamAccumulator::new(1 << 20);
+        let mut want = String::new();
+        for i in 0..2_000 {
+            let piece = format!("w{i} ");
+            want.push_str(&piece);
+            acc.observe_later(format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{piece}"}}}}]}}"#));
+            assert!(acc.held().1 <= MAX_HELD_PER_STREAM);
+        }
+        assert!(acc.held().0 > 0);
+        acc.finish();
+        assert_eq!(acc.held(), (0, 0));
+        assert_eq!(acc.produced_text(), want);
+    }
+
     #[test]
     fn stream_with_include_usage_reports_usage_in_the_last_chunk() {
         use ChunkKind::*;
@@ -1293,6 +1528,42 @@ mod tests {
             prop_assert_ne!(kind, ChunkKind::NotJson);
             prop_assert_eq!(acc.usage(), usage_from_json(&v));
             prop_assert!(acc.produced_text().len() <= 8);
+        }
+
+        /// Holding chunks unread never changes the usage, nor the text when no usage is
+        /// reported, nor what the pump acts on (`[DONE]`, usage-only chunks).
+        #[test]
+        fn holding_chunks_meters_as_reading_them_all(
+            chunks in prop::collection::vec(
+                prop_oneof![
+                    4 => arb_json().prop_map(|v| v.to_string()),
+                    2 => "[a-z]{1,6}".prop_map(|t| format!(r#"{{"choices":[{{"delta":{{"content":"{t}"}}}}],"usage":null}}"#)),
+                    1 => Just("[DONE]".to_string()),
+                    1 => "\\PC{0,24}",
+                ],
+                0..12,
+            ),
+            max in prop_oneof![Just(0usize), Just(7), Just(1 << 16)],
+        ) {
+            let mut direct = StreamAccumulator::new(max);
+            let mut later = StreamAccumulator::new(max);
+            for chunk in &chunks {
+                let kind = direct.observe(chunk);
+                let held = later.observe_later(chunk.clone());
+                let acted = matches!(kind, ChunkKind::Done | ChunkKind::UsageOnly);
+                prop_assert_eq!(held.is_some_and(|k| k == kind), acted || held.is_some(), "{}", chunk);
+                if acted {
+                    prop_assert_eq!(held, Some(kind));
+                }
+            }
+            later.finish();
+            prop_assert_eq!(later.usage(), direct.usage());
+            prop_assert_eq!(later.saw_done(), direct.saw_done());
+            if direct.usage().is_none() {
+                prop_assert_eq!(later.produced_text(), direct.produced_text());
+                prop_assert_eq!(later.overflow_bytes(), direct.overflow_bytes());
+            }
+            prop_assert_eq!(later.held(), (0, 0));
         }
 
         #[test]
