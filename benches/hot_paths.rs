@@ -79,6 +79,23 @@ fn stream_usage(c: &mut Criterion) {
             black_box(acc.usage())
         })
     });
+    // As the proxy reads a stream: chunks that cannot report usage are held unread, and let
+    // go once the last chunk reports usage.
+    g.bench_function("hold_and_extract_usage_200_chunks", |b| {
+        b.iter(|| {
+            let mut parser = SseParser::new(1 << 24);
+            let mut acc = StreamAccumulator::new(1 << 22);
+            for chunk in bytes.chunks(1460) {
+                for event in parser.push(chunk).unwrap_or_default() {
+                    if let Some(d) = event.data {
+                        acc.observe_later(d);
+                    }
+                }
+            }
+            acc.finish();
+            black_box(acc.usage())
+        })
+    });
     g.finish();
 }
 
