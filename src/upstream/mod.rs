@@ -1,13 +1,17 @@
-//! The only outbound HTTP: hyper's pooled client (hyper-util), over rustls for `https://`
-//! providers (HTTP/1.1, or HTTP/2 when the provider offers it), with the provider's connect
-//! timeout, the first-byte timeout around the wait for response headers, and the idle
-//! timeout applied to every gap inside the body.
+//! The only outbound HTTP: hyper's connection API under a pool of tollgate's own
+//! ([`pool`]), over rustls for `https://` providers (HTTP/1.1, or HTTP/2 when the provider
+//! offers it), with the provider's connect timeout, the first-byte timeout around the wait
+//! for response headers, and the idle timeout applied to every gap inside the body.
 //!
-//! hyper is called directly rather than through reqwest: reqwest re-parsed every request's
-//! URL and ran each request through redirect and retry layers tollgate does not use, about
-//! 4% of the gateway's CPU per request (docs/benchmarks.md). What tollgate needs of it is
-//! here: pooled keep-alive connections, TLS with Mozilla's roots, timeouts, and error text
-//! that never carries the URL. Proxy environment variables (`HTTPS_PROXY`) are not read.
+//! hyper is called directly rather than through reqwest or hyper-util's pooled client:
+//! reqwest re-parsed every request's URL and ran each request through redirect and retry
+//! layers tollgate does not use, and hyper-util's client spawned a task per request to
+//! return its connection to a pool shared by key (docs/benchmarks.md). What tollgate needs
+//! is here: keep-alive connections per worker thread, TLS with Mozilla's roots, timeouts,
+//! and error text that never carries the URL. Proxy environment variables (`HTTPS_PROXY`)
+//! are not read.
+
+mod pool;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -17,9 +21,10 @@ use std::time::Duration;
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use pool::{Pool, PoolError};
 
 use crate::config::{Config, Provider, ProviderKind};
 use crate::error::ApiError;
@@ -77,22 +82,21 @@ pub enum ClientError {
     Tls(#[from] rustls::Error),
 }
 
-type Http = hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
-
 /// HTTP clients for every provider.
 pub struct Upstreams {
     clients: HashMap<String, Client>,
 }
 
-/// One provider's client, with what every request to it repeats prepared once: the URI of
-/// each endpoint and the `Authorization` header.
+/// One provider's client, with what every request to it repeats prepared once: the URIs
+/// of each endpoint (the path alone for HTTP/1, the whole URI for HTTP/2) and the
+/// `Authorization` header.
 ///
-/// Each server worker thread has its own connection pool (`http[worker]`): a pooled
+/// Each server worker thread has its own connection pool (`pools[worker]`): a pooled
 /// connection is driven by a task on the runtime that opened it, so a request only ever
 /// uses connections its own thread drives, and a response never hops between threads.
 struct Client {
-    http: Vec<Http>,
-    uris: HashMap<&'static str, Uri>,
+    pools: Vec<Arc<Pool>>,
+    uris: HashMap<&'static str, (Uri, Uri)>,
     authorization: Option<HeaderValue>,
 }
 
@@ -101,21 +105,24 @@ impl Upstreams {
     pub fn new(config: &Config, workers: usize) -> Result<Upstreams, ClientError> {
         let mut clients = HashMap::new();
         for p in config.providers.iter().filter(|p| p.kind == ProviderKind::Openai) {
-            let http = (0..workers.max(1)).map(|_| http_client(p)).collect::<Result<Vec<_>, _>>()?;
+            let bad_url = || ClientError::BadUrl { provider: p.name.clone(), url: p.base_url.clone() };
+            let target = parse_upstream_uri(&p.base_url).ok_or_else(bad_url)?;
+            let pools = (0..workers.max(1))
+                .map(|_| Ok(Arc::new(Pool::new(connector(p)?, target.clone()))))
+                .collect::<Result<Vec<_>, ClientError>>()?;
             let mut uris = HashMap::new();
             for e in crate::request::Endpoint::ALL {
                 let path = e.upstream_path();
-                let url = format!("{}{path}", p.base_url);
-                let uri = parse_upstream_uri(&url)
-                    .ok_or_else(|| ClientError::BadUrl { provider: p.name.clone(), url: p.base_url.clone() })?;
-                uris.insert(path, uri);
+                let absolute = parse_upstream_uri(&format!("{}{path}", p.base_url)).ok_or_else(bad_url)?;
+                let origin = absolute.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+                uris.insert(path, (origin, absolute));
             }
             let authorization = p.api_key.as_ref().and_then(|key| {
                 let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
                 value.set_sensitive(true);
                 Some(value)
             });
-            clients.insert(p.name.clone(), Client { http, uris, authorization });
+            clients.insert(p.name.clone(), Client { pools, uris, authorization });
         }
         Ok(Upstreams { clients })
     }
@@ -127,11 +134,11 @@ impl Upstreams {
             return crate::mock::respond(path, body, idle_timeout).await;
         }
         let client = self.clients.get(&provider.name).ok_or_else(|| SendError::Other("no client".into()))?;
-        let uri = client.uris.get(path).ok_or_else(|| SendError::Other(format!("no upstream path {path}")))?;
-        let http = &client.http[crate::server::worker_index() % client.http.len()];
+        let (origin, absolute) =
+            client.uris.get(path).ok_or_else(|| SendError::Other(format!("no upstream path {path}")))?;
+        let pool = &client.pools[crate::server::worker_index() % client.pools.len()];
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
-        *request.uri_mut() = uri.clone();
         let headers = request.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(header::ACCEPT, HeaderValue::from_static("application/json, text/event-stream"));
@@ -139,43 +146,38 @@ impl Upstreams {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
         let first_byte = Duration::from_millis(provider.first_byte_timeout_ms);
-        let response = match tokio::time::timeout(first_byte, http.request(request)).await {
+        let response = match tokio::time::timeout(first_byte, pool.send(request, origin, absolute)).await {
             Err(_) => return Err(SendError::Timeout),
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(PoolError::Connect(e))) => {
                 // The connector reports its connect timeout as a connect error.
-                if caused_by_timeout(&e) {
+                if caused_by_timeout(&*e) {
                     return Err(SendError::Timeout);
                 }
-                return Err(SendError::Connect(describe(&e)));
+                return Err(SendError::Connect(describe(&*e)));
             }
-            Ok(Err(e)) => return Err(SendError::Other(describe(&e))),
+            Ok(Err(PoolError::Request(e))) => return Err(SendError::Other(describe(&e))),
             Ok(Ok(r)) => r,
         };
-        let (parts, incoming) = response.into_parts();
-        let body = incoming.into_data_stream().map(|r| r.map_err(|e| BodyError::Broken(describe(&e))));
+        let (parts, pooled) = response.into_parts();
+        let body = pooled.map(|r| r.map_err(|e| BodyError::Broken(describe(&e))));
         Ok(UpstreamResponse { status: parts.status, headers: parts.headers, body: Box::pin(body), idle_timeout })
     }
 }
 
-/// A pooled client for one provider, for one worker thread.
-fn http_client(p: &Provider) -> Result<Http, ClientError> {
+/// The connector for one provider's pool: TCP with the provider's connect timeout, then
+/// TLS for `https://`, offering HTTP/2 and HTTP/1.1.
+fn connector(p: &Provider) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, ClientError> {
     let mut tcp = HttpConnector::new();
     tcp.set_connect_timeout(Some(Duration::from_millis(p.connect_timeout_ms)));
     tcp.set_nodelay(true);
     // The TLS wrapper below decides the scheme.
     tcp.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(tcp);
-    Ok(hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector))
+        .wrap_connector(tcp))
 }
 
 /// The URI of an upstream endpoint: an absolute `http(s)://` URL with a host.
