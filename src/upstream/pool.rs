@@ -4,9 +4,10 @@
 //! client: a worker's pool is only ever used by that worker, so it needs no connection
 //! keys, no waiters and no task per request to return a connection once its response has
 //! been read (the general client spawned one for every request). An HTTP/1 connection goes
-//! back to the pool the moment its response body has been read to the end; a body dropped
-//! before its end takes its connection with it (hyper closes it). An HTTP/2 connection, when
-//! TLS negotiates it, is shared by every request on the worker.
+//! back to the pool the moment its response body has been read to the end, or dropped: if
+//! the rest of the response has not arrived by then, hyper closes the connection, and a
+//! closed one is never checked out. An HTTP/2 connection, when TLS negotiates it, is shared
+//! by every request on the worker.
 //!
 //! A request that could not be written on a reused connection (the upstream closed it
 //! while it sat idle) is sent again on another one, as hyper-util's client does; one that
@@ -232,6 +233,15 @@ impl PooledBody {
     }
 }
 
+/// A body dropped before its end (the proxy stops reading a stream at `[DONE]`) still gives
+/// its connection back: hyper then reads what is left of the response if it has arrived and
+/// keeps the connection, or closes it — and a closed connection is never checked out.
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
 impl Stream for PooledBody {
     type Item = Result<Bytes, hyper::Error>;
 
@@ -290,6 +300,8 @@ mod tests {
         SayClose,
         /// Closes without saying so, after the answer: the client learns only from the socket.
         Hang,
+        /// Sends half of the body and then nothing more, keeping the connection open.
+        Half,
     }
 
     /// An HTTP/1.1 upstream on an ephemeral port answering every request with a fixed JSON
@@ -334,10 +346,16 @@ mod tests {
                         buf.drain(..head_end + len);
                         r.fetch_add(1, Ordering::SeqCst);
                         let close = if then == Then::SayClose { "connection: close\r\n" } else { "" };
+                        let sent = if then == Then::Half { &body[..body.len() / 2] } else { body };
                         let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n{body}",
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n{sent}",
                             body.len()
                         );
+                        if then == Then::Half {
+                            let _ = socket.write_all(answer.as_bytes()).await;
+                            tokio::time::sleep(Duration::from_secs(30)).await;
+                            return;
+                        }
                         if socket.write_all(answer.as_bytes()).await.is_err() || then != Then::KeepAlive {
                             return;
                         }
@@ -404,17 +422,38 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 4);
     }
 
-    #[tokio::test]
-    async fn a_body_dropped_before_its_end_takes_its_connection_with_it() {
-        let (target, conns, _) = upstream(Then::KeepAlive, "{\"long\":\"answer\"}").await;
-        let pool = pool(&target);
+    async fn dropped_unread(pool: &Arc<Pool>, target: &Uri) {
         let absolute: Uri = format!("{target}/chat/completions").parse().unwrap();
         let origin = Uri::from_static("/v1/chat/completions");
         let response = pool.send(request(), &origin, &absolute).await.unwrap();
         drop(response);
-        assert_eq!(pool.idle_count(), 0);
-        exchange(&pool, &target).await.unwrap();
-        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unread_after_it_all_arrived_leaves_its_connection_reusable() {
+        let (target, conns, _) = upstream(Then::KeepAlive, "{\"long\":\"answer\"}").await;
+        let pool = pool(&target);
+        dropped_unread(&pool, &target).await;
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(exchange(&pool, &target).await.unwrap(), "{\"long\":\"answer\"}");
+        assert_eq!(conns.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_the_rest_arrived_takes_its_connection_with_it() {
+        let (target, conns, requests) = upstream(Then::Half, "{\"long\":\"answer\"}").await;
+        let pool = pool(&target);
+        dropped_unread(&pool, &target).await;
+        // The next request does not wait on it: it goes out on a new connection (and gets
+        // half an answer too, which is all this upstream sends).
+        let absolute: Uri = format!("{target}/chat/completions").parse().unwrap();
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send(request(), &Uri::from_static("/v1/chat/completions"), &absolute),
+        )
+        .await;
+        assert!(matches!(sent, Ok(Ok(_))));
+        assert_eq!((conns.load(Ordering::SeqCst), requests.load(Ordering::SeqCst)), (2, 2));
     }
 
     #[tokio::test]
