@@ -107,9 +107,9 @@ impl Upstreams {
         for p in config.providers.iter().filter(|p| p.kind == ProviderKind::Openai) {
             let bad_url = || ClientError::BadUrl { provider: p.name.clone(), url: p.base_url.clone() };
             let target = parse_upstream_uri(&p.base_url).ok_or_else(bad_url)?;
-            let pools = (0..workers.max(1))
-                .map(|_| Ok(Arc::new(Pool::new(connector(p)?, target.clone()))))
-                .collect::<Result<Vec<_>, ClientError>>()?;
+            // One TLS configuration per provider; each worker's pool holds a handle to it.
+            let connector = connector(Duration::from_millis(p.connect_timeout_ms))?;
+            let pools = (0..workers.max(1)).map(|_| Arc::new(Pool::new(connector.clone(), target.clone()))).collect();
             let mut uris = HashMap::new();
             for e in crate::request::Endpoint::ALL {
                 let path = e.upstream_path();
@@ -164,11 +164,11 @@ impl Upstreams {
     }
 }
 
-/// The connector for one provider's pool: TCP with the provider's connect timeout, then
+/// The connector for one provider's pools: TCP with the provider's connect timeout, then
 /// TLS for `https://`, offering HTTP/2 and HTTP/1.1.
-fn connector(p: &Provider) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, ClientError> {
+fn connector(connect_timeout: Duration) -> Result<hyper_rustls::HttpsConnector<HttpConnector>, ClientError> {
     let mut tcp = HttpConnector::new();
-    tcp.set_connect_timeout(Some(Duration::from_millis(p.connect_timeout_ms)));
+    tcp.set_connect_timeout(Some(connect_timeout));
     tcp.set_nodelay(true);
     // The TLS wrapper below decides the scheme.
     tcp.enforce_http(false);

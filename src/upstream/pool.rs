@@ -159,7 +159,8 @@ impl Pool {
         None
     }
 
-    /// Returns an HTTP/1 connection whose response has been read to the end.
+    /// Returns an HTTP/1 connection whose response body has been read to the end or
+    /// dropped (hyper closes it if the response had not all arrived: see [`PooledBody`]).
     fn put(&self, sender: http1::SendRequest<Body>) {
         if sender.is_closed() {
             return;
@@ -219,7 +220,8 @@ fn log_closed(result: Result<(), hyper::Error>) {
     }
 }
 
-/// A response body that gives its HTTP/1 connection back to the pool once read to the end.
+/// A response body that gives its HTTP/1 connection back to the pool once read to the end,
+/// or when dropped.
 pub(super) struct PooledBody {
     body: Incoming,
     back: Option<(Arc<Pool>, http1::SendRequest<Body>)>,
@@ -367,16 +369,7 @@ mod tests {
     }
 
     fn pool(target: &Uri) -> Arc<Pool> {
-        let mut tcp = HttpConnector::new();
-        tcp.enforce_http(false);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .unwrap()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(tcp);
-        Arc::new(Pool::new(connector, target.clone()))
+        Arc::new(Pool::new(super::super::connector(Duration::from_secs(5)).unwrap(), target.clone()))
     }
 
     fn request() -> Request<Body> {
@@ -385,11 +378,14 @@ mod tests {
         r
     }
 
-    async fn exchange(pool: &Arc<Pool>, target: &Uri) -> Result<String, PoolError> {
+    /// Sends a chat/completions request through `pool` to the upstream at `target`.
+    async fn send(pool: &Arc<Pool>, target: &Uri) -> Result<Response<PooledBody>, PoolError> {
         let absolute: Uri = format!("{target}/chat/completions").parse().unwrap();
-        let origin = Uri::from_static("/v1/chat/completions");
-        let response = pool.send(request(), &origin, &absolute).await?;
-        let mut body = response.into_body();
+        pool.send(request(), &Uri::from_static("/v1/chat/completions"), &absolute).await
+    }
+
+    async fn exchange(pool: &Arc<Pool>, target: &Uri) -> Result<String, PoolError> {
+        let mut body = send(pool, target).await?.into_body();
         let mut text = String::new();
         while let Some(chunk) = body.next().await {
             text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
@@ -422,18 +418,11 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 4);
     }
 
-    async fn dropped_unread(pool: &Arc<Pool>, target: &Uri) {
-        let absolute: Uri = format!("{target}/chat/completions").parse().unwrap();
-        let origin = Uri::from_static("/v1/chat/completions");
-        let response = pool.send(request(), &origin, &absolute).await.unwrap();
-        drop(response);
-    }
-
     #[tokio::test]
     async fn a_body_dropped_unread_after_it_all_arrived_leaves_its_connection_reusable() {
         let (target, conns, _) = upstream(Then::KeepAlive, "{\"long\":\"answer\"}").await;
         let pool = pool(&target);
-        dropped_unread(&pool, &target).await;
+        drop(send(&pool, &target).await.unwrap());
         assert_eq!(pool.idle_count(), 1);
         assert_eq!(exchange(&pool, &target).await.unwrap(), "{\"long\":\"answer\"}");
         assert_eq!(conns.load(Ordering::SeqCst), 1);
@@ -443,15 +432,10 @@ mod tests {
     async fn a_body_dropped_before_the_rest_arrived_takes_its_connection_with_it() {
         let (target, conns, requests) = upstream(Then::Half, "{\"long\":\"answer\"}").await;
         let pool = pool(&target);
-        dropped_unread(&pool, &target).await;
+        drop(send(&pool, &target).await.unwrap());
         // The next request does not wait on it: it goes out on a new connection (and gets
         // half an answer too, which is all this upstream sends).
-        let absolute: Uri = format!("{target}/chat/completions").parse().unwrap();
-        let sent = tokio::time::timeout(
-            Duration::from_secs(5),
-            pool.send(request(), &Uri::from_static("/v1/chat/completions"), &absolute),
-        )
-        .await;
+        let sent = tokio::time::timeout(Duration::from_secs(5), send(&pool, &target)).await;
         assert!(matches!(sent, Ok(Ok(_))));
         assert_eq!((conns.load(Ordering::SeqCst), requests.load(Ordering::SeqCst)), (2, 2));
     }
