@@ -8,11 +8,11 @@
 //! change made by the CLI in another process (it bumps `directory_version`) — or at once,
 //! for a key the CLI just created, when a request presents it (`authenticate_fresh`).
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
+use foldhash::HashMap;
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 

@@ -2,11 +2,12 @@
 //! prices converted to integer nano-dollars once at load, and `validate()` reporting
 //! every problem at once so a user fixes a config in one pass.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use foldhash::{HashMap, HashMapExt};
 use serde::Deserialize;
 
 use crate::pricing::{self, Capabilities, ModelKind, NanoUsd, Price};

@@ -1,11 +1,11 @@
 //! Prometheus metrics: requests, tokens and cost by model and team, refusals by code,
 //! upstream latency and gateway overhead, and the ledger writer's state.
 
-use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use foldhash::{HashMap, HashMapExt};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

@@ -55,22 +55,43 @@ impl Sub for NanoUsd {
 
 /// Prints as an exact decimal USD string (`0.000524`), as in `x-tollgate-cost-usd`.
 impl fmt::Display for NanoUsd {
+    /// Dollars, with the fraction's digits up to the last non-zero one (`0.0000123`, `2`).
+    /// Written into a stack buffer and handed over once: this formats every response's
+    /// cost header, and `write!` with a padded fraction cost ~1% of a request's instructions.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
+        // "-", 11 digits of whole dollars (i64::MAX nano-dollars), ".", 9 digits.
+        let mut out = [0u8; 24];
+        let mut at = out.len();
         let abs = self.0.unsigned_abs();
-        let whole = abs / 1_000_000_000;
-        let frac = abs % 1_000_000_000;
-        if frac == 0 {
-            return write!(f, "{sign}{whole}");
+        let (mut whole, mut frac) = (abs / 1_000_000_000, abs % 1_000_000_000);
+        if frac != 0 {
+            let mut width = 9;
+            while frac % 10 == 0 {
+                frac /= 10;
+                width -= 1;
+            }
+            for _ in 0..width {
+                at -= 1;
+                out[at] = b'0' + (frac % 10) as u8;
+                frac /= 10;
+            }
+            at -= 1;
+            out[at] = b'.';
         }
-        // The fraction's nine digits without their trailing zeros, written without a buffer
-        // (this formats every response's cost header).
-        let (mut frac, mut width) = (frac, 9);
-        while frac % 10 == 0 {
-            frac /= 10;
-            width -= 1;
+        loop {
+            at -= 1;
+            out[at] = b'0' + (whole % 10) as u8;
+            whole /= 10;
+            if whole == 0 {
+                break;
+            }
         }
-        write!(f, "{sign}{whole}.{frac:0width$}")
+        if self.0 < 0 {
+            at -= 1;
+            out[at] = b'-';
+        }
+        // Only ASCII digits, '.' and '-' were written.
+        f.write_str(std::str::from_utf8(&out[at..]).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -113,7 +134,7 @@ pub enum ModelKind {
 }
 
 /// Request features a model supports; a downgrade target must support what the request uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
     pub tools: bool,
     pub vision: bool,
@@ -242,6 +263,18 @@ mod tests {
         // (60 * $2.50 + 40 * $1.25 + 10 * $10) / 1M = $300 / 1M = 300,000 nano-dollars.
         let o = catalog_entry("gpt-4o").unwrap().price;
         assert_eq!(o.cost(&usage(100, 40, 10)), NanoUsd(300_000));
+    }
+
+    proptest::proptest! {
+        /// Every amount prints as its exact decimal: nine fraction digits, trailing zeros
+        /// (and a bare point) dropped.
+        #[test]
+        fn display_is_the_exact_decimal_of_any_amount(n in proptest::prelude::any::<i64>()) {
+            let abs = n.unsigned_abs();
+            let full = format!("{}{}.{:09}", if n < 0 { "-" } else { "" }, abs / 1_000_000_000, abs % 1_000_000_000);
+            let expected = full.trim_end_matches('0').trim_end_matches('.');
+            proptest::prop_assert_eq!(NanoUsd(n).to_string(), expected);
+        }
     }
 
     #[test]

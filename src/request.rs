@@ -97,6 +97,78 @@ struct TopLevel<'a> {
     stream_options: Option<&'a RawValue>,
     /// The first key that appears twice (the rest of the body is still checked first).
     duplicate: Option<String>,
+    noted: Noted,
+}
+
+/// The top-level fields `parse` checks, noted as the parser passes them: looking each up in
+/// the parsed map afterwards hashed its name (serde_json's map uses SipHash) a dozen times a
+/// request. Small values are kept as they are; of the large ones only what is checked.
+#[derive(Default)]
+struct Noted {
+    model: Option<Value>,
+    stream: Option<Value>,
+    stream_options: Option<Value>,
+    max_completion_tokens: Option<Value>,
+    max_tokens: Option<Value>,
+    n: Option<Value>,
+    /// `messages`, `prompt` and `input`: what each is, when present and not `null`.
+    messages: Option<Shape>,
+    prompt: Option<Shape>,
+    input: Option<Shape>,
+    needs: Capabilities,
+}
+
+/// What a required field holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    String,
+    EmptyArray,
+    Array,
+    Other,
+}
+
+impl Shape {
+    fn of(value: &Value) -> Option<Shape> {
+        match value {
+            Value::Null => None,
+            Value::String(_) => Some(Shape::String),
+            Value::Array(a) if a.is_empty() => Some(Shape::EmptyArray),
+            Value::Array(_) => Some(Shape::Array),
+            _ => Some(Shape::Other),
+        }
+    }
+}
+
+impl Noted {
+    fn note(&mut self, key: &str, value: &Value) {
+        let non_empty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
+        match key {
+            "model" => self.model = Some(value.clone()),
+            "stream" => self.stream = Some(value.clone()),
+            "stream_options" => self.stream_options = Some(value.clone()),
+            "max_completion_tokens" => self.max_completion_tokens = Some(value.clone()),
+            "max_tokens" => self.max_tokens = Some(value.clone()),
+            "n" => self.n = Some(value.clone()),
+            "prompt" => self.prompt = Shape::of(value),
+            "input" => self.input = Shape::of(value),
+            // The features a request uses: tools (or legacy functions), image inputs, a JSON schema.
+            "tools" | "functions" => self.needs.tools |= non_empty(value),
+            "response_format" => {
+                self.needs.json_schema = value.get("type").and_then(Value::as_str) == Some("json_schema");
+            }
+            "messages" => {
+                self.messages = Shape::of(value);
+                self.needs.vision = value.as_array().is_some_and(|messages| {
+                    messages.iter().any(|m| {
+                        m.get("content").and_then(Value::as_array).is_some_and(|parts| {
+                            parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
+                        })
+                    })
+                });
+            }
+            _ => {}
+        }
+    }
 }
 
 impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
@@ -108,7 +180,13 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut top = TopLevel { map: serde_json::Map::new(), model: None, stream_options: None, duplicate: None };
+                let mut top = TopLevel {
+                    map: serde_json::Map::new(),
+                    model: None,
+                    stream_options: None,
+                    duplicate: None,
+                    noted: Noted::default(),
+                };
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     let value = match key.as_ref() {
                         "model" | "stream_options" => {
@@ -123,6 +201,7 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                         }
                         _ => map.next_value::<Value>()?,
                     };
+                    top.noted.note(&key, &value);
                     if top.map.insert(key.clone().into_owned(), value).is_some() && top.duplicate.is_none() {
                         top.duplicate = Some(key.into_owned());
                     }
@@ -146,8 +225,8 @@ fn json_error(e: &serde_json::Error) -> ApiError {
     ))
 }
 
-fn optional_u64(value: &Value, field: &str) -> Result<Option<u64>, ApiError> {
-    match value.get(field) {
+fn optional_u64(value: Option<&Value>, field: &str) -> Result<Option<u64>, ApiError> {
+    match value {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
             ApiError::param(field, format!("Invalid type for '{field}': expected a non-negative integer, got {v}."))
@@ -163,11 +242,12 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
     }
     let model_span = top.model.map(|raw| span_of(body, raw));
     let stream_options_span = top.stream_options.map(|raw| span_of(body, raw));
+    let noted = top.noted;
     let value = Value::Object(top.map);
     let close = body.iter().rposition(|&b| b == b'}').ok_or_else(|| ApiError::InvalidJson("The body must be a JSON object.".into()))?;
 
-    let model = match value.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+    let model = match noted.model {
+        Some(Value::String(m)) if !m.is_empty() => m,
         Some(Value::String(_)) | None | Some(Value::Null) => {
             return Err(ApiError::param("model", "You must provide a model parameter."))
         }
@@ -175,7 +255,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
     };
     let model_span = model_span.ok_or_else(|| ApiError::param("model", "You must provide a model parameter."))?;
 
-    let stream = match value.get("stream") {
+    let stream = match &noted.stream {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(other) => return Err(ApiError::param("stream", format!("Invalid type for 'stream': expected a boolean, got {other}."))),
@@ -183,7 +263,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
     if stream && endpoint == Endpoint::Embeddings {
         return Err(ApiError::param("stream", "Embeddings cannot be streamed."));
     }
-    let client_wants_usage = match value.get("stream_options") {
+    let client_wants_usage = match &noted.stream_options {
         None | Some(Value::Null) => false,
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,
@@ -192,33 +272,33 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
         },
         Some(_) => return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object.")),
     };
-    let max_output = match optional_u64(&value, "max_completion_tokens")? {
+    let max_output = match optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")? {
         Some(v) => Some(v),
-        None => optional_u64(&value, "max_tokens")?,
+        None => optional_u64(noted.max_tokens.as_ref(), "max_tokens")?,
     };
-    let n = optional_u64(&value, "n")?.unwrap_or(1);
+    let n = optional_u64(noted.n.as_ref(), "n")?.unwrap_or(1);
     if n == 0 || n > MAX_N {
         return Err(ApiError::param("n", format!("'n' must be between 1 and {MAX_N}.")));
     }
     match endpoint {
-        Endpoint::Chat => match value.get("messages") {
-            Some(Value::Array(m)) if !m.is_empty() => {}
-            Some(Value::Array(_)) => return Err(ApiError::param("messages", "'messages' must contain at least one message.")),
-            None | Some(Value::Null) => return Err(ApiError::param("messages", "'messages' is a required property.")),
+        Endpoint::Chat => match noted.messages {
+            Some(Shape::Array) => {}
+            Some(Shape::EmptyArray) => return Err(ApiError::param("messages", "'messages' must contain at least one message.")),
+            None => return Err(ApiError::param("messages", "'messages' is a required property.")),
             Some(_) => return Err(ApiError::param("messages", "Invalid type for 'messages': expected an array.")),
         },
-        Endpoint::Completions => match value.get("prompt") {
-            Some(Value::String(_)) | Some(Value::Array(_)) => {}
-            None | Some(Value::Null) => return Err(ApiError::param("prompt", "'prompt' is a required property.")),
-            Some(_) => return Err(ApiError::param("prompt", "Invalid type for 'prompt': expected a string or an array.")),
+        Endpoint::Completions => match noted.prompt {
+            Some(Shape::String | Shape::Array | Shape::EmptyArray) => {}
+            None => return Err(ApiError::param("prompt", "'prompt' is a required property.")),
+            Some(Shape::Other) => return Err(ApiError::param("prompt", "Invalid type for 'prompt': expected a string or an array.")),
         },
-        Endpoint::Embeddings => match value.get("input") {
-            Some(Value::String(_)) | Some(Value::Array(_)) => {}
-            None | Some(Value::Null) => return Err(ApiError::param("input", "'input' is a required property.")),
-            Some(_) => return Err(ApiError::param("input", "Invalid type for 'input': expected a string or an array.")),
+        Endpoint::Embeddings => match noted.input {
+            Some(Shape::String | Shape::Array | Shape::EmptyArray) => {}
+            None => return Err(ApiError::param("input", "'input' is a required property.")),
+            Some(Shape::Other) => return Err(ApiError::param("input", "Invalid type for 'input': expected a string or an array.")),
         },
     }
-    let needs = needs_of(&value);
+    let needs = noted.needs;
     Ok(ParsedRequest {
         endpoint,
         value: std::sync::Arc::new(value),
@@ -232,21 +312,6 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
         stream_options_span,
         close,
     })
-}
-
-/// The features a request uses: tools (or legacy functions), image inputs, a JSON schema.
-fn needs_of(value: &Value) -> Capabilities {
-    let non_empty = |v: Option<&Value>| v.and_then(Value::as_array).is_some_and(|a| !a.is_empty());
-    let tools = non_empty(value.get("tools")) || non_empty(value.get("functions"));
-    let vision = value.get("messages").and_then(Value::as_array).is_some_and(|messages| {
-        messages.iter().any(|m| {
-            m.get("content").and_then(Value::as_array).is_some_and(|parts| {
-                parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
-            })
-        })
-    });
-    let json_schema = value.pointer("/response_format/type").and_then(Value::as_str) == Some("json_schema");
-    Capabilities { tools, vision, json_schema }
 }
 
 impl ParsedRequest {

@@ -86,32 +86,81 @@ struct Line<'a> {
     stream: bool,
 }
 
-/// Encodes `record` as one journal line (ending in `\n`).
+/// Encodes `record` as one journal line (ending in `\n`): the JSON `serde_json` writes for
+/// [`Line`], written directly. Two lines per request made serde's per-byte string escaping
+/// and per-field calls ~5% of the instructions a proxied request costs; here the strings
+/// (ids, names, model names: nothing to escape, as a rule) are copied whole.
 pub(crate) fn encode(op: LineOp, r: &RequestRecord) -> Vec<u8> {
-    use std::borrow::Cow::Borrowed;
-    let line = Line {
-        op,
-        id: Borrowed(&r.request_id),
-        t: r.time_ms,
-        key: Borrowed(&r.key_id),
-        team: Borrowed(&r.team),
-        ep: Borrowed(r.endpoint),
-        model: Borrowed(&r.model),
-        served: Borrowed(&r.served_model),
-        inp: r.usage.input_tokens,
-        cached: r.usage.cached_input_tokens,
-        out: r.usage.output_tokens,
-        cost: r.cost.0,
-        src: r.usage_source,
-        status: r.status,
-        ms: r.latency_ms,
-        stream: r.stream,
-    };
-    let mut buf = Vec::with_capacity(256);
-    // Serializing plain strings and integers cannot fail.
-    let _ = serde_json::to_writer(&mut buf, &line);
-    buf.push(b'\n');
+    // A line is ~250 bytes with typical ids and names.
+    let mut buf = Vec::with_capacity(384);
+    buf.extend_from_slice(match op {
+        LineOp::Write => b"{\"op\":\"w\",\"id\":",
+        LineOp::Retract => b"{\"op\":\"r\",\"id\":",
+    });
+    json_str(&mut buf, &r.request_id);
+    json_int(&mut buf, b",\"t\":", r.time_ms);
+    buf.extend_from_slice(b",\"key\":");
+    json_str(&mut buf, &r.key_id);
+    buf.extend_from_slice(b",\"team\":");
+    json_str(&mut buf, &r.team);
+    buf.extend_from_slice(b",\"ep\":");
+    json_str(&mut buf, r.endpoint);
+    buf.extend_from_slice(b",\"model\":");
+    json_str(&mut buf, &r.model);
+    buf.extend_from_slice(b",\"served\":");
+    json_str(&mut buf, &r.served_model);
+    json_int(&mut buf, b",\"inp\":", r.usage.input_tokens);
+    json_int(&mut buf, b",\"cached\":", r.usage.cached_input_tokens);
+    json_int(&mut buf, b",\"out\":", r.usage.output_tokens);
+    json_int(&mut buf, b",\"cost\":", r.cost.0);
+    buf.extend_from_slice(b",\"src\":\"");
+    buf.extend_from_slice(r.usage_source.as_str().as_bytes());
+    json_int(&mut buf, b"\",\"status\":", r.status);
+    json_int(&mut buf, b",\"ms\":", r.latency_ms);
+    buf.extend_from_slice(if r.stream { b",\"stream\":true}\n" } else { b",\"stream\":false}\n" });
     buf
+}
+
+fn json_int(buf: &mut Vec<u8>, key: &[u8], n: impl itoa::Integer) {
+    buf.extend_from_slice(key);
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Appends `s` as a JSON string, escaped as `serde_json` escapes it: `"` and `\\`, and the
+/// control characters below U+0020 (short forms where JSON has them); nothing else.
+fn json_str(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
+    let bytes = s.as_bytes();
+    // Usually nothing to escape: one pass without branches (vectorised) says so.
+    if !bytes.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\')) {
+        buf.extend_from_slice(bytes);
+        buf.push(b'"');
+        return;
+    }
+    let mut plain = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[plain..i]);
+        plain = i + 1;
+        if escape.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            buf.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+        } else {
+            buf.extend_from_slice(escape);
+        }
+    }
+    buf.extend_from_slice(&bytes[plain..]);
+    buf.push(b'"');
 }
 
 /// Decodes one journal line; `None` for a torn or foreign line.
@@ -644,6 +693,71 @@ mod tests {
             status: 200,
             latency_ms: 15,
             stream: true,
+        }
+    }
+
+    /// The line `serde_json` writes for the same record.
+    fn serde_line(op: LineOp, r: &RequestRecord) -> Vec<u8> {
+        use std::borrow::Cow::Borrowed;
+        let line = Line {
+            op,
+            id: Borrowed(&r.request_id),
+            t: r.time_ms,
+            key: Borrowed(&r.key_id),
+            team: Borrowed(&r.team),
+            ep: Borrowed(r.endpoint),
+            model: Borrowed(&r.model),
+            served: Borrowed(&r.served_model),
+            inp: r.usage.input_tokens,
+            cached: r.usage.cached_input_tokens,
+            out: r.usage.output_tokens,
+            cost: r.cost.0,
+            src: r.usage_source,
+            status: r.status,
+            ms: r.latency_ms,
+            stream: r.stream,
+        };
+        let mut buf = serde_json::to_vec(&line).unwrap();
+        buf.push(b'\n');
+        buf
+    }
+
+    proptest::proptest! {
+        /// The hand-written encoder writes byte for byte what serde_json writes (so lines
+        /// journaled by older versions and by this one read the same), for any strings,
+        /// numbers and flags.
+        #[test]
+        fn encoding_matches_serde_json(
+            strings in proptest::array::uniform5("(\\PC|[\\x00-\\x1f\"\\\\\\x7f])*"),
+            numbers in proptest::array::uniform5(proptest::prelude::any::<u64>()),
+            signed in proptest::array::uniform2(proptest::prelude::any::<i64>()),
+            status in proptest::prelude::any::<u16>(),
+            flags in proptest::array::uniform2(proptest::prelude::any::<bool>()),
+            source in 0..4usize,
+        ) {
+            let [id, key, team, model, served] = strings;
+            let r = RequestRecord {
+                request_id: id,
+                time_ms: signed[0],
+                key_id: key,
+                team,
+                endpoint: ["chat.completions", "completions", "embeddings"][numbers[4] as usize % 3],
+                model,
+                served_model: served,
+                usage: Usage { input_tokens: numbers[0], cached_input_tokens: numbers[1], output_tokens: numbers[2] },
+                cost: NanoUsd(signed[1]),
+                usage_source: [UsageSource::Reported, UsageSource::Estimated, UsageSource::Pending, UsageSource::Interrupted][source],
+                status,
+                latency_ms: numbers[3],
+                stream: flags[0],
+            };
+            let op = if flags[1] { LineOp::Write } else { LineOp::Retract };
+            let ours = encode(op, &r);
+            let theirs = serde_line(op, &r);
+            proptest::prop_assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+            let (back_op, back) = decode(std::str::from_utf8(&ours[..ours.len() - 1]).unwrap()).unwrap();
+            proptest::prop_assert_eq!(back_op, op);
+            proptest::prop_assert_eq!(format!("{back:?}"), format!("{r:?}"));
         }
     }
 

@@ -13,13 +13,13 @@
 
 mod pool;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt};
 use futures::{Stream, StreamExt};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
