@@ -490,7 +490,7 @@ async fn whole_response(
         }
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         app.metrics.observe_overhead(before_upstream + after_upstream.elapsed());
-        return (status, headers, body).into_response();
+        return respond(status, headers, Body::from(body));
     }
     // The upstream refused the request itself (4xx): its error body reaches the client
     // unchanged; 401/403 mean tollgate's provider credentials are wrong, which is not the
@@ -514,7 +514,16 @@ async fn whole_response(
     }
     let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned().unwrap_or(HeaderValue::from_static("application/json"));
     headers.insert(header::CONTENT_TYPE, content_type);
-    (status, headers, body).into_response()
+    respond(status, headers, Body::from(body))
+}
+
+/// A response of `status` with exactly `headers` (a tuple's `into_response` would build a
+/// map and merge these into it one by one, ~1% of a request's instructions).
+fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
 }
 
 /// Starts relaying a stream: the response goes out at once with the upstream's status; a
@@ -530,8 +539,7 @@ fn relay_stream(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    let body = Body::from_stream(tokio_stream_from(rx));
-    (status, headers, body).into_response()
+    respond(status, headers, Body::from_stream(tokio_stream_from(rx)))
 }
 
 /// The response body: the pump's events as they come. An error (the cut-off) is held back

@@ -131,8 +131,8 @@ fn json_int(buf: &mut Vec<u8>, key: &[u8], n: impl itoa::Integer) {
 fn json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
     let bytes = s.as_bytes();
-    // Usually nothing to escape: one pass without branches (vectorised) says so.
-    if !bytes.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\')) {
+    // Usually nothing to escape: checked eight bytes at a time.
+    if !needs_escape(bytes) {
         buf.extend_from_slice(bytes);
         buf.push(b'"');
         return;
@@ -161,6 +161,25 @@ fn json_str(buf: &mut Vec<u8>, s: &str) {
     }
     buf.extend_from_slice(&bytes[plain..]);
     buf.push(b'"');
+}
+
+/// Whether `bytes` holds a byte a JSON string must escape: `"`, `\\` or one below 0x20.
+/// Eight bytes a step, with the classic word tricks: `w - 0x01…01 * n & !w & 0x80…80` is
+/// non-zero exactly when some byte of `w` is below `n` (for `n` ≤ 0x80), and a byte equal
+/// to `c` is a zero byte of `w ^ c…c`.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = ONES * 0x80;
+    let below = |w: u64, n: u8| w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH != 0;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let Ok(word) = <[u8; 8]>::try_from(word) else { return true };
+        let w = u64::from_le_bytes(word);
+        if below(w, 0x20) || below(w ^ (ONES * u64::from(b'"')), 1) || below(w ^ (ONES * u64::from(b'\\')), 1) {
+            return true;
+        }
+    }
+    words.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 /// Decodes one journal line; `None` for a torn or foreign line.
@@ -693,6 +712,16 @@ mod tests {
             status: 200,
             latency_ms: 15,
             stream: true,
+        }
+    }
+
+    proptest::proptest! {
+        /// The word-at-a-time check agrees with a byte-by-byte one, wherever in a word the
+        /// byte that needs escaping sits.
+        #[test]
+        fn needs_escape_agrees_with_a_byte_by_byte_check(bytes in proptest::collection::vec(proptest::prop_oneof![30 => 0x20u8..=0xff, 1 => proptest::prelude::any::<u8>()], 0..40)) {
+            let slow = bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+            proptest::prop_assert_eq!(needs_escape(&bytes), slow);
         }
     }
 
