@@ -21,6 +21,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone)]
 pub struct PostgresBackend {
     pool: PgPool,
+    /// Where record batches go: the same pool (PostgreSQL's caches are the server's).
+    writer: PgPool,
 }
 
 impl PostgresBackend {
@@ -36,7 +38,7 @@ impl PostgresBackend {
             .await?;
         // Several replicas may start at once: the migrator takes an advisory lock.
         MIGRATOR.run(&pool).await?;
-        Ok(PostgresBackend { pool })
+        Ok(PostgresBackend { writer: pool.clone(), pool })
     }
 
     super::shared_queries!(

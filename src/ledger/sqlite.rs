@@ -23,6 +23,11 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 #[derive(Clone)]
 pub struct SqliteBackend {
     pool: SqlitePool,
+    /// The ledger writer's own connection (record batches, retractions). Each connection
+    /// has its own page cache, and SQLite empties it whenever another connection has
+    /// written since; batches taking turns on the pool's connections re-read their pages
+    /// every time.
+    writer: SqlitePool,
 }
 
 impl SqliteBackend {
@@ -42,10 +47,16 @@ impl SqliteBackend {
             .max_connections(4)
             .min_connections(1)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(SqliteBackend { pool })
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(SqliteBackend { pool, writer })
     }
 
     super::shared_queries!(
