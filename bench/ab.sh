@@ -49,15 +49,8 @@ cleanup() {
 }
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port_in_log() { # file pattern: waits for the line and prints the port in its URL
-  local i
-  for i in $(seq 100); do
-    grep -q "$2" "$1" 2>/dev/null && { grep -o "$2[^ \"]*" "$1" | head -1 | sed -E 's#.*:([0-9]+).*#\1#'; return; }
-    sleep 0.1
-  done
-  cat "$1" >&2; echo "bench/ab.sh: no '$2' in $1" >&2; exit 1
-}
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 python3 - "$W" <<'EOF'
 import json, sys
@@ -72,12 +65,8 @@ open(sys.argv[1] + "/chat.json", "w").write(chat(False))
 open(sys.argv[1] + "/stream.json", "w").write(chat(True))
 open(sys.argv[1] + "/drip.json", "w").write(chat(True).replace('"gpt-4o-mini"', '"drip-mini"'))
 EOF
-cat >"$W/post.lua" <<'EOF'
-local f = assert(io.open(os.getenv("BODY"), "rb"))
-wrk.method = "POST"; wrk.body = f:read("*a"); f:close()
-wrk.headers["Content-Type"] = "application/json"
-local key = os.getenv("KEY")
-if key and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
+post_lua "$W/post.lua"
+cat >>"$W/post.lua" <<'EOF'
 done = function(s, latency)
   local e = s.errors
   io.write(string.format("AB %d %d %d %d %d\n", s.requests, s.duration, latency:percentile(50),
@@ -116,26 +105,13 @@ PIDS+=($NGINX_PID)
 TG_PORT=() TG_PID=() TG_KEY=()
 for i in "${!BINS[@]}"; do
   mkdir -p "$W/t$i"
-  cat >"$W/t$i/tollgate.toml" <<EOF
-listen = "127.0.0.1:0"
-database_url = "sqlite://$W/t$i/tollgate.db"
-master_key = "sk-admin-ab"
-
-[[providers]]
-name = "fast"
-kind = "openai"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-api_key = "sk-x"
+  tollgate_config "$W/t$i/tollgate.toml" "$W/t$i" "$MOCK_PORT" sk-admin-ab <<EOF
 
 [[providers]]
 name = "drip"
 kind = "openai"
 base_url = "http://127.0.0.1:$DRIP_PORT/v1"
 api_key = "sk-x"
-
-[[models]]
-name = "gpt-4o-mini"
-provider = "fast"
 
 [[models]]
 name = "drip-mini"
@@ -147,9 +123,7 @@ EOF
   PIDS+=($!)
   port=$(port_in_log "$W/t$i/log" 'listening on http://')
   TG_PORT+=("$port")
-  admin() { curl -sSf -X POST -H 'Authorization: Bearer sk-admin-ab' -H 'Content-Type: application/json' -d "$2" "http://127.0.0.1:$port$1"; }
-  admin /admin/teams '{"name":"ab","limit_usd":1000000,"period":"monthly"}' >/dev/null
-  TG_KEY+=("$(admin /admin/keys '{"team":"ab","name":"ab"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')")
+  TG_KEY+=("$(bench_key "$port" sk-admin-ab ab)")
 done
 sleep 1
 

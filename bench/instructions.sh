@@ -46,52 +46,25 @@ cleanup() {
   wait 2>/dev/null || true
 }
 trap cleanup EXIT
-wait_for() { # file pattern seconds: waits for the line and prints the port in its URL
-  local i
-  for i in $(seq $(($3 * 10))); do
-    grep -q "$2" "$1" 2>/dev/null && { grep -o "$2[^ \"]*" "$1" | head -1 | sed -E 's#.*:([0-9]+).*#\1#'; return; }
-    sleep 0.1
-  done
-  cat "$1" >&2; echo "bench/instructions.sh: no '$2' in $1" >&2; exit 1
-}
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 printf '%s' '{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about toll bridges."}]}' >"$W/chat.json"
-cat >"$W/post.lua" <<'EOF'
-local f = assert(io.open(os.getenv("BODY"), "rb"))
-wrk.method = "POST"; wrk.body = f:read("*a"); f:close()
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer " .. os.getenv("KEY")
-EOF
+post_lua "$W/post.lua"
 "$MOCK" --port 0 >"$W/mock.log" 2>&1 &
 PIDS+=($!)
-MOCK_PORT=$(wait_for "$W/mock.log" 'listening on ' 10)
+MOCK_PORT=$(port_in_log "$W/mock.log" 'listening on ')
 
 for i in "${!BINS[@]}"; do
   d="$W/t$i"
   mkdir -p "$d"
-  cat >"$d/tollgate.toml" <<EOF
-listen = "127.0.0.1:0"
-database_url = "sqlite://$d/tollgate.db"
-master_key = "sk-admin-instr"
-
-[[providers]]
-name = "fast"
-kind = "openai"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-api_key = "sk-x"
-
-[[models]]
-name = "gpt-4o-mini"
-provider = "fast"
-EOF
+  tollgate_config "$d/tollgate.toml" "$d" "$MOCK_PORT" sk-admin-instr </dev/null
   valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out" "${BINS[$i]}" --config "$d/tollgate.toml" serve \
     >"$d/log" 2>&1 &
   pid=$!
   PIDS+=($pid)
-  port=$(wait_for "$d/log" 'listening on http://' 60)
-  admin() { curl -sSf -X POST -H 'Authorization: Bearer sk-admin-instr' -H 'Content-Type: application/json' -d "$2" "http://127.0.0.1:$port$1"; }
-  admin /admin/teams '{"name":"bench","limit_usd":1000000,"period":"monthly"}' >/dev/null
-  key=$(admin /admin/keys '{"team":"bench","name":"bench"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  port=$(port_in_log "$d/log" 'listening on http://' 60)
+  key=$(bench_key "$port" sk-admin-instr bench)
   load() { BODY="$W/chat.json" KEY="$key" wrk -t1 -c"$CONC" -d"$1s" -s "$W/post.lua" "http://127.0.0.1:$port/v1/chat/completions"; }
   load 3 >/dev/null
   sleep 1

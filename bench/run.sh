@@ -90,7 +90,8 @@ wait_line() {
   die "timed out waiting for '$pattern' in $file"
 }
 port_of() { sed -E 's#.*://[^:]+:([0-9]+).*#\1#'; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 rss_kb() { awk -v k="$2:" '$1==k {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 compiling() { pgrep -x 'rustc|clippy-driver|cc1|cc1plus' >/dev/null 2>&1 && echo 1 || echo 0; }
 # Noise: the share of the machine's CPU used during a run by processes this script did not

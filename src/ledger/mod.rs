@@ -722,10 +722,10 @@ macro_rules! shared_queries {
             let records = latest_per_request(records);
             let chunks = pow2_chunks(records.len(), $max_rows);
             if chunks.len() == 1 {
-                Self::insert_chunk(&self.writer, &records).await?;
+                Self::insert_chunk(self.writer(), &records).await?;
                 return Ok(());
             }
-            let mut tx = self.writer.begin_with($begin_write).await?;
+            let mut tx = self.writer().begin_with($begin_write).await?;
             let mut at = 0;
             for len in chunks {
                 Self::insert_chunk(&mut *tx, &records[at..at + len]).await?;
@@ -792,13 +792,8 @@ macro_rules! shared_queries {
             Ok(())
         }
 
-        pub async fn close(&self) {
-            self.writer.close().await;
-            self.pool.close().await;
-        }
-
         pub async fn retract<R: std::borrow::Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
-            let mut tx = self.writer.begin_with($begin_write).await?;
+            let mut tx = self.writer().begin_with($begin_write).await?;
             for r in records.iter().map(std::borrow::Borrow::borrow) {
                 sqlx::query("DELETE FROM requests WHERE request_id = $1 AND usage_source = 'pending'")
                     .bind(&r.request_id)

@@ -21,8 +21,6 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 #[derive(Clone)]
 pub struct PostgresBackend {
     pool: PgPool,
-    /// Where record batches go: the same pool (PostgreSQL's caches are the server's).
-    writer: PgPool,
 }
 
 impl PostgresBackend {
@@ -38,7 +36,16 @@ impl PostgresBackend {
             .await?;
         // Several replicas may start at once: the migrator takes an advisory lock.
         MIGRATOR.run(&pool).await?;
-        Ok(PostgresBackend { writer: pool.clone(), pool })
+        Ok(PostgresBackend { pool })
+    }
+
+    /// Where record batches go: the one pool (PostgreSQL's caches are the server's).
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     super::shared_queries!(

@@ -43,20 +43,27 @@ impl SqliteBackend {
                 std::fs::create_dir_all(dir).map_err(|e| LedgerError::Db(sqlx::Error::Io(e)))?;
             }
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.clone())
-            .await?;
+        let pool_of = |max_connections| {
+            SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .min_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.clone())
+        };
+        let pool = pool_of(4).await?;
         MIGRATOR.run(&pool).await?;
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?;
+        let writer = pool_of(1).await?;
         Ok(SqliteBackend { pool, writer })
+    }
+
+    /// Where record batches go.
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.pool.close().await;
     }
 
     super::shared_queries!(
