@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 
 use tollgate::metering::sse::{SseError, SseEvent, SseParser};
 use tollgate::metering::tokens::{prompt_tokens, prompt_tokens_upper_bound, PromptKind};
-use tollgate::metering::usage::{response_text, usage_from_json, ChunkKind, StreamAccumulator, Usage};
+use tollgate::metering::usage::{read_answer, response_text, usage_from_json, ChunkKind, StreamAccumulator, Usage};
 use tollgate::request::{parse, Endpoint, ParsedRequest};
 
 /// Cases per property: the `PROPTEST_CASES` environment variable, else `default`.
@@ -767,7 +767,16 @@ proptest! {
         let mut acc = StreamAccumulator::new(16);
         acc.observe(&body.to_string());
         prop_assert_eq!(acc.usage(), expected);
-        let _ = response_text(&body);
+        // A non-streamed answer read from its bytes (the skim and the typed reader) agrees too,
+        // written compactly or pretty, with text in the choices or not.
+        let mut answer = body.clone();
+        if shape == 0 {
+            answer["choices"] = json!([{"index": 0, "message": {"role": "assistant", "content": "Hi \"there\"\n"}}]);
+        }
+        let text = if expected.is_some() { String::new() } else { response_text(&answer) };
+        for bytes in [answer.to_string(), serde_json::to_string_pretty(&answer).unwrap()] {
+            prop_assert_eq!(read_answer(bytes.as_bytes()), Some((expected, text.clone())), "{}", bytes);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! task the server tracks (not in the client's connection), so a client that disconnects
 //! does not cancel it, and shutdown waits for it.
 
+pub mod skim;
 pub mod sse;
 pub mod tokens;
 pub mod usage;
