@@ -4,7 +4,7 @@
 # ±5%. Use it to tell whether a change to the request path does less work; use bench/ab.sh to
 # see what that is worth in requests/s and latency.
 #
-#   bench/instructions.sh [--secs S] [--concurrency C] BIN [BIN...]
+#   bench/instructions.sh [--secs S] [--concurrency C] [--stream] BIN [BIN...]
 #
 # For each BIN (a tollgate release binary; copy target/release/tollgate aside between builds):
 # starts the mock upstream and tollgate under callgrind with its own SQLite file, a team with
@@ -12,7 +12,8 @@
 # counters, sends non-streamed chat requests with wrk for S seconds (default 8) on C
 # connections (default 8), lets the ledger commit, and prints the instructions of all of
 # tollgate's threads (workers, ledger, SQLite) divided by the requests answered. Prints the
-# callgrind file too, for `callgrind_annotate --inclusive=yes FILE`.
+# callgrind file too, for `callgrind_annotate --inclusive=yes FILE`. With --stream the
+# requests are streamed chat (the mock's SSE answer, usage in its last chunk).
 #
 # The work folder (/tmp/tollgate-instr.*) is kept for the callgrind files. Needs valgrind,
 # wrk and curl (apt-get install -y valgrind wrk curl). Under valgrind CPUID
@@ -21,11 +22,12 @@
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SECS=8 CONC=8 BINS=()
+SECS=8 CONC=8 STREAM=0 BINS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --secs) SECS=$2; shift ;;
     --concurrency) CONC=$2; shift ;;
+    --stream) STREAM=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     -*) echo "bench/instructions.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) BINS+=("$(realpath "$1")") ;;
@@ -49,7 +51,9 @@ trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 
-printf '%s' '{"model":"gpt-4o-mini","max_tokens":64,"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about toll bridges."}]}' >"$W/chat.json"
+STREAM_FIELD=""
+[ "$STREAM" = 1 ] && STREAM_FIELD='"stream":true,'
+printf '%s' '{"model":"gpt-4o-mini","max_tokens":64,'"$STREAM_FIELD"'"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about toll bridges."}]}' >"$W/chat.json"
 post_lua "$W/post.lua"
 "$MOCK" --port 0 >"$W/mock.log" 2>&1 &
 PIDS+=($!)

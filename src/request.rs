@@ -181,7 +181,8 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut top = TopLevel {
-                    map: serde_json::Map::new(),
+                    // Room for a typical request's fields, so the map is not regrown for them.
+                    map: serde_json::Map::with_capacity(map.size_hint().unwrap_or(8)),
                     model: None,
                     stream_options: None,
                     duplicate: None,

@@ -627,7 +627,9 @@ async fn pump(
                 break;
             }
         };
-        let mut out = BytesMut::new();
+        // Sized for every event: grown event by event, it was reallocated and copied a
+        // handful of times per read.
+        let mut out = BytesMut::with_capacity(events.iter().map(|e| e.raw.len()).sum());
         for event in events {
             // A chunk held unread (`None`) is forwarded like any other content.
             let kind = event.data.and_then(|data| acc.observe_later(data));

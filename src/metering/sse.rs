@@ -144,7 +144,9 @@ impl SseParser {
     /// Applies every complete line in the buffer, remembering an error rather than losing the
     /// events completed before it.
     fn parse(&mut self, at_eof: bool) -> Result<Vec<SseEvent>, SseError> {
-        let mut events = Vec::new();
+        // Room for the events of a chat stream's chunks (~200 bytes and more each), so a
+        // stream that arrives in one read is not regrown event by event.
+        let mut events = Vec::with_capacity(self.buf.len() / 128 + 1);
         match self.parse_into(&mut events, at_eof) {
             Ok(()) => Ok(events),
             Err(e) => {
