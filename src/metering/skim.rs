@@ -106,6 +106,32 @@ impl<'a> Skim<'a> {
         }
     }
 
+    /// Passes a value; whether it is an array with at least one element.
+    pub fn non_empty_array(&mut self) -> Option<bool> {
+        if self.peek()? != b'[' {
+            return self.value().map(|()| false);
+        }
+        let after = &self.b[self.i + 1..];
+        let empty = after.iter().find(|c| !matches!(c, b' ' | b'\n' | b'\r' | b'\t')) == Some(&b']');
+        self.array()?;
+        Some(!empty)
+    }
+
+    /// Passes a value; the text of a string written without escapes, `Some(None)` for any
+    /// other value. A string with escapes is left to the full reader (`None`).
+    pub fn plain_str(&mut self) -> Option<Option<&'a str>> {
+        if self.peek()? != b'"' {
+            return self.value().map(|()| None);
+        }
+        let start = self.i + 1;
+        if self.string()? {
+            return None;
+        }
+        let text = &self.b[start..self.i - 1];
+        self.ws();
+        std::str::from_utf8(text).ok().map(Some)
+    }
+
     /// Whether only whitespace is left.
     pub fn at_end(&self) -> bool {
         self.i == self.b.len()
@@ -308,6 +334,22 @@ mod tests {
         use Scalar::*;
         assert_eq!(got, [Null, Uint(12), Uint(0), Other, Other, Other, Other, Other, Uint(u64::MAX)]);
         assert_eq!(Skim::new("-1").scalar(), None);
+    }
+
+    #[test]
+    fn arrays_and_plain_strings() {
+        let doc = r#"{"a":[],"b":[ ],"c":[0],"d":[[]],"e":{},"f":"x"}"#;
+        let mut got = Vec::new();
+        let mut s = Skim::new(doc);
+        s.object(|s, _| s.non_empty_array().map(|v| got.push(v))).unwrap();
+        assert_eq!(got, [false, false, true, true, false, false]);
+        let doc = r#"{"a":"error","b":"","c":1,"d":null,"e":["x"]}"#;
+        let mut got = Vec::new();
+        let mut s = Skim::new(doc);
+        s.object(|s, _| s.plain_str().map(|v| got.push(v))).unwrap();
+        assert!(s.at_end());
+        assert_eq!(got, [Some("error"), Some(""), None, None, None]);
+        assert_eq!(Skim::new(r#""\u0065rror""#).plain_str(), None);
     }
 
     #[test]

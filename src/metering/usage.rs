@@ -119,25 +119,43 @@ pub fn read_answer(bytes: &[u8]) -> Option<(Option<Usage>, String)> {
 /// against the typed view's fields and decodes every string). `None` whenever the skim cannot
 /// tell, the body has no usage object or its report is unusable: the full reader decides then.
 fn reported_at_top(text: &str) -> Option<Usage> {
+    skim_top(text).map(|(usage, _)| usage)
+}
+
+/// What a well-formed body or chunk with a usable top-level `usage` report holds, as the
+/// typed reader reads it: the report, and the chunk's kind for the forwarding loop. `None`
+/// whenever the skim cannot tell, or the body has no such report (the typed reader decides).
+fn skim_top(text: &str) -> Option<(Usage, ChunkKind)> {
     use super::skim::Skim;
     let mut s = Skim::new(text);
-    let mut usage = None;
     if s.peek()? != b'{' {
         return None;
     }
-    s.object(|s, key| match key? {
-        b"usage" if usage.is_none() => {
-            usage = Some(skim_usage(s)?);
-            Some(())
+    let (mut usage, mut error, mut kind, mut choices) = (None, None, None, None);
+    s.object(|s, key| {
+        // A known field twice: the full reader takes the last.
+        match key? {
+            b"usage" if usage.is_none() => usage = Some(skim_usage(s)?),
+            b"error" if error.is_none() => error = Some(s.scalar()? != super::skim::Scalar::Null),
+            b"type" if kind.is_none() => kind = Some(s.plain_str()? == Some("error")),
+            b"choices" if choices.is_none() => choices = Some(s.non_empty_array()?),
+            b"usage" | b"error" | b"type" | b"choices" => return None,
+            _ => s.value()?,
         }
-        // Twice: the full reader takes the last.
-        b"usage" => None,
-        _ => s.value(),
+        Some(())
     })?;
     if !s.at_end() {
         return None;
     }
-    usage?.to_usage()
+    let usage = usage?.to_usage()?;
+    let kind = if error == Some(true) || kind == Some(true) {
+        ChunkKind::Error
+    } else if choices == Some(true) {
+        ChunkKind::Content
+    } else {
+        ChunkKind::UsageOnly
+    };
+    Some((usage, kind))
 }
 
 /// A `usage` object as `RawUsage` reads it. `None` for anything else (the full reader
@@ -311,7 +329,12 @@ impl StreamAccumulator {
             return Some(self.observe(&data));
         }
         // Held chunks come first. Their text is needed only if this chunk reports no usage:
-        // read it on its own first (keeping no text).
+        // read it on its own first (keeping no text), by a skim when it can tell.
+        if let Some((usage, kind)) = skim_top(&data) {
+            self.usage = Some(usage);
+            self.drop_held();
+            return Some(kind);
+        }
         let mut probe = StreamAccumulator::new(0);
         let kind = probe.observe(&data);
         if probe.usage.is_some() {
@@ -869,6 +892,14 @@ fn drain_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_openai_usage_chunk_is_skimmed() {
+        let chunk = r#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+        assert_eq!(skim_top(chunk), Some((usage(9, 0, 3).unwrap(), ChunkKind::UsageOnly)));
+        let last_content = chunk.replace(r#""choices":[]"#, r#""choices":[{"index":0,"delta":{"content":"!"}}]"#);
+        assert_eq!(skim_top(&last_content), Some((usage(9, 0, 3).unwrap(), ChunkKind::Content)));
+    }
 
     #[test]
     fn read_answer_agrees_with_reading_the_parsed_value() {
@@ -1661,6 +1692,43 @@ mod tests {
                 prop_assert_eq!(later.overflow_bytes(), direct.overflow_bytes());
             }
             prop_assert_eq!(later.held(), (0, 0));
+        }
+
+        /// The skim of a chunk with a usage report answers what reading it in full does.
+        #[test]
+        fn skimmed_chunks_meter_as_read_ones(
+            usage in prop_oneof![
+                3 => (0u64..5000, 0u64..5000, prop::option::of(0u64..9000)).prop_map(|(i, o, c)| match c {
+                    Some(c) => json!({"prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o,
+                                      "prompt_tokens_details": {"cached_tokens": c, "audio_tokens": 0}}),
+                    None => json!({"input_tokens": i, "output_tokens": o, "input_tokens_details": null}),
+                }),
+                1 => arb_json(),
+            ],
+            choices in prop_oneof![Just(None), Just(Some(json!([]))), Just(Some(json!(null))), Just(Some(json!("x"))),
+                                   Just(Some(json!([{"delta": {"content": "hi"}}]))), Just(Some(json!([1])))],
+            error in prop_oneof![Just(None), Just(Some(json!(null))), Just(Some(json!({"message": "boom"}))), Just(Some(json!(0)))],
+            kind in prop_oneof![Just(None), Just(Some(json!("error"))), Just(Some(json!("response.completed"))), Just(Some(json!(7)))],
+            extra in prop::option::of(arb_json()),
+            pretty in any::<bool>(),
+        ) {
+            let mut body = serde_json::Map::new();
+            body.insert("id".into(), json!("chatcmpl-1"));
+            for (key, value) in [("choices", choices), ("error", error), ("type", kind), ("extra", extra)] {
+                if let Some(value) = value {
+                    body.insert(key.into(), value);
+                }
+            }
+            body.insert("usage".into(), usage);
+            let body = Value::Object(body);
+            let text = if pretty { serde_json::to_string_pretty(&body).unwrap() } else { body.to_string() };
+            let mut read = StreamAccumulator::new(0);
+            let read_kind = read.observe(&text);
+            // (When the skim cannot tell, the full reader decides: nothing to compare.)
+            if let Some((usage, kind)) = skim_top(&text) {
+                prop_assert_eq!(Some(usage), read.usage(), "{}", text);
+                prop_assert_eq!(kind, read_kind, "{}", text);
+            }
         }
 
         #[test]
