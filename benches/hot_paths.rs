@@ -12,7 +12,7 @@ use tollgate::ledger::journal::{self, Journal, LineOp};
 use tollgate::ledger::{Backend, KeyRow, RequestRecord, TeamRow, UsageSource};
 use tollgate::metering::sse::SseParser;
 use tollgate::metering::tokens::{count_text, prompt_tokens, prompt_tokens_upper_bound, Encoding, PromptKind};
-use tollgate::metering::usage::{StreamAccumulator, Usage};
+use tollgate::metering::usage::{read_answer, StreamAccumulator, Usage};
 use tollgate::pricing::{catalog_entry, NanoUsd};
 
 /// A mixed English / code / JSON document of roughly `tokens` o200k tokens.
@@ -96,6 +96,27 @@ fn stream_usage(c: &mut Criterion) {
             black_box(acc.usage())
         })
     });
+    g.finish();
+}
+
+/// A non-streamed chat answer as OpenAI writes it, read for its usage: by the skim, and — the
+/// same body with its usage key written with an escape, which the skim leaves alone — by the
+/// typed reader the skim falls back to.
+fn answer_usage(c: &mut Criterion) {
+    let answer = concat!(
+        r#"{"id":"chatcmpl-abc","object":"chat.completion","created":1733000000,"model":"gpt-4o-mini-2024-07-18","#,
+        r#""choices":[{"index":0,"message":{"role":"assistant","content":"Toll bridges fund their own upkeep, "#,
+        r#"one crossing at a time.","refusal":null,"annotations":[]},"logprobs":null,"finish_reason":"stop"}],"#,
+        r#""usage":{"prompt_tokens":27,"completion_tokens":12,"total_tokens":39,"#,
+        r#""prompt_tokens_details":{"cached_tokens":0,"audio_tokens":0},"#,
+        r#""completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}},"#,
+        r#""service_tier":"default","system_fingerprint":"fp_0ba0d124f1"}"#
+    );
+    let escaped = answer.replace(r#""usage":"#, r#""us\u0061ge":"#);
+    let mut g = c.benchmark_group("answer");
+    g.throughput(Throughput::Bytes(answer.len() as u64));
+    g.bench_function("usage_skimmed", |b| b.iter(|| read_answer(black_box(answer.as_bytes()))));
+    g.bench_function("usage_typed_reader", |b| b.iter(|| read_answer(black_box(escaped.as_bytes()))));
     g.finish();
 }
 
@@ -183,5 +204,5 @@ fn ledger_batch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, tokens, stream_usage, cost, key_lookup, ledger_batch);
+criterion_group!(benches, tokens, stream_usage, answer_usage, cost, key_lookup, ledger_batch);
 criterion_main!(benches);
