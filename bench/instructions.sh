@@ -11,8 +11,9 @@
 # a budget and a key (every accounting feature on, as in bench/run.sh), warms up, zeroes the
 # counters, sends non-streamed chat requests with wrk for S seconds (default 8) on C
 # connections (default 8), lets the ledger commit, and prints the instructions of all of
-# tollgate's threads (workers, ledger, SQLite) divided by the requests answered. Prints the
-# callgrind file too, for `callgrind_annotate --inclusive=yes FILE`. With --stream the
+# tollgate's threads (workers, ledger, SQLite) divided by the requests answered, and those of
+# the request workers alone (steadier: the SQLite share depends on the batch sizes a run
+# reached). Prints the callgrind file too, for `callgrind_annotate --inclusive=yes FILE`. With --stream the
 # requests are streamed chat (the mock's SSE answer, usage in its last chunk).
 #
 # The work folder (/tmp/tollgate-instr.*) is kept for the callgrind files. Needs valgrind,
@@ -77,9 +78,15 @@ for i in "${!BINS[@]}"; do
   sleep 1.5 # the ledger's paced commit of what is queued
   callgrind_control -d "$pid" >/dev/null 2>&1
   sleep 1
-  total=$(callgrind_annotate "$d/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
+  total=$(callgrind_annotate "$d/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !n++ {gsub(",", "", $1); print $1}')
   [ -n "$total" ] && [ "${n:-0}" -gt 0 ] || { echo "bench/instructions.sh: no measurement for ${BINS[$i]}" >&2; exit 1; }
-  printf '%s: %d requests, %d instructions a request (%s)\n' "${BINS[$i]}" "$n" $((total / n)) "$d/callgrind.out.1"
+  # The request workers' tasks alone (their single-threaded runtimes): steadier than the
+  # total, whose SQLite share per request depends on how large the ledger's batches grew,
+  # which depends on how fast this run went.
+  workers=$(callgrind_annotate --inclusive=yes --threshold=100 "$d/callgrind.out.1" 2>/dev/null \
+    | awk '/current_thread::Context::run_task \[/ && !n++ {gsub(",", "", $1); print $1}')
+  printf '%s: %d requests, %d instructions a request, %d of them in the workers (%s)\n' \
+    "${BINS[$i]}" "$n" $((total / n)) $((${workers:-0} / n)) "$d/callgrind.out.1"
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
 done

@@ -51,14 +51,17 @@ pub fn display_prefix(secret: &str) -> String {
 pub struct Caller {
     pub key: Arc<KeyRow>,
     pub team: Arc<TeamRow>,
+    /// The key's and the team's budget scopes, made once per snapshot.
+    scopes: [Scope; 2],
 }
 
 impl Caller {
     /// The budgets and limits this request must fit: the key's, then the team's.
     pub fn budgets(&self) -> [Applicable; 2] {
+        let [key, team] = self.scopes.clone();
         [
-            Applicable { scope: Scope::Key(self.key.id.clone()), spec: self.key.budget.clone() },
-            Applicable { scope: Scope::Team(self.team.name.clone()), spec: self.team.budget.clone() },
+            Applicable { scope: key, spec: self.key.budget.clone() },
+            Applicable { scope: team, spec: self.team.budget.clone() },
         ]
     }
 
@@ -72,8 +75,8 @@ impl Caller {
 #[derive(Default)]
 pub struct Snapshot {
     version: i64,
-    by_hash: HashMap<[u8; 32], Arc<KeyRow>>,
-    teams: HashMap<String, Arc<TeamRow>>,
+    by_hash: HashMap<[u8; 32], (Arc<KeyRow>, Scope)>,
+    teams: HashMap<String, (Arc<TeamRow>, Scope)>,
 }
 
 /// The directory: the current snapshot, swapped whole on change.
@@ -108,11 +111,20 @@ impl Directory {
     /// Replaces the snapshot with these rows, read at `version` (revoked keys and keys of
     /// missing teams drop out); an older version than the current one is ignored.
     pub fn install(&self, version: i64, teams: Vec<TeamRow>, keys: Vec<KeyRow>) {
-        let teams: HashMap<String, Arc<TeamRow>> = teams.into_iter().map(|t| (t.name.clone(), Arc::new(t))).collect();
+        let teams: HashMap<String, (Arc<TeamRow>, Scope)> = teams
+            .into_iter()
+            .map(|t| {
+                let scope = Scope::Team(t.name.as_str().into());
+                (t.name.clone(), (Arc::new(t), scope))
+            })
+            .collect();
         let by_hash = keys
             .into_iter()
             .filter(|k| k.revoked_ms.is_none() && teams.contains_key(&k.team))
-            .map(|k| (k.key_hash, Arc::new(k)))
+            .map(|k| {
+                let scope = Scope::Key(k.id.as_str().into());
+                (k.key_hash, (Arc::new(k), scope))
+            })
             .collect();
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         // A slow poll that read an older version must not undo a newer install (e.g. the one
@@ -125,9 +137,9 @@ impl Directory {
     /// Authenticates a bearer secret.
     pub fn authenticate(&self, secret: &str) -> Option<Caller> {
         let snapshot = self.snapshot();
-        let key = snapshot.by_hash.get(&hash_secret(secret))?.clone();
-        let team = snapshot.teams.get(&key.team)?.clone();
-        Some(Caller { key, team })
+        let (key, key_scope) = snapshot.by_hash.get(&hash_secret(secret))?.clone();
+        let (team, team_scope) = snapshot.teams.get(&key.team)?.clone();
+        Some(Caller { key, team, scopes: [key_scope, team_scope] })
     }
 
     /// Authenticates a bearer secret; a key the snapshot does not know may have been created
@@ -157,7 +169,7 @@ impl Directory {
 
     /// The team named `name`, as of the snapshot.
     pub fn team(&self, name: &str) -> Option<Arc<TeamRow>> {
-        self.snapshot().teams.get(name).cloned()
+        self.snapshot().teams.get(name).map(|(team, _)| team.clone())
     }
 }
 

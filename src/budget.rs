@@ -104,11 +104,14 @@ impl BudgetSpec {
     }
 }
 
-/// Whose budget an account is.
+/// Whose budget an account is: a team's name or a key's id. Shared strings: every request
+/// names its two scopes in its reservation, its rate ticket and the accounts it looks up, and
+/// the directory makes each scope once per team or key, so those are reference counts rather
+/// than string copies.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {
-    Team(String),
-    Key(String),
+    Team(Arc<str>),
+    Key(Arc<str>),
 }
 
 impl Scope {

@@ -161,8 +161,8 @@ pub async fn load_account(
     }
     ledger.sync().await;
     let (is_key, id) = match &budget.scope {
-        crate::budget::Scope::Key(id) => (true, id.as_str()),
-        crate::budget::Scope::Team(name) => (false, name.as_str()),
+        crate::budget::Scope::Key(id) => (true, &**id),
+        crate::budget::Scope::Team(name) => (false, &**name),
     };
     let spent = ledger.backend().spent_since(is_key, id, start).await.map_err(|e| {
         tracing::error!(error = %e, "could not load budget spend from the ledger");

@@ -191,7 +191,7 @@ async fn list_teams(State(app): State<AppState>, headers: HeaderMap) -> Result<R
     let mut data = Vec::with_capacity(teams.len());
     for t in &teams {
         let mut m = team_json(t);
-        m.extend(spend_fields(&app, Scope::Team(t.name.clone()), &t.budget).await?);
+        m.extend(spend_fields(&app, Scope::Team(t.name.as_str().into()), &t.budget).await?);
         data.push(Value::Object(m));
     }
     Ok(Json(json!({"object": "list", "data": data})).into_response())
@@ -208,7 +208,7 @@ async fn create_team(State(app): State<AppState>, headers: HeaderMap, body: Byte
     app.ledger.backend().create_team(&team).await.map_err(ledger_error)?;
     refresh(&app).await?;
     let mut m = team_json(&team);
-    m.extend(spend_fields(&app, Scope::Team(team.name.clone()), &team.budget).await?);
+    m.extend(spend_fields(&app, Scope::Team(team.name.as_str().into()), &team.budget).await?);
     Ok((StatusCode::CREATED, Json(Value::Object(m))).into_response())
 }
 
@@ -216,7 +216,7 @@ async fn get_team(State(app): State<AppState>, headers: HeaderMap, Path(name): P
     require_master(&app, &headers)?;
     let team = find_team(&app, &name).await?;
     let mut m = team_json(&team);
-    m.extend(spend_fields(&app, Scope::Team(team.name.clone()), &team.budget).await?);
+    m.extend(spend_fields(&app, Scope::Team(team.name.as_str().into()), &team.budget).await?);
     Ok(Json(Value::Object(m)).into_response())
 }
 
@@ -236,7 +236,7 @@ async fn patch_team(
     app.ledger.backend().update_team(&team).await.map_err(ledger_error)?;
     refresh(&app).await?;
     let mut m = team_json(&team);
-    m.extend(spend_fields(&app, Scope::Team(team.name.clone()), &team.budget).await?);
+    m.extend(spend_fields(&app, Scope::Team(team.name.as_str().into()), &team.budget).await?);
     Ok(Json(Value::Object(m)).into_response())
 }
 
@@ -307,7 +307,7 @@ async fn get_key(State(app): State<AppState>, headers: HeaderMap, Path(id): Path
     require_master(&app, &headers)?;
     let key = find_key(&app, &id).await?;
     let mut m = key_json(&key);
-    m.extend(spend_fields(&app, Scope::Key(key.id.clone()), &key.budget).await?);
+    m.extend(spend_fields(&app, Scope::Key(key.id.as_str().into()), &key.budget).await?);
     Ok(Json(Value::Object(m)).into_response())
 }
 
@@ -340,7 +340,7 @@ async fn patch_key(
     refresh(&app).await?;
     let key = find_key(&app, &id).await?;
     let mut m = key_json(&key);
-    m.extend(spend_fields(&app, Scope::Key(key.id.clone()), &key.budget).await?);
+    m.extend(spend_fields(&app, Scope::Key(key.id.as_str().into()), &key.budget).await?);
     Ok(Json(Value::Object(m)).into_response())
 }
 
