@@ -3,7 +3,8 @@
 #
 #   bench/ab.sh [options] BIN [BIN...]
 #     --secs S       seconds per wrk run (default 5)
-#     --rounds N     rounds; each runs nginx then every BIN, per case (default 3)
+#     --rounds N     rounds; each runs nginx and every BIN, per case, in an order that
+#                    rotates from round to round (default 3)
 #     --cases "..."  any of chat_c64 stream_c64 chat_c1 ttfb (default: all four); ttfb is
 #                    streaming time to first byte at c=1, 200 requests in a row on one
 #                    connection per run, against a mock that drips its events 5 ms apart
@@ -153,6 +154,15 @@ run() { # label port key body conc pid [pid...]
 $(( $(thread_ticks "$1" '^tokio-rt') - l0 )) $(( $(thread_ticks "$1" '^sqlx') - s0 ))" >>"$RESULTS"
 }
 nginx_pids() { echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; }
+# in_turn ROUND TARGET...: the targets in the order round ROUND runs them, rotated by one each
+# round. In a fixed order a target ran while the one before it was still committing its
+# ledger backlog: whichever build ran second measured ~10% slower than the same build first.
+in_turn() {
+  local r=$1 n i; shift
+  n=$#
+  local t=("$@")
+  for i in $(seq 0 $((n - 1))); do echo "${t[$(( (i + r) % n ))]}"; done
+}
 ttfb() { # label addr key
   local out
   out=$(BENCH_KEY="$3" "$CLIENT" ttfb --addr "$2" --body-file "$W/drip.json" --n 200 --warmup 10 | tr -d '\n') \
@@ -163,9 +173,13 @@ for c in $CASES; do
   if [ "$c" = ttfb ]; then
     echo "[ab] ttfb: $ROUNDS round(s) of 200 streaming requests per target" >&2
     for r in $(seq "$ROUNDS"); do
-      ttfb direct "127.0.0.1:$DRIP_PORT" ""
-      ttfb nginx "127.0.0.1:$NGINX_DRIP_PORT" ""
-      for i in "${!BINS[@]}"; do ttfb "tollgate#$((i + 1))" "127.0.0.1:${TG_PORT[$i]}" "${TG_KEY[$i]}"; done
+      for t in $(in_turn "$r" direct nginx "${!BINS[@]}"); do
+        case $t in
+          direct) ttfb direct "127.0.0.1:$DRIP_PORT" "" ;;
+          nginx) ttfb nginx "127.0.0.1:$NGINX_DRIP_PORT" "" ;;
+          *) ttfb "tollgate#$((t + 1))" "127.0.0.1:${TG_PORT[$t]}" "${TG_KEY[$t]}" ;;
+        esac
+      done
     done
     continue
   fi
@@ -181,9 +195,14 @@ for c in $CASES; do
   for i in "${!BINS[@]}"; do run warm "${TG_PORT[$i]}" "${TG_KEY[$i]}" $body $conc "${TG_PID[$i]}"; done
   for r in $(seq "$ROUNDS"); do
     [ "$DIRECT" = 1 ] && run "$c direct" "$MOCK_PORT" "" $body $conc "${PIDS[0]}"
-    # shellcheck disable=SC2046
-    run "$c nginx" "$NGINX_PORT" "" $body $conc $(nginx_pids)
-    for i in "${!BINS[@]}"; do run "$c tollgate#$((i + 1))" "${TG_PORT[$i]}" "${TG_KEY[$i]}" $body $conc "${TG_PID[$i]}"; done
+    for t in $(in_turn "$r" nginx "${!BINS[@]}"); do
+      if [ "$t" = nginx ]; then
+        # shellcheck disable=SC2046
+        run "$c nginx" "$NGINX_PORT" "" $body $conc $(nginx_pids)
+      else
+        run "$c tollgate#$((t + 1))" "${TG_PORT[$t]}" "${TG_KEY[$t]}" $body $conc "${TG_PID[$t]}"
+      fi
+    done
   done
 done
 
