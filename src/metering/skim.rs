@@ -1,13 +1,13 @@
 //! A skim over a JSON document: checks that it is well-formed, the way serde_json would parse
-//! it, and finds the byte range of one top-level member's value, without building anything.
+//! it, while its caller walks the members it wants to read, without building anything.
 //!
 //! Reading an upstream's non-streamed answer for its `usage` through serde's typed reader
 //! costs ~16 instructions a byte of the whole answer (every key matched against the fields of
 //! the typed view, every string decoded); a skim costs a few, strings passed eight bytes at a
 //! time. It is only ever a shortcut: whatever it cannot judge cheaply and surely — an exponent
 //! or a very long number, a `\u` escape of a surrogate, deep nesting, a top-level key written
-//! with escapes, the member twice — it answers "can't tell" (`None`), and the caller takes the
-//! full reader, whose answer is the same for every document the skim accepts.
+//! with escapes — it answers "can't tell" (`None`), and the caller takes the full reader, whose
+//! answer is the same for every document the skim accepts.
 
 /// Nesting deeper than this is left to the full reader (serde_json stops at 128).
 const MAX_DEPTH: u32 = 64;
@@ -60,10 +60,7 @@ impl<'a> Skim<'a> {
             if self.peek()? != b'"' {
                 return None;
             }
-            let start = self.i + 1;
-            let escaped = self.string()?;
-            let key = &self.b[start..self.i - 1];
-            self.ws();
+            let (key, escaped) = self.string_text()?;
             self.eat(b':')?;
             self.ws();
             member(self, (!escaped).then_some(key))?;
@@ -123,13 +120,21 @@ impl<'a> Skim<'a> {
         if self.peek()? != b'"' {
             return self.value().map(|()| None);
         }
-        let start = self.i + 1;
-        if self.string()? {
+        let (text, escaped) = self.string_text()?;
+        if escaped {
             return None;
         }
+        std::str::from_utf8(text).ok().map(Some)
+    }
+
+    /// Passes the string at `i` and the whitespace after it: its bytes between the quotes, as
+    /// written, and whether they hold escapes.
+    fn string_text(&mut self) -> Option<(&'a [u8], bool)> {
+        let start = self.i + 1;
+        let escaped = self.string()?;
         let text = &self.b[start..self.i - 1];
         self.ws();
-        std::str::from_utf8(text).ok().map(Some)
+        Some((text, escaped))
     }
 
     /// Whether only whitespace is left.

@@ -94,7 +94,10 @@ pub fn read_answer(bytes: &[u8]) -> Option<(Option<Usage>, String)> {
     // JSON is UTF-8 throughout; the typed reader skips the fields it ignores without checking
     // them, so check the whole body first (as parsing a `Value` does).
     let text = std::str::from_utf8(bytes).ok()?;
-    if let Some(usage) = reported_at_top(text) {
+    // A body with a usable top-level usage report needs nothing else: a skim that checks the
+    // whole body and reads only that object answers for it, at a fraction of the typed
+    // reader's cost (which matches every key against the typed view and decodes every string).
+    if let Some((usage, _)) = skim_top(text) {
         return Some((Some(usage), String::new()));
     }
     match serde_json::from_str::<Field<Body>>(text) {
@@ -111,15 +114,6 @@ pub fn read_answer(bytes: &[u8]) -> Option<(Option<Usage>, String)> {
         }
         Err(_) => None,
     }
-}
-
-/// The usage a well-formed answer reports in its top-level `usage` object, read by a skim
-/// (`skim.rs`) that checks the whole body and reads only that object: what `read_answer`
-/// answers for such a body, at a fraction of the typed reader's cost (it matches every key
-/// against the typed view's fields and decodes every string). `None` whenever the skim cannot
-/// tell, the body has no usage object or its report is unusable: the full reader decides then.
-fn reported_at_top(text: &str) -> Option<Usage> {
-    skim_top(text).map(|(usage, _)| usage)
 }
 
 /// What a well-formed body or chunk with a usable top-level `usage` report holds, as the
@@ -164,47 +158,54 @@ fn skim_usage(s: &mut super::skim::Skim<'_>) -> Option<RawUsage> {
     if s.peek()? != b'{' {
         return None;
     }
+    enum Slot<'r> {
+        Count(&'r mut Count),
+        Details(&'r mut Field<Details>),
+    }
     let mut raw = RawUsage::default();
     let mut seen = 0u8;
     s.object(|s, key| {
-        let (bit, count, details) = match key? {
-            b"prompt_tokens" => (1, Some(&mut raw.prompt_tokens), None),
-            b"completion_tokens" => (2, Some(&mut raw.completion_tokens), None),
-            b"input_tokens" => (4, Some(&mut raw.input_tokens), None),
-            b"output_tokens" => (8, Some(&mut raw.output_tokens), None),
-            b"prompt_tokens_details" => (16, None, Some(&mut raw.prompt_tokens_details)),
-            b"input_tokens_details" => (32, None, Some(&mut raw.input_tokens_details)),
+        let (bit, slot) = match key? {
+            b"prompt_tokens" => (1, Slot::Count(&mut raw.prompt_tokens)),
+            b"completion_tokens" => (2, Slot::Count(&mut raw.completion_tokens)),
+            b"input_tokens" => (4, Slot::Count(&mut raw.input_tokens)),
+            b"output_tokens" => (8, Slot::Count(&mut raw.output_tokens)),
+            b"prompt_tokens_details" => (16, Slot::Details(&mut raw.prompt_tokens_details)),
+            b"input_tokens_details" => (32, Slot::Details(&mut raw.input_tokens_details)),
             _ => return s.value(),
         };
         if seen & bit != 0 {
             return None;
         }
         seen |= bit;
-        if let Some(count) = count {
-            *count = skim_count(s)?;
-        } else if let Some(details) = details {
-            *details = match s.peek()? {
-                b'{' => {
-                    let mut cached = None;
-                    s.object(|s, key| match key? {
-                        b"cached_tokens" if cached.is_none() => {
-                            cached = Some(skim_count(s)?);
-                            Some(())
-                        }
-                        b"cached_tokens" => None,
-                        _ => s.value(),
-                    })?;
-                    Field::Value(Details { cached_tokens: cached.unwrap_or_default() })
-                }
-                _ => match s.scalar()? {
-                    super::skim::Scalar::Null => Field::Null,
-                    _ => Field::Other,
-                },
-            };
+        match slot {
+            Slot::Count(count) => *count = skim_count(s)?,
+            Slot::Details(details) => *details = skim_details(s)?,
         }
         Some(())
     })?;
     Some(raw)
+}
+
+/// `prompt_tokens_details` / `input_tokens_details` as `Field<Details>` reads it (a
+/// `cached_tokens` given twice is left to the full reader).
+fn skim_details(s: &mut super::skim::Skim<'_>) -> Option<Field<Details>> {
+    if s.peek()? != b'{' {
+        return Some(match s.scalar()? {
+            super::skim::Scalar::Null => Field::Null,
+            _ => Field::Other,
+        });
+    }
+    let mut cached = None;
+    s.object(|s, key| match key? {
+        b"cached_tokens" if cached.is_none() => {
+            cached = Some(skim_count(s)?);
+            Some(())
+        }
+        b"cached_tokens" => None,
+        _ => s.value(),
+    })?;
+    Some(Field::Value(Details { cached_tokens: cached.unwrap_or_default() }))
 }
 
 /// A count as `Count` reads it (a negative number is left to the full reader).
