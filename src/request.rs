@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -14,6 +15,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::ApiError;
+use crate::metering::skim::Skim;
+use crate::metering::tokens::PlainChat;
 use crate::pricing::Capabilities;
 
 /// Which OpenAI endpoint a request is for.
@@ -66,18 +69,39 @@ impl Endpoint {
 /// Largest `n` accepted (OpenAI's own limit).
 const MAX_N: u64 = 128;
 
+/// A request's body as the client sent it, parsed into a `Value` the first time its tokens
+/// are counted exactly (a budget near its limit, a `tpm` limit, a dry run, an answer without
+/// usage): most requests are never counted, so most bodies are never built into a tree.
+#[derive(Debug)]
+pub struct Prompt {
+    body: Bytes,
+    value: OnceLock<Value>,
+}
+
+impl Prompt {
+    /// The whole body, parsed.
+    pub fn value(&self) -> &Value {
+        // The body was checked as JSON before this `Prompt` was made, so this parse succeeds.
+        self.value.get_or_init(|| serde_json::from_slice(&self.body).unwrap_or(Value::Null))
+    }
+}
+
 /// What tollgate needs to know about a request.
 #[derive(Debug)]
 pub struct ParsedRequest {
     pub endpoint: Endpoint,
-    /// The whole body, parsed (for token counting); shared with deferred counting.
-    pub value: std::sync::Arc<Value>,
+    /// The body, for token counting; shared with deferred counting.
+    pub prompt: Arc<Prompt>,
+    /// A chat body of string-only messages, tallied for the token bound as it was parsed.
+    pub plain_chat: Option<PlainChat>,
     pub model: String,
     pub stream: bool,
     /// The client asked for the usage chunk itself (`stream_options.include_usage`).
     pub client_wants_usage: bool,
     /// `max_completion_tokens`, else `max_tokens`, if the request sets one.
     pub max_output: Option<u64>,
+    /// Which of the two `max_output` came from (for error messages).
+    pub max_output_field: &'static str,
     /// Choices per request (`n`); output is reserved for each.
     pub n: u64,
     /// Features a serving model must support.
@@ -236,7 +260,160 @@ fn optional_u64(value: Option<&Value>, field: &str) -> Result<Option<u64>, ApiEr
 }
 
 /// Parses and checks a request body for `endpoint`.
-pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+pub fn parse(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, ApiError> {
+    match skim_plain_chat(endpoint, body) {
+        Some(parsed) => Ok(parsed),
+        None => parse_full(endpoint, body),
+    }
+}
+
+/// The common request, read without building anything: a valid chat body whose messages
+/// hold only strings, with no tools, functions or content parts. Whatever else a body holds,
+/// and every body with something to refuse, is `None`, for [`parse_full`] to read (and to
+/// word its refusal). Parsing a body into a `Value` was a tenth of a request's instructions.
+fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
+    /// Top-level keys compared for duplicates; a body with more goes the full way.
+    const MAX_KEYS: usize = 24;
+    if endpoint != Endpoint::Chat {
+        return None;
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    let mut s = Skim::new(text);
+    let mut seen: [&[u8]; MAX_KEYS] = [&[]; MAX_KEYS];
+    let mut keys = 0;
+    let mut model = None;
+    let mut stream = None;
+    let mut stream_options = None;
+    let (mut max_completion_tokens, mut max_tokens, mut n) = (None, None, None);
+    let mut chat = None;
+    let mut json_schema = false;
+    s.object(|s, key| {
+        // An escaped key could spell one of the fields below.
+        let key = key?;
+        if keys == MAX_KEYS || seen[..keys].contains(&key) {
+            return None;
+        }
+        seen[keys] = key;
+        keys += 1;
+        match key {
+            b"model" => model = Some(s.spanned(|s| s.plain_str())?),
+            b"stream" => stream = s.boolean()?,
+            b"stream_options" => stream_options = Some(s.spanned(stream_options_usage)?),
+            b"max_completion_tokens" => max_completion_tokens = whole(s)?,
+            b"max_tokens" => max_tokens = whole(s)?,
+            b"n" => n = whole(s)?,
+            b"messages" => chat = Some(plain_messages(s)?),
+            b"response_format" => json_schema = response_format_is_schema(s)?,
+            // Counted or checked only by the full reader.
+            b"tools" | b"functions" => return None,
+            _ => s.value()?,
+        }
+        Some(())
+    })?;
+    if !s.at_end() {
+        return None;
+    }
+    let (Some(model), Some(chat)) = (model, chat) else { return None };
+    let (model, model_span) = (model.0.filter(|m| !m.is_empty())?, model.1);
+    let n = n.unwrap_or(1);
+    if n == 0 || n > MAX_N || chat.messages == 0 {
+        return None;
+    }
+    let close = body.iter().rposition(|&b| b == b'}')?;
+    let (max_output, max_output_field) = match max_completion_tokens {
+        Some(v) => (Some(v), "max_completion_tokens"),
+        None => (max_tokens, "max_tokens"),
+    };
+    Some(ParsedRequest {
+        endpoint,
+        prompt: Arc::new(Prompt { body: body.clone(), value: OnceLock::new() }),
+        plain_chat: Some(chat),
+        model: model.to_owned(),
+        stream: stream.unwrap_or(false),
+        client_wants_usage: stream_options.is_some_and(|(usage, _)| usage),
+        max_output,
+        max_output_field,
+        n,
+        needs: Capabilities { tools: false, vision: false, json_schema },
+        model_span,
+        stream_options_span: stream_options.map(|(_, span)| span),
+        close,
+    })
+}
+
+/// A count or `null`; anything else (a fraction, a sign, a string) is left to the full reader.
+fn whole(s: &mut Skim) -> Option<Option<u64>> {
+    match s.scalar()? {
+        crate::metering::skim::Scalar::Null => Some(None),
+        crate::metering::skim::Scalar::Uint(v) => Some(Some(v)),
+        crate::metering::skim::Scalar::Other => None,
+    }
+}
+
+/// `stream_options`: an object or `null`; whether it sets `include_usage` to `true`.
+fn stream_options_usage(s: &mut Skim) -> Option<bool> {
+    if s.peek()? != b'{' {
+        return s.boolean().and_then(|b| b.is_none().then_some(false));
+    }
+    let mut usage = None;
+    s.object(|s, key| match key? {
+        b"include_usage" if usage.is_none() => {
+            usage = Some(s.boolean()?.unwrap_or(false));
+            Some(())
+        }
+        b"include_usage" => None,
+        _ => s.value(),
+    })?;
+    Some(usage.unwrap_or(false))
+}
+
+/// `response_format`: whether its `type` is `json_schema`.
+fn response_format_is_schema(s: &mut Skim) -> Option<bool> {
+    if s.peek()? != b'{' {
+        return s.value().map(|()| false);
+    }
+    let mut kind = None;
+    s.object(|s, key| match key? {
+        b"type" if kind.is_none() => {
+            kind = Some(s.plain_str()?);
+            Some(())
+        }
+        b"type" => None,
+        _ => s.value(),
+    })?;
+    Some(kind.flatten() == Some("json_schema"))
+}
+
+/// `messages`: an array of objects whose every field is a string (role, content, name, ...),
+/// tallied for the token bound; anything else is left to the full reader.
+fn plain_messages(s: &mut Skim) -> Option<PlainChat> {
+    /// Fields of one message compared for duplicates.
+    const MAX_FIELDS: usize = 8;
+    let mut chat = PlainChat::default();
+    let messages = s.elements(|s| {
+        let mut seen: [&[u8]; MAX_FIELDS] = [&[]; MAX_FIELDS];
+        let mut fields = 0;
+        s.object(|s, key| {
+            // An escaped key could spell `name`; a repeated one is read once by the full reader.
+            let key = key?;
+            if fields == MAX_FIELDS || seen[..fields].contains(&key) {
+                return None;
+            }
+            seen[fields] = key;
+            fields += 1;
+            chat.text_bytes += s.written_str()?.len() as u64;
+            chat.names += u64::from(key == b"name");
+            Some(())
+        })
+    })?;
+    chat.messages = messages as u64;
+    Some(chat)
+}
+
+/// Parses and checks any request body for `endpoint` into a `Value`, wording what it refuses:
+/// what [`parse`] does for the bodies its skim leaves alone (public for the tests that hold
+/// the two to one answer).
+pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, ApiError> {
     let top: TopLevel = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
     if let Some(key) = top.duplicate {
         return Err(ApiError::param(&key, format!("Duplicate key '{key}' in the request body.")));
@@ -273,9 +450,9 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
         },
         Some(_) => return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object.")),
     };
-    let max_output = match optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")? {
-        Some(v) => Some(v),
-        None => optional_u64(noted.max_tokens.as_ref(), "max_tokens")?,
+    let (max_output, max_output_field) = match optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")? {
+        Some(v) => (Some(v), "max_completion_tokens"),
+        None => (optional_u64(noted.max_tokens.as_ref(), "max_tokens")?, "max_tokens"),
     };
     let n = optional_u64(noted.n.as_ref(), "n")?.unwrap_or(1);
     if n == 0 || n > MAX_N {
@@ -302,11 +479,13 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError>
     let needs = noted.needs;
     Ok(ParsedRequest {
         endpoint,
-        value: std::sync::Arc::new(value),
+        prompt: Arc::new(Prompt { body: body.clone(), value: OnceLock::from(value) }),
+        plain_chat: None,
         model,
         stream,
         client_wants_usage,
         max_output,
+        max_output_field,
         n,
         needs,
         model_span,
@@ -326,15 +505,16 @@ impl ParsedRequest {
             edits.push((self.model_span.0, self.model_span.1, quoted));
         }
         if self.stream && !self.client_wants_usage {
-            match (self.stream_options_span, self.value.get("stream_options")) {
-                (Some((start, end)), Some(Value::Object(options))) => {
-                    let mut options = options.clone();
+            let options = |(start, end): (usize, usize)| serde_json::from_slice::<serde_json::Map<String, Value>>(&body[start..end]).ok();
+            match self.stream_options_span.map(|span| (span, options(span))) {
+                Some(((start, end), Some(mut options))) => {
                     options.insert("include_usage".into(), Value::Bool(true));
                     edits.push((start, end, Value::Object(options).to_string()));
                 }
-                (Some((start, end)), _) => edits.push((start, end, r#"{"include_usage":true}"#.into())),
-                (None, _) => {
-                    let empty = self.value.as_object().is_some_and(|o| o.is_empty());
+                Some(((start, end), None)) => edits.push((start, end, r#"{"include_usage":true}"#.into())),
+                None => {
+                    let opened = body[..self.close].iter().rposition(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'));
+                    let empty = opened.is_some_and(|i| body[i] == b'{');
                     let sep = if empty { "" } else { "," };
                     edits.push((self.close, self.close, format!(r#"{sep}"stream_options":{{"include_usage":true}}"#)));
                 }
@@ -361,7 +541,7 @@ mod tests {
     use super::*;
 
     fn parse_chat(body: &str) -> Result<ParsedRequest, ApiError> {
-        parse(Endpoint::Chat, body.as_bytes())
+        parse(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes()))
     }
 
     #[test]
@@ -410,11 +590,39 @@ mod tests {
     #[test]
     fn not_json_is_invalid_json() {
         for body in ["", "nope", "[1,2]", "{\"model\":", "\"str\"", "{\"a\":\"\\ud800\"}x"] {
-            assert!(matches!(parse(Endpoint::Chat, body.as_bytes()), Err(ApiError::InvalidJson(_))), "{body}");
+            assert!(matches!(parse(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes())), Err(ApiError::InvalidJson(_))), "{body}");
         }
-        assert!(matches!(parse(Endpoint::Chat, b"{\"model\":\"\xff\"}"), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(parse(Endpoint::Chat, &Bytes::from_static(b"{\"model\":\"\xff\"}")), Err(ApiError::InvalidJson(_))));
         let deep = "[".repeat(10_000);
-        assert!(matches!(parse(Endpoint::Chat, format!("{{\"model\":{deep}").as_bytes()), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(parse(Endpoint::Chat, &Bytes::from(format!("{{\"model\":{deep}"))), Err(ApiError::InvalidJson(_))));
+    }
+
+    #[test]
+    fn common_chat_bodies_are_skimmed_and_the_rest_read_in_full() {
+        let skimmed = [
+            r#"{"model":"gpt-4o","messages":[{"role":"system","content":"Be \"brief\".\n"},{"role":"user","name":"ann","content":"hi"}]}"#,
+            r#" { "messages" : [ {"role":"user","content":"x"} ] , "model" : "m", "stream":true, "stream_options":{"include_usage":true}, "max_tokens":null, "n":2, "temperature":0.75, "response_format":{"type":"json_schema","json_schema":{"name":"x"}}, "metadata":{"a":[1,{"b":null}]} } "#,
+        ];
+        for body in skimmed {
+            let p = parse_chat(body).unwrap();
+            assert!(p.plain_chat.is_some(), "{body}");
+            let full = parse_full(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes())).unwrap();
+            assert_eq!((p.stream, p.client_wants_usage, p.n, p.needs), (full.stream, full.client_wants_usage, full.n, full.needs));
+        }
+        let chat = parse_chat(skimmed[0]).unwrap().plain_chat.unwrap();
+        assert_eq!(chat, PlainChat { messages: 2, names: 1, text_bytes: 6 + 15 + 4 + 3 + 2 });
+        let full = [
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"x"}]}]}"#,
+            r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[]}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[]}"#,
+            r#"{"model":"m\u0041","messages":[{"role":"user","content":"x"}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","c\u006fntent":"x"}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x","content":"y"}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":1e0}"#,
+        ];
+        for body in full {
+            assert!(parse_chat(body).unwrap().plain_chat.is_none(), "{body}");
+        }
     }
 
     #[test]

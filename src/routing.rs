@@ -56,24 +56,34 @@ pub struct Admission {
     pub max_cost: NanoUsd,
 }
 
-/// Prompt token counts for one request, computed lazily: the cheap bound once, each
+/// Prompt token counts for one request, computed lazily: each model's bound and each
 /// encoding's exact count at most once.
 pub struct PromptCounter<'a> {
     request: &'a ParsedRequest,
-    bound: Option<u64>,
+    /// Bounds walked over the body, per model (they differ by the model's per-message, tool
+    /// and image constants: gpt-4o-mini's worst-case image is ~40 times gpt-4o's).
+    bounds: Vec<(String, u64)>,
     /// Exact counts per encoding (at most two encodings exist).
     exact: Vec<(Encoding, u64)>,
 }
 
 impl<'a> PromptCounter<'a> {
     pub fn new(request: &'a ParsedRequest) -> Self {
-        PromptCounter { request, bound: None, exact: Vec::with_capacity(2) }
+        PromptCounter { request, bounds: Vec::new(), exact: Vec::new() }
     }
 
     /// An upper bound on the prompt's tokens for `model`, without running the tokenizer.
     pub fn bound(&mut self, model: &str) -> u64 {
         let r = self.request;
-        *self.bound.get_or_insert_with(|| tokens::prompt_tokens_upper_bound(r.endpoint.prompt_kind(), model, &r.value))
+        if let Some(chat) = r.plain_chat {
+            return chat.upper_bound(model);
+        }
+        if let Some(&(_, n)) = self.bounds.iter().find(|(m, _)| m == model) {
+            return n;
+        }
+        let n = tokens::prompt_tokens_upper_bound(r.endpoint.prompt_kind(), model, r.prompt.value());
+        self.bounds.push((model.to_owned(), n));
+        n
     }
 
     /// The exact prompt tokens for `model`.
@@ -82,7 +92,7 @@ impl<'a> PromptCounter<'a> {
         if let Some(&(_, n)) = self.exact.iter().find(|(e, _)| *e == encoding) {
             return n;
         }
-        let n = tokens::prompt_tokens(self.request.endpoint.prompt_kind(), model, &self.request.value);
+        let n = tokens::prompt_tokens(self.request.endpoint.prompt_kind(), model, self.request.prompt.value());
         self.exact.push((encoding, n));
         n
     }
@@ -262,9 +272,9 @@ fn reserve(
         let r = book.reserve(budgets, bound_cost, now, None).map_err(|e| (bound_cost, e))?;
         return Ok((r, bound, false, bound_cost));
     }
-    let value = request.value.clone();
+    let prompt = request.prompt.clone();
     let (kind, upstream, price) = (request.endpoint.prompt_kind(), m.upstream_model.clone(), m.price);
-    let loose = Loose::new(bound_cost, move || price.worst_case(tokens::prompt_tokens(kind, &upstream, &value), out));
+    let loose = Loose::new(bound_cost, move || price.worst_case(tokens::prompt_tokens(kind, &upstream, prompt.value()), out));
     if let Ok(r) = book.reserve(budgets, bound_cost, now, Some(loose)) {
         return Ok((r, bound, false, bound_cost));
     }

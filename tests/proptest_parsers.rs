@@ -19,7 +19,7 @@ use serde_json::{json, Map, Value};
 use tollgate::metering::sse::{SseError, SseEvent, SseParser};
 use tollgate::metering::tokens::{prompt_tokens, prompt_tokens_upper_bound, PromptKind};
 use tollgate::metering::usage::{read_answer, response_text, usage_from_json, ChunkKind, StreamAccumulator, Usage};
-use tollgate::request::{parse, Endpoint, ParsedRequest};
+use tollgate::request::{parse, parse_full, Endpoint, ParsedRequest};
 
 /// Cases per property: the `PROPTEST_CASES` environment variable, else `default`.
 fn cases(default: u32) -> ProptestConfig {
@@ -35,6 +35,8 @@ const ENDPOINTS: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoin
 /// The checks every request parse must pass, whatever the input: no panic; a refusal is a
 /// 4xx that renders; an acceptance can be rewritten into a JSON object carrying the new model.
 fn check_parse(endpoint: Endpoint, body: &[u8], upstream_model: &str) -> Result<(), TestCaseError> {
+    let body = &Bytes::copy_from_slice(body);
+    check_same_as_full_parse(endpoint, body, upstream_model)?;
     match parse(endpoint, body) {
         Err(e) => {
             let status = e.status();
@@ -45,7 +47,7 @@ fn check_parse(endpoint: Endpoint, body: &[u8], upstream_model: &str) -> Result<
         Ok(p) => {
             prop_assert!(!p.model.is_empty());
             prop_assert!((1..=128).contains(&p.n), "n = {}", p.n);
-            let out = p.rewrite(&Bytes::copy_from_slice(body), upstream_model);
+            let out = p.rewrite(body, upstream_model);
             let v: Value = serde_json::from_slice(&out).map_err(|e| {
                 TestCaseError::fail(format!("rewrite is not JSON ({e}): {:?}", String::from_utf8_lossy(&out)))
             })?;
@@ -59,6 +61,45 @@ fn check_parse(endpoint: Endpoint, body: &[u8], upstream_model: &str) -> Result<
             prop_assert_eq!(again.stream, p.stream);
             prop_assert_eq!(again.max_output, p.max_output);
             prop_assert_eq!(again.n, p.n);
+        }
+    }
+    Ok(())
+}
+
+/// `parse` reads common chat bodies with a skim instead of the full reader: whatever it
+/// accepts that way must come out as the full reader reads it, field by field and in what a
+/// rewrite sends upstream; its token bound must bound the full reader's (equal to it when no
+/// string holds an escape, which the skim counts at its written length).
+fn check_same_as_full_parse(endpoint: Endpoint, body: &Bytes, upstream_model: &str) -> Result<(), TestCaseError> {
+    let (fast, full) = (parse(endpoint, body), parse_full(endpoint, body));
+    let (fast, full) = match (fast, full) {
+        (Ok(fast), Ok(full)) => (fast, full),
+        (Err(fast), Err(full)) => {
+            prop_assert_eq!(format!("{fast:?}"), format!("{full:?}"));
+            return Ok(());
+        }
+        (fast, full) => return Err(TestCaseError::fail(format!("parse: {fast:?}\nfull parse: {full:?}"))),
+    };
+    prop_assert_eq!(&fast.model, &full.model);
+    prop_assert_eq!(fast.stream, full.stream);
+    prop_assert_eq!(fast.client_wants_usage, full.client_wants_usage);
+    prop_assert_eq!(fast.max_output, full.max_output);
+    prop_assert_eq!(fast.max_output_field, full.max_output_field);
+    prop_assert_eq!(fast.n, full.n);
+    prop_assert_eq!(fast.needs, full.needs);
+    prop_assert_eq!(fast.prompt.value(), full.prompt.value());
+    for upstream in [upstream_model, full.model.as_str()] {
+        prop_assert_eq!(fast.rewrite(body, upstream), full.rewrite(body, upstream));
+    }
+    if let Some(chat) = fast.plain_chat {
+        for model in [upstream_model, "gpt-4o", "gpt-3.5-turbo-0301"] {
+            let walked = prompt_tokens_upper_bound(PromptKind::Chat, model, full.prompt.value());
+            let bound = chat.upper_bound(model);
+            prop_assert!(bound >= walked, "{model}: skimmed bound {bound} < walked bound {walked}");
+            if !body.contains(&b'\\') {
+                prop_assert_eq!(bound, walked, "{}: no escapes, so the bounds agree", model);
+            }
+            prop_assert!(bound >= prompt_tokens(PromptKind::Chat, model, full.prompt.value()));
         }
     }
     Ok(())
@@ -375,7 +416,8 @@ proptest! {
     #[test]
     fn rewrite_touches_only_model_and_the_usage_option(body in arb_chat_body(), upstream in arb_model_name(), same in any::<bool>()) {
         let upstream = if same { body.model.clone() } else { upstream };
-        let p: ParsedRequest = parse(Endpoint::Chat, body.text.as_bytes())
+        check_same_as_full_parse(Endpoint::Chat, &Bytes::from(body.text.clone()), &upstream)?;
+        let p: ParsedRequest = parse(Endpoint::Chat, &Bytes::from(body.text.clone()))
             .map_err(|e| TestCaseError::fail(format!("valid body refused: {e:?}\n{}", body.text)))?;
         let wants_usage = matches!(&body.stream_options, Some((o, _)) if o["include_usage"] == json!(true));
         prop_assert_eq!(&p.model, &body.model);

@@ -179,11 +179,7 @@ async fn handle(
     }
     if let Some(max) = parsed.max_output {
         if asked.kind == crate::pricing::ModelKind::Chat && max > asked.max_output_tokens {
-            let param = if parsed.value.get("max_completion_tokens").is_some_and(|v| !v.is_null()) {
-                "max_completion_tokens"
-            } else {
-                "max_tokens"
-            };
+            let param = parsed.max_output_field;
             return Err(ApiError::param(
                 param,
                 format!(
@@ -248,7 +244,7 @@ async fn handle(
     let local_prompt = if admission.prompt_exact || limited_tpm {
         LocalPrompt::Exact(counter.exact(&admission.model.name))
     } else {
-        LocalPrompt::Deferred(parsed.value.clone(), endpoint)
+        LocalPrompt::Deferred(parsed.prompt.clone(), endpoint)
     };
     let Admission { model, decision, reason, reservation, prompt_tokens, .. } = admission;
     tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");

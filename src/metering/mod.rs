@@ -46,14 +46,14 @@ pub struct Meter {
 pub enum LocalPrompt {
     Exact(u64),
     /// Count on demand (only when the upstream reports no usage).
-    Deferred(Arc<serde_json::Value>, crate::request::Endpoint),
+    Deferred(Arc<crate::request::Prompt>, crate::request::Endpoint),
 }
 
 impl LocalPrompt {
     fn count(&self, model: &str) -> u64 {
         match self {
             LocalPrompt::Exact(n) => *n,
-            LocalPrompt::Deferred(value, endpoint) => tokens::prompt_tokens(endpoint.prompt_kind(), model, value),
+            LocalPrompt::Deferred(prompt, endpoint) => tokens::prompt_tokens(endpoint.prompt_kind(), model, prompt.value()),
         }
     }
 }

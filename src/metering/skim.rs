@@ -103,6 +103,62 @@ impl<'a> Skim<'a> {
         }
     }
 
+    /// Passes an array element by element: `element` must pass each one. The number of
+    /// elements.
+    pub fn elements(&mut self, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<usize> {
+        self.open(b'[')?;
+        if self.peek()? == b']' {
+            self.i += 1;
+            self.close()?;
+            return Some(0);
+        }
+        let mut n = 0;
+        loop {
+            element(self)?;
+            n += 1;
+            match self.next()? {
+                b',' => self.ws(),
+                b']' => {
+                    self.close()?;
+                    return Some(n);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// Passes `true`, `false` or `null` (`Some(None)`); any other value is `None`.
+    pub fn boolean(&mut self) -> Option<Option<bool>> {
+        match self.peek()? {
+            b't' => self.literal(b"true").map(|()| Some(true)),
+            b'f' => self.literal(b"false").map(|()| Some(false)),
+            b'n' => self.literal(b"null").map(|()| None),
+            _ => None,
+        }
+    }
+
+    /// Passes a string: its bytes as written between the quotes, escapes and all (never
+    /// shorter than the UTF-8 text they stand for). Any other value is `None`.
+    pub fn written_str(&mut self) -> Option<&'a [u8]> {
+        if self.peek()? != b'"' {
+            return None;
+        }
+        self.string_text().map(|(text, _)| text)
+    }
+
+    /// Runs `pass` over the value that comes next: what it answers, and the value's byte
+    /// range in the document (without the whitespace after it).
+    pub fn spanned<T>(&mut self, pass: impl FnOnce(&mut Self) -> Option<T>) -> Option<(T, (usize, usize))> {
+        let start = self.i;
+        let out = pass(self)?;
+        // No JSON value ends in whitespace: what the pass skipped after it is not its own.
+        let mut end = self.i;
+        while end > start && matches!(self.b[end - 1], b' ' | b'\n' | b'\r' | b'\t') {
+            end -= 1;
+        }
+        Some((out, (start, end)))
+    }
+
     /// Passes a value; whether it is an array with at least one element.
     pub fn non_empty_array(&mut self) -> Option<bool> {
         if self.peek()? != b'[' {
@@ -176,19 +232,7 @@ impl<'a> Skim<'a> {
     }
 
     fn array(&mut self) -> Option<()> {
-        self.open(b'[')?;
-        if self.peek()? == b']' {
-            self.i += 1;
-            return self.close();
-        }
-        loop {
-            self.value()?;
-            match self.next()? {
-                b',' => self.ws(),
-                b']' => return self.close(),
-                _ => return None,
-            }
-        }
+        self.elements(Self::value).map(|_| ())
     }
 
     fn literal(&mut self, word: &[u8]) -> Option<()> {

@@ -124,6 +124,35 @@ pub fn prompt_tokens_upper_bound(kind: PromptKind, model: &str, body: &Value) ->
     count_body(&ByteBound, &rules, kind, body)
 }
 
+/// A chat body whose messages hold only string fields (no content parts, tool calls or tool
+/// definitions), tallied as the request parser passed it: what [`prompt_tokens_upper_bound`]
+/// needs of such a body, without a `Value` to walk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlainChat {
+    /// Messages in `messages`.
+    pub messages: u64,
+    /// Their `name` fields.
+    pub names: u64,
+    /// Bytes of all their string fields as written in the JSON, escapes included: at least
+    /// the UTF-8 length of the text, so at least its tokens.
+    pub text_bytes: u64,
+}
+
+impl PlainChat {
+    /// An upper bound on the prompt tokens of the body for `model`: the byte bound's terms
+    /// (every string at most a token a byte, the per-message and per-name constants, the
+    /// reply's priming), equal to [`prompt_tokens_upper_bound`] when no string holds escapes.
+    pub fn upper_bound(&self, model: &str) -> u64 {
+        let (per_message, per_name) = message_constants(base_model(model));
+        let mut n = Tally::default();
+        n.add(self.text_bytes);
+        n.add_signed(per_message.saturating_mul(i64::try_from(self.messages).unwrap_or(i64::MAX)));
+        n.add_signed(per_name.saturating_mul(i64::try_from(self.names).unwrap_or(i64::MAX)));
+        n.add(3);
+        n.total()
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Measures: the exact count and the byte bound share one walk over the body, so that the bound
 // holds term by term: each string measured by the bound is at least its exact token count, and
@@ -351,6 +380,16 @@ fn ceil_to_u64(x: f64) -> u64 {
     x.ceil() as u64
 }
 
+/// Tokens framing each message and each `name`, for a base model name. gpt-3.5-turbo-0301
+/// framed messages differently: 4 per message, and a name replaced the role (-1).
+fn message_constants(base: &str) -> (i64, i64) {
+    if base.ends_with("gpt-3.5-turbo-0301") {
+        (4, -1)
+    } else {
+        (3, 1)
+    }
+}
+
 /// Everything about `model` that the counting rules depend on.
 struct ModelRules {
     encoding: Encoding,
@@ -363,13 +402,7 @@ struct ModelRules {
 impl ModelRules {
     fn for_model(model: &str) -> ModelRules {
         let m = base_model(model);
-        // gpt-3.5-turbo-0301 framed messages differently: 4 per message, and a name replaced the
-        // role (-1).
-        let (per_message, per_name) = if m.ends_with("gpt-3.5-turbo-0301") {
-            (4, -1)
-        } else {
-            (3, 1)
-        };
+        let (per_message, per_name) = message_constants(m);
         let legacy = m.starts_with("gpt-3.5") || m == "gpt-4" || m.starts_with("gpt-4-");
         ModelRules {
             encoding: Encoding::for_model(model),
