@@ -277,7 +277,7 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
     if endpoint != Endpoint::Chat {
         return None;
     }
-    let text = std::str::from_utf8(body).ok()?;
+    let text = simdutf8::basic::from_utf8(body).ok()?;
     let mut s = Skim::new(text);
     let mut seen: [&[u8]; MAX_KEYS] = [&[]; MAX_KEYS];
     let mut keys = 0;

@@ -19,6 +19,7 @@ const MAX_DIGITS: usize = 64;
 /// answers `None` when the text is not well-formed or holds something the skim leaves to the
 /// full reader (see the module docs): the caller then gives up on the skim.
 pub struct Skim<'a> {
+    doc: &'a str,
     b: &'a [u8],
     i: usize,
     depth: u32,
@@ -38,7 +39,7 @@ pub enum Scalar {
 
 impl<'a> Skim<'a> {
     pub fn new(doc: &'a str) -> Self {
-        let mut s = Skim { b: doc.as_bytes(), i: 0, depth: 0 };
+        let mut s = Skim { doc, b: doc.as_bytes(), i: 0, depth: 0 };
         s.ws();
         s
     }
@@ -176,11 +177,13 @@ impl<'a> Skim<'a> {
         if self.peek()? != b'"' {
             return self.value().map(|()| None);
         }
+        let start = self.i + 1;
         let (text, escaped) = self.string_text()?;
         if escaped {
             return None;
         }
-        std::str::from_utf8(text).ok().map(Some)
+        // Between two quotes of a `str`, so on character boundaries: no UTF-8 check needed.
+        self.doc.get(start..start + text.len()).map(Some)
     }
 
     /// Passes the string at `i` and the whitespace after it: its bytes between the quotes, as

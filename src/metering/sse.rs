@@ -241,7 +241,7 @@ fn apply_line(
     };
     match name {
         b"data" => {
-            let value = std::str::from_utf8(value).map_err(|_| SseError::InvalidUtf8)?;
+            let value = simdutf8::basic::from_utf8(value).map_err(|_| SseError::InvalidUtf8)?;
             match data {
                 Some(d) => {
                     d.push('\n');
@@ -251,7 +251,7 @@ fn apply_line(
             }
         }
         b"event" => {
-            let value = std::str::from_utf8(value).map_err(|_| SseError::InvalidUtf8)?;
+            let value = simdutf8::basic::from_utf8(value).map_err(|_| SseError::InvalidUtf8)?;
             *event = Some(value.to_owned());
         }
         // `id`, `retry` and unknown fields mean nothing to the gateway; they stay in `raw`.

@@ -93,7 +93,7 @@ pub fn read_answer(bytes: &[u8]) -> Option<(Option<Usage>, String)> {
     }
     // JSON is UTF-8 throughout; the typed reader skips the fields it ignores without checking
     // them, so check the whole body first (as parsing a `Value` does).
-    let text = std::str::from_utf8(bytes).ok()?;
+    let text = simdutf8::basic::from_utf8(bytes).ok()?;
     // A body with a usable top-level usage report needs nothing else: a skim that checks the
     // whole body and reads only that object answers for it, at a fraction of the typed
     // reader's cost (which matches every key against the typed view and decodes every string).
@@ -278,10 +278,10 @@ fn release_bytes(n: usize) {
 fn may_report_usage(data: &str) -> bool {
     static USAGE: LazyLock<memchr::memmem::Finder<'static>> =
         LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
-    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> = LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
     const TRAILING_NULL: &[u8] = b",\"usage\":null}";
     let bytes = data.trim_ascii_end().as_bytes();
-    if ESCAPE.find(bytes).is_some() {
+    // A `\u` escape: found by its backslash (a byte search is cheaper than a substring one).
+    if memchr::memchr_iter(b'\\', bytes).any(|i| bytes.get(i + 1) == Some(&b'u')) {
         return true;
     }
     // The first `"usage"` is the one that ends the chunk, so it is the only one.
