@@ -249,6 +249,10 @@ pub struct StreamAccumulator {
     /// the bytes they hold.
     held: Vec<String>,
     held_bytes: usize,
+    /// Bytes this stream has taken from the all-streams total for holding (at least
+    /// `held_bytes`): taken a quantum at a time, so two workers' streams do not bounce the
+    /// total's cache line between cores on every chunk.
+    held_quota: usize,
 }
 
 /// Chunk bytes one stream may hold unread.
@@ -257,6 +261,8 @@ const MAX_HELD_PER_STREAM: usize = 64 * 1024;
 /// little memory for it: past this, chunks are read as they arrive.
 const MAX_HELD_TOTAL: usize = 2 * 1024 * 1024;
 static HELD_TOTAL: AtomicUsize = AtomicUsize::new(0);
+/// What a stream takes from the total when it needs room to hold more: a dozen chat chunks.
+const HOLD_QUANTUM: usize = 4 * 1024;
 
 fn hold_bytes(n: usize) -> bool {
     if HELD_TOTAL.fetch_add(n, Ordering::Relaxed) + n <= MAX_HELD_TOTAL {
@@ -299,6 +305,7 @@ impl StreamAccumulator {
             saw_done: false,
             held: Vec::new(),
             held_bytes: 0,
+            held_quota: 0,
         }
     }
 
@@ -317,9 +324,13 @@ impl StreamAccumulator {
             if self.usage.is_some() {
                 return None;
             }
-            let size = data.capacity() + std::mem::size_of::<String>();
-            if self.held_bytes + size <= MAX_HELD_PER_STREAM && hold_bytes(size) {
-                self.held_bytes += size;
+            let held = self.held_bytes + data.capacity() + std::mem::size_of::<String>();
+            if held <= MAX_HELD_PER_STREAM && self.room_to_hold(held) {
+                self.held_bytes = held;
+                if self.held.capacity() == 0 {
+                    // A chat stream's chunks, without regrowing the list from four.
+                    self.held.reserve(16);
+                }
                 self.held.push(data);
                 return None;
             }
@@ -357,9 +368,32 @@ impl StreamAccumulator {
         }
     }
 
+    /// Whether this stream may hold `held` bytes in all, taking room from the all-streams
+    /// total if its quota is short: a quantum if the total has it, else just what is needed.
+    fn room_to_hold(&mut self, held: usize) -> bool {
+        if held <= self.held_quota {
+            return true;
+        }
+        let needed = held - self.held_quota;
+        let quantum = needed.max(HOLD_QUANTUM).min(MAX_HELD_PER_STREAM - self.held_quota);
+        for take in [quantum, needed] {
+            if hold_bytes(take) {
+                self.held_quota += take;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Gives the stream's room for holding back to the all-streams total.
+    fn release_quota(&mut self) {
+        self.held_bytes = 0;
+        release_bytes(std::mem::take(&mut self.held_quota));
+    }
+
     fn read_held(&mut self) {
         let held = std::mem::take(&mut self.held);
-        release_bytes(std::mem::take(&mut self.held_bytes));
+        self.release_quota();
         for data in &held {
             self.observe(data);
         }
@@ -367,7 +401,7 @@ impl StreamAccumulator {
 
     fn drop_held(&mut self) {
         self.held = Vec::new();
-        release_bytes(std::mem::take(&mut self.held_bytes));
+        self.release_quota();
     }
 
     /// Look at the `data` of one event.
@@ -468,7 +502,7 @@ impl StreamAccumulator {
 
 impl Drop for StreamAccumulator {
     fn drop(&mut self) {
-        release_bytes(self.held_bytes);
+        self.release_quota();
     }
 }
 
@@ -1312,6 +1346,25 @@ mod tests {
         assert_eq!(acc.observe_later(r#"{"choices":[{"delta":{"content":"d"}}]}"#.into()), None);
         acc.finish();
         assert_eq!((acc.usage(), acc.produced_text()), (None, "abcd"));
+    }
+
+    #[test]
+    fn held_chunks_take_room_from_the_total_a_quantum_at_a_time() {
+        let mut acc = StreamAccumulator::new(1 << 10);
+        let chunk = format!(r#"{{"choices":[{{"index":0,"delta":{{"content":"{}"}}}}]}}"#, "x".repeat(200));
+        let mut takes = 0;
+        for _ in 0..12 {
+            let before = acc.held_quota;
+            assert_eq!(acc.observe_later(chunk.clone()), None);
+            takes += usize::from(acc.held_quota != before);
+            assert!(acc.held_bytes <= acc.held_quota, "what is held is within the room taken");
+        }
+        assert_eq!(acc.held().0, 12);
+        // 12 chunks of ~260 bytes: 3 KiB, within one quantum (unless other tests filled the
+        // total meanwhile, when it takes what each chunk needs).
+        assert!(takes == 1 || acc.held_quota == acc.held_bytes, "{takes} takes for a quota of {}", acc.held_quota);
+        acc.finish();
+        assert_eq!((acc.held_bytes, acc.held_quota), (0, 0), "the room goes back when the stream ends");
     }
 
     #[test]
