@@ -640,6 +640,21 @@ mod tests {
     }
 
     #[test]
+    fn a_streams_body_is_kept_apart_from_the_buffer_it_arrived_in() {
+        let chat = br#"{"model":"m","stream":STREAM,"messages":[{"role":"user","content":"x"}]}"#;
+        for stream in [true, false] {
+            let text = String::from_utf8_lossy(chat).replace("STREAM", &stream.to_string());
+            // As hyper hands a body over: a slice of the connection's larger read buffer.
+            let buffer = Bytes::from(format!("{text}{}", " ".repeat(8192)));
+            let body = buffer.slice(..text.len());
+            let p = parse(Endpoint::Chat, &body).unwrap();
+            let within = buffer.as_ptr_range().contains(&p.prompt.body.as_ptr());
+            assert_eq!(within, !stream, "stream: {stream}");
+            assert_eq!(p.prompt.value()["model"], "m");
+        }
+    }
+
+    #[test]
     fn capabilities_are_detected() {
         let p = parse_chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"http://x"}}]}],"tools":[{"type":"function","function":{"name":"f"}}],"response_format":{"type":"json_schema"}}"#).unwrap();
         assert_eq!(p.needs, Capabilities::ALL);
