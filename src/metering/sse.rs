@@ -198,6 +198,24 @@ impl SseParser {
                 self.past_first_line = true;
                 line = line.strip_prefix(BOM).unwrap_or(line);
             }
+            // The common event, one `data: …` line and then a blank one: taken whole, without
+            // a search for the blank line's end or a look at the field's name.
+            let data_line = line.strip_prefix(b"data: ");
+            if let (Some(value), None, None, Some(b'\n')) = (data_line, &self.data, &self.event, self.buf.get(next_line)) {
+                let end = next_line + 1;
+                if end > self.max_event_bytes {
+                    return Err(too_large);
+                }
+                let data = simdutf8::basic::from_utf8(value).map_err(|_| SseError::InvalidUtf8)?.to_owned();
+                #[cfg(test)]
+                {
+                    self.scanned += 1;
+                }
+                events.push(SseEvent { raw: self.buf.split_to(end).freeze(), data: Some(data), event: None });
+                self.line_start = 0;
+                self.scan = 0;
+                continue;
+            }
             if line.is_empty() {
                 let raw = self.buf.split_to(next_line).freeze();
                 events.push(SseEvent {
@@ -536,6 +554,20 @@ mod tests {
         let mut p = SseParser::new(16);
         let events = p.push(b"data: 12345678\n\n").unwrap();
         assert_eq!(events.len(), 1);
+    }
+
+    #[test]
+    fn an_event_whose_blank_line_passes_the_limit_is_an_error() {
+        // The data line fits (15 bytes); the blank line after it makes 16.
+        for split in [None, Some(15)] {
+            let input = b"data: 12345678\n\n";
+            let mut p = SseParser::new(15);
+            let result = match split {
+                None => p.push(input),
+                Some(at) => p.push(&input[..at]).and_then(|_| p.push(&input[at..])),
+            };
+            assert_eq!(result, Err(SseError::EventTooLarge { limit: 15 }), "split at {split:?}");
+        }
     }
 
     #[test]
