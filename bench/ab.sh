@@ -11,9 +11,10 @@
 #     --direct       also run wrk straight at the mock (the "direct" row)
 #
 # For each case and target it prints the medians over rounds of requests/s, p50 and p99
-# latency, the target's CPU time per request (user + system, from /proc, all its threads),
-# and for tollgate that CPU split by thread kind: request workers, the ledger runtime, the
-# SQLite connection threads. Each BIN runs with its own SQLite file, a team with a budget and
+# latency, the target's CPU time per request (user + system, from /proc, all its threads;
+# and user alone), for tollgate that CPU split by thread kind: request workers, the ledger
+# runtime, the SQLite connection threads; and the share of the machine the hypervisor stole
+# for other guests during the runs (`steal` in /proc/stat), which slows every target. Each BIN runs with its own SQLite file, a team with a budget and
 # a key, as bench/run.sh sets them up. Use it to decide whether a change pays: build the old
 # and the new binary (copy target/release/tollgate aside between builds) and compare them
 # here, not with numbers from another session — this machine's noise is larger than most
@@ -130,6 +131,9 @@ sleep 1
 
 # CPU ticks of a process (all threads), or of its threads whose name matches a pattern.
 ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
+user_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12}'; }
+# The machine's CPU ticks in all and stolen by the hypervisor (other guests), from /proc/stat.
+machine_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $9}' /proc/stat; }
 thread_ticks() { # pid pattern
   local t s=0 n
   for t in /proc/"$1"/task/*; do
@@ -142,16 +146,18 @@ thread_ticks() { # pid pattern
 RESULTS=$W/results
 run() { # label port key body conc pid [pid...]
   local label=$1 port=$2 key=$3 body=$4 conc=$5; shift 5
-  local threads=2 t0=0 t1=0 p w0 l0 s0 out
+  local threads=2 t0=0 t1=0 u0=0 u1=0 p w0 l0 s0 out m0 m1
   [ "$conc" = 1 ] && threads=1
-  for p in "$@"; do t0=$((t0 + $(ticks "$p"))); done
+  for p in "$@"; do t0=$((t0 + $(ticks "$p"))) u0=$((u0 + $(user_ticks "$p"))); done
+  m0=$(machine_ticks)
   w0=$(thread_ticks "$1" '^tollgate-worker') l0=$(thread_ticks "$1" '^tokio-rt') s0=$(thread_ticks "$1" '^sqlx')
   out=$(BODY="$W/$body" KEY="$key" wrk -t"$threads" -c"$conc" -d"${SECS}s" --timeout 10s -s "$W/post.lua" \
     "http://127.0.0.1:$port/v1/chat/completions" | grep '^AB ') || { echo "bench/ab.sh: wrk failed ($label)" >&2; exit 1; }
-  for p in "$@"; do t1=$((t1 + $(ticks "$p"))); done
+  for p in "$@"; do t1=$((t1 + $(ticks "$p"))) u1=$((u1 + $(user_ticks "$p"))); done
+  m1=$(machine_ticks)
   [ "$label" = warm ] && return 0
   echo "$label $out $((t1 - t0)) $(( $(thread_ticks "$1" '^tollgate-worker') - w0 )) \
-$(( $(thread_ticks "$1" '^tokio-rt') - l0 )) $(( $(thread_ticks "$1" '^sqlx') - s0 ))" >>"$RESULTS"
+$(( $(thread_ticks "$1" '^tokio-rt') - l0 )) $(( $(thread_ticks "$1" '^sqlx') - s0 )) $((u1 - u0)) $m0 $m1" >>"$RESULTS"
 }
 nginx_pids() { echo "$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')"; }
 # in_turn ROUND TARGET...: the targets in the order round ROUND runs them, rotated by one each
@@ -224,19 +230,25 @@ if ttfb:
               f" {med('first_byte_p99_us'):7.0f}  {[round(r['first_byte_p50_us']) for r in runs]}")
 rows = collections.OrderedDict()
 for line in open(sys.argv[1]):
-    case, target, _, n, dur_us, p50, p99, errors, cpu, workers, ledger, sqlite = line.split()
+    case, target, _, n, dur_us, p50, p99, errors, cpu, workers, ledger, sqlite, user, all0, stolen0, all1, stolen1 = line.split()
     n = int(n)
     per = lambda t: int(t) / hz * 1e6 / n  # µs of CPU per request
+    steal = 100 * (int(stolen1) - int(stolen0)) / max(1, int(all1) - int(all0))
     rows.setdefault((case, target), []).append(
-        (n / (int(dur_us) / 1e6), int(p50), int(p99), per(cpu), per(workers), per(ledger), per(sqlite), int(errors)))
+        (n / (int(dur_us) / 1e6), int(p50), int(p99), per(cpu), per(workers), per(ledger), per(sqlite), int(errors),
+         per(user), steal))
 if rows:
-  print(f"{'case':<11} {'target':<11} {'req/s':>8} {'p50 µs':>7} {'p99 µs':>7} {'CPU µs/req':>10}"
-      f" {'workers':>8} {'ledger':>7} {'sqlite':>7} {'errors':>6}  req/s by round")
+  print(f"{'case':<11} {'target':<11} {'req/s':>8} {'p50 µs':>7} {'p99 µs':>7} {'CPU µs/req':>10} {'user':>5}"
+      f" {'workers':>8} {'ledger':>7} {'sqlite':>7} {'errors':>6} {'steal':>5}  req/s by round")
 for (case, target), runs in rows.items():
     med = [statistics.median(col) for col in zip(*runs)]
     split = f"{med[4]:8.1f} {med[5]:7.1f} {med[6]:7.1f}" if target.startswith("tollgate") else f"{'':8} {'':7} {'':7}"
     direct = target == "direct"
-    cpu = "" if direct else f"{med[3]:.1f}"
-    print(f"{case:<11} {target:<11} {med[0]:8.0f} {med[1]:7.0f} {med[2]:7.0f} {cpu:>10} {split}"
-          f" {sum(r[7] for r in runs):6d}  {[round(r[0]) for r in runs]}")
+    cpu, user = ("", "") if direct else (f"{med[3]:.1f}", f"{med[8]:.1f}")
+    print(f"{case:<11} {target:<11} {med[0]:8.0f} {med[1]:7.0f} {med[2]:7.0f} {cpu:>10} {user:>5} {split}"
+          f" {sum(r[7] for r in runs):6d} {med[9]:4.0f}%  {[round(r[0]) for r in runs]}")
+stolen = [r[9] for runs in rows.values() for r in runs]
+if stolen and max(stolen) >= 5:
+    print(f"steal: the hypervisor took {max(stolen):.0f}% of the machine in the worst run "
+          f"({sum(s >= 5 for s in stolen)} of {len(stolen)} runs at 5% or more): compare those rounds with care")
 EOF
