@@ -196,7 +196,11 @@ struct SpendArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // One thread: the request workers run runtimes of their own (server.rs); this one holds
+    // the accept loop, the ledger's group commit and the directory poll, none of them busy
+    // enough for two threads, and with two every wake-up of the ledger could also wake the
+    // other thread to look for work to steal.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     runtime.block_on(dispatch(cli))
 }
 
