@@ -293,8 +293,7 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
     }
     let text = simdutf8::basic::from_utf8(body).ok()?;
     let mut s = Skim::new(text);
-    let mut seen: [&[u8]; MAX_KEYS] = [&[]; MAX_KEYS];
-    let mut keys = 0;
+    let mut keys = Keys::<MAX_KEYS>::new();
     let mut model = None;
     let mut stream = None;
     let mut stream_options = None;
@@ -303,12 +302,7 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
     let mut json_schema = false;
     s.object(|s, key| {
         // An escaped key could spell one of the fields below.
-        let key = key?;
-        if keys == MAX_KEYS || seen[..keys].contains(&key) {
-            return None;
-        }
-        seen[keys] = key;
-        keys += 1;
+        let key = keys.first_time(key?)?;
         match key {
             b"model" => model = Some(s.spanned(|s| s.plain_str())?),
             b"stream" => stream = s.boolean()?,
@@ -353,6 +347,29 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
         stream_options_span: stream_options.map(|(_, span)| span),
         close,
     })
+}
+
+/// The keys of one object so far, up to `N`, for the skim to leave an object that repeats a
+/// key (or has more than `N`) to the full reader.
+struct Keys<'a, const N: usize> {
+    seen: [&'a [u8]; N],
+    len: usize,
+}
+
+impl<'a, const N: usize> Keys<'a, N> {
+    fn new() -> Self {
+        Keys { seen: [&[]; N], len: 0 }
+    }
+
+    /// `key`, if it is new and there is room to remember it.
+    fn first_time(&mut self, key: &'a [u8]) -> Option<&'a [u8]> {
+        if self.len == N || self.seen[..self.len].contains(&key) {
+            return None;
+        }
+        self.seen[self.len] = key;
+        self.len += 1;
+        Some(key)
+    }
 }
 
 /// A count or `null`; anything else (a fraction, a sign, a string) is left to the full reader.
@@ -405,16 +422,10 @@ fn plain_messages(s: &mut Skim) -> Option<PlainChat> {
     const MAX_FIELDS: usize = 8;
     let mut chat = PlainChat::default();
     let messages = s.elements(|s| {
-        let mut seen: [&[u8]; MAX_FIELDS] = [&[]; MAX_FIELDS];
-        let mut fields = 0;
+        let mut fields = Keys::<MAX_FIELDS>::new();
         s.object(|s, key| {
             // An escaped key could spell `name`; a repeated one is read once by the full reader.
-            let key = key?;
-            if fields == MAX_FIELDS || seen[..fields].contains(&key) {
-                return None;
-            }
-            seen[fields] = key;
-            fields += 1;
+            let key = fields.first_time(key?)?;
             chat.text_bytes += s.written_str()?.len() as u64;
             chat.names += u64::from(key == b"name");
             Some(())
