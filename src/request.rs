@@ -328,16 +328,17 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
         return None;
     }
     let close = body.iter().rposition(|&b| b == b'}')?;
+    let stream = stream.unwrap_or(false);
     let (max_output, max_output_field) = match max_completion_tokens {
         Some(v) => (Some(v), "max_completion_tokens"),
         None => (max_tokens, "max_tokens"),
     };
     Some(ParsedRequest {
         endpoint,
-        prompt: Arc::new(Prompt::unparsed(body, stream.unwrap_or(false))),
+        prompt: Arc::new(Prompt::unparsed(body, stream)),
         plain_chat: Some(chat),
         model: model.to_owned(),
-        stream: stream.unwrap_or(false),
+        stream,
         client_wants_usage: stream_options.is_some_and(|(usage, _)| usage),
         max_output,
         max_output_field,
