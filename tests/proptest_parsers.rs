@@ -1078,3 +1078,29 @@ fn base_config_is_valid() {
 
 // ================================================================================================
 // Regressions found by fuzzing (fuzz/): each input that once crashed or broke an invariant.
+
+/// fuzz/usage_extraction: a number past f64's range (`3999993e999999910`) in a member the
+/// answer reader skips. serde_json's `Value` refuses such a body ("number out of range"); the
+/// typed reader, like the clients' JSON parsers (Python's reads it as `inf`), accepts it. The
+/// reader is lenient on purpose: the answer is well-formed JSON, so its usage is read.
+#[test]
+fn a_number_past_f64_range_in_a_skipped_member_does_not_hide_the_usage() {
+    let huge = "3999993e999999910";
+    let body = format!(r#"{{"id":"x","extra":{{"n":{huge}}},"usage":{{"prompt_tokens":7,"completion_tokens":3}}}}"#);
+    assert!(serde_json::from_str::<Value>(&body).unwrap_err().to_string().starts_with("number out of range"));
+    let (usage, text) = read_answer(body.as_bytes()).expect("well-formed JSON is read");
+    assert_eq!(usage.map(|u| (u.input_tokens, u.output_tokens)), Some((7, 3)));
+    assert_eq!(text, "");
+    let mut acc = StreamAccumulator::new(64);
+    acc.observe(&body);
+    assert_eq!(acc.usage(), usage, "the stream path reads a chunk as the body path reads a body");
+
+    // The fuzzer's input: no usage, and nothing generated.
+    let crash = br#"{"id":"cse.completed","r\\\\\b\\i-\"id\\\\\b\\id\\\\\b\\\\\\\f\\esponse":{"usage":{"inpqt_tokens":7,"output_tokens":3999993e999999910}}}"#;
+    assert_eq!(read_answer(crash), Some((None, String::new())));
+
+    // In a member the reader reads, the number makes the answer unreadable, as it does for
+    // `Value` (the proxy then answers 502 invalid upstream response).
+    let body = format!(r#"{{"usage":{{"prompt_tokens":{huge},"completion_tokens":3}}}}"#);
+    assert_eq!(read_answer(body.as_bytes()), None);
+}

@@ -12,9 +12,15 @@ fuzz_target!(|data: &[u8]| {
     let mut acc = StreamAccumulator::new(64);
     acc.observe(&text);
     assert!(acc.produced_text().len() <= 64);
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
-        assert_eq!(read_answer(data), None, "read_answer accepted what is not JSON");
-        return;
+    let v = match serde_json::from_slice::<serde_json::Value>(data) {
+        Ok(v) => v,
+        // A `Value` refuses a number past f64's range that the typed reader skips, as the
+        // clients' parsers accept it: such a body is well-formed JSON, not a refusal.
+        Err(e) if e.to_string().starts_with("number out of range") => return,
+        Err(_) => {
+            assert_eq!(read_answer(data), None, "read_answer accepted what is not JSON");
+            return;
+        }
     };
     let usage = usage_from_json(&v);
     if let Some(u) = usage {
