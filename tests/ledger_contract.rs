@@ -145,10 +145,21 @@ async fn contract(db: Backend) {
     db.close().await;
 }
 
+// SQLite writes record batches on a connection of its own, as blocking calls, when the
+// ledger runs on a multi-threaded runtime (the server's main runtime has one worker); on a
+// current-thread runtime they go through sqlx. Each SQLite case runs on both.
+
 #[tokio::test]
 async fn sqlite_backend_meets_the_ledger_contract() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("nested/dir/ledger.db").display());
+    contract(Backend::connect(&url).await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn sqlite_backend_meets_the_ledger_contract_on_the_servers_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
     contract(Backend::connect(&url).await.unwrap()).await;
 }
 
@@ -160,13 +171,25 @@ async fn postgres_backend_meets_the_ledger_contract() {
 
 #[tokio::test]
 async fn big_batches_fit_each_backends_parameter_limit() {
+    big_batches(Some("big_batches_fit_each_backends_parameter_limit")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn big_batches_fit_sqlites_parameter_limit_on_the_servers_runtime() {
+    big_batches(None).await;
+}
+
+/// 5,000 records: statements of 2,048, 2,048, 512, 256, 128 and 8 rows in one transaction;
+/// on PostgreSQL too when `postgres` names the test's schema.
+async fn big_batches(postgres: Option<&str>) {
     let records: Vec<RequestRecord> =
         (0..5000).map(|i| record(i as u64, T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported)).collect();
     let dir = tempfile::tempdir().unwrap();
     let sqlite = Backend::connect(&format!("sqlite://{}", dir.path().join("l.db").display())).await.unwrap();
     sqlite.insert_records(&records).await.unwrap();
     assert_eq!(sqlite.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 5000);
-    if let Some(url) = postgres_url("big_batches_fit_each_backends_parameter_limit").await {
+    let Some(name) = postgres else { return };
+    if let Some(url) = postgres_url(name).await {
         let pg = Backend::connect(&url).await.unwrap();
         pg.insert_records(&records).await.unwrap();
         assert_eq!(pg.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 5000);
@@ -179,6 +202,15 @@ async fn big_batches_fit_each_backends_parameter_limit() {
 /// up front; SQLite's busy wait does not cover a read lock that turns into a write lock).
 #[tokio::test]
 async fn sqlite_admin_writes_wait_for_a_busy_ledger_writer_instead_of_failing() {
+    admin_writes_beside_a_busy_writer().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_admin_writes_wait_for_a_busy_ledger_writer_on_the_servers_runtime() {
+    admin_writes_beside_a_busy_writer().await;
+}
+
+async fn admin_writes_beside_a_busy_writer() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("l.db").display());
     let server = Backend::connect(&url).await.unwrap();

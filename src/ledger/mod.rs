@@ -37,6 +37,9 @@ pub use sqlite::SqliteBackend;
 pub enum LedgerError {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// From the SQLite connection that writes record batches (`sqlite::Rows`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("journal: {0}")]
@@ -241,7 +244,10 @@ impl Backend {
         dispatch!(self, b => b.ping().await)
     }
     pub async fn insert_records<R: Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
-        dispatch!(self, b => b.insert_records(records).await)
+        match self {
+            Backend::Sqlite(b) => b.write_records(records).await,
+            Backend::Postgres(b) => b.insert_records(records).await,
+        }
     }
     pub async fn directory_version(&self) -> Result<i64, LedgerError> {
         dispatch!(self, b => b.directory_version().await)
