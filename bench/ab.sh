@@ -13,7 +13,8 @@
 # For each case and target it prints the medians over rounds of requests/s, p50 and p99
 # latency, the target's CPU time per request (user + system, from /proc, all its threads;
 # and user alone), for tollgate that CPU split by thread kind: request workers, the ledger
-# runtime, the SQLite connection threads; and the share of the machine the hypervisor stole
+# runtime (since 5cf7348 it writes the SQLite record batches itself), sqlx's SQLite
+# connection threads (queries, retractions); and the share of the machine the hypervisor stole
 # for other guests during the runs (`steal` in /proc/stat), which slows every target. Each BIN runs with its own SQLite file, a team with a budget and
 # a key, as bench/run.sh sets them up. Use it to decide whether a change pays: build the old
 # and the new binary (copy target/release/tollgate aside between builds) and compare them
