@@ -99,8 +99,7 @@ impl SqliteBackend {
         sqlx::Sqlite,
         day = "strftime('%Y-%m-%d', time_ms / 1000, 'unixepoch')",
         int = "",
-        // SQLite binds at most 32,766 parameters a statement.
-        max_rows = 32_000 / RECORD_COLUMNS,
+        max_rows = MAX_ROWS,
         // A transaction that reads and then writes takes the write lock up front: a deferred
         // one fails at once with SQLITE_BUSY (no busy wait) when another connection — the
         // server's ledger writer, while the CLI creates a key — commits between the two.
@@ -113,10 +112,10 @@ super::row_mappers!(SqliteRow);
 /// SQLite binds at most 32,766 parameters a statement.
 const MAX_ROWS: usize = 32_000 / RECORD_COLUMNS;
 
-/// The connection that writes record batches, with rusqlite. Through sqlx a batch cost about
-/// twice SQLite's own binding work a row: sqlx copies each text argument to send it to its
-/// connection thread, then frees the copies (callgrind: ~3k instructions a proxied request,
-/// 3% of all). Here the statement binds the records where they lie. Writes are blocking
+/// The connection that writes record batches, with rusqlite. Through sqlx, each text
+/// argument of a row was copied to be sent to sqlx's connection thread, and the copy freed
+/// after the statement (callgrind: ~3k instructions a proxied request, 3% of all). Here the
+/// statement binds the records where they lie. Writes are blocking
 /// calls (see `SqliteBackend::write_records`).
 struct Rows(Mutex<rusqlite::Connection>);
 
@@ -140,6 +139,9 @@ impl Rows {
     /// the statements sqlx's path uses; more than one statement runs in one transaction.
     fn insert(&self, records: &[&RequestRecord]) -> Result<(), LedgerError> {
         // A panic while holding the lock leaves no open transaction: dropping one rolls it back.
+        if records.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let chunks = pow2_chunks(records.len(), MAX_ROWS);
         if let [len] = chunks[..] {
