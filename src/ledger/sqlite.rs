@@ -138,10 +138,10 @@ impl Rows {
     /// Writes `records` (one per request) as multi-row upserts of a power of two of rows,
     /// the statements sqlx's path uses; more than one statement runs in one transaction.
     fn insert(&self, records: &[&RequestRecord]) -> Result<(), LedgerError> {
-        // A panic while holding the lock leaves no open transaction: dropping one rolls it back.
         if records.is_empty() {
             return Ok(());
         }
+        // A panic while holding the lock leaves no open transaction: dropping one rolls it back.
         let mut conn = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let chunks = pow2_chunks(records.len(), MAX_ROWS);
         if let [len] = chunks[..] {
