@@ -726,16 +726,15 @@ macro_rules! shared_queries {
         /// of a new one being parsed for each size. One statement needs no transaction.
         pub async fn insert_records<R: std::borrow::Borrow<RequestRecord> + Sync>(&self, records: &[R]) -> Result<(), LedgerError> {
             let records = latest_per_request(records);
-            let chunks = pow2_chunks(records.len(), $max_rows);
-            if chunks.len() == 1 {
-                Self::insert_chunk(self.writer(), &records).await?;
-                return Ok(());
+            let chunks = pow2_split(&records, $max_rows);
+            match chunks[..] {
+                [] => return Ok(()),
+                [only] => return Self::insert_chunk(self.writer(), only).await,
+                _ => {}
             }
             let mut tx = self.writer().begin_with($begin_write).await?;
-            let mut at = 0;
-            for len in chunks {
-                Self::insert_chunk(&mut *tx, &records[at..at + len]).await?;
-                at += len;
+            for chunk in chunks {
+                Self::insert_chunk(&mut *tx, chunk).await?;
             }
             tx.commit().await?;
             Ok(())
@@ -749,24 +748,14 @@ macro_rules! shared_queries {
             let mut args = <$db as sqlx::Database>::Arguments::default();
             args.reserve(chunk.len() * RECORD_COLUMNS, 0);
             for r in chunk {
-                let bound = (|| {
-                    args.add(&r.request_id)?;
-                    args.add(r.time_ms)?;
-                    args.add(&r.key_id)?;
-                    args.add(&r.team)?;
-                    args.add(r.endpoint)?;
-                    args.add(&r.model)?;
-                    args.add(&r.served_model)?;
-                    args.add(to_i64(r.usage.input_tokens))?;
-                    args.add(to_i64(r.usage.cached_input_tokens))?;
-                    args.add(to_i64(r.usage.output_tokens))?;
-                    args.add(r.cost.0)?;
-                    args.add(r.usage_source.as_str())?;
-                    args.add(i64::from(r.status))?;
-                    args.add(to_i64(r.latency_ms))?;
-                    args.add(r.stream)
-                })();
-                bound.map_err(sqlx::Error::Encode)?;
+                for column in record_columns(r) {
+                    let bound = match column {
+                        Column::Text(v) => args.add(v),
+                        Column::Int(v) => args.add(v),
+                        Column::Bool(v) => args.add(v),
+                    };
+                    bound.map_err(sqlx::Error::Encode)?;
+                }
             }
             sqlx::query_with(Self::insert_sql(chunk.len()), args).execute(executor).await?;
             Ok(())
@@ -779,10 +768,7 @@ macro_rules! shared_queries {
             static SQL: [std::sync::OnceLock<String>; 16] = [const { std::sync::OnceLock::new() }; 16];
             debug_assert!(rows.is_power_of_two() && rows.ilog2() < 16);
             SQL[rows.ilog2() as usize].get_or_init(|| {
-                let mut qb = QueryBuilder::<$db>::new(
-                    "INSERT INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
-                     input_tokens, cached_input_tokens, output_tokens, cost_nano, usage_source, status, latency_ms, stream) ",
-                );
+                let mut qb = QueryBuilder::<$db>::new(INSERT_INTO);
                 qb.push_values(0..rows, |mut row, _| {
                     for _ in 0..RECORD_COLUMNS {
                         row.push_bind(0_i64);
@@ -1160,6 +1146,19 @@ pub(crate) fn latest_per_request<R: Borrow<RequestRecord>>(records: &[R]) -> Vec
     out
 }
 
+/// `rows` split into consecutive statements of the sizes [`pow2_chunks`] gives.
+pub(crate) fn pow2_split<T>(rows: &[T], max: usize) -> Vec<&[T]> {
+    let mut rest = rows;
+    pow2_chunks(rows.len(), max)
+        .into_iter()
+        .map(|len| {
+            let (chunk, after) = rest.split_at(len);
+            rest = after;
+            chunk
+        })
+        .collect()
+}
+
 /// Splits `n` rows into statement sizes that are powers of two, largest first, none over
 /// `max` (rounded down to a power of two).
 pub(crate) fn pow2_chunks(n: usize, max: usize) -> Vec<usize> {
@@ -1183,6 +1182,41 @@ pub(crate) fn pow2_chunks(n: usize, max: usize) -> Vec<usize> {
 
 /// Columns of one request record (the INSERT's bound parameters per row).
 pub(crate) const RECORD_COLUMNS: usize = 15;
+
+/// The head of every record insert: its columns, in the order [`record_columns`] gives
+/// their values.
+pub(crate) const INSERT_INTO: &str = "INSERT INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
+    input_tokens, cached_input_tokens, output_tokens, cost_nano, usage_source, status, latency_ms, stream) ";
+
+/// One bound value of a record.
+pub(crate) enum Column<'a> {
+    Text(&'a str),
+    Int(i64),
+    Bool(bool),
+}
+
+/// A record's values in [`INSERT_INTO`]'s column order, as every write path binds them
+/// (sqlx's for both backends, and the SQLite record connection's).
+pub(crate) fn record_columns(r: &RequestRecord) -> [Column<'_>; RECORD_COLUMNS] {
+    use Column::{Bool, Int, Text};
+    [
+        Text(&r.request_id),
+        Int(r.time_ms),
+        Text(&r.key_id),
+        Text(&r.team),
+        Text(r.endpoint),
+        Text(&r.model),
+        Text(&r.served_model),
+        Int(to_i64(r.usage.input_tokens)),
+        Int(to_i64(r.usage.cached_input_tokens)),
+        Int(to_i64(r.usage.output_tokens)),
+        Int(r.cost.0),
+        Text(r.usage_source.as_str()),
+        Int(i64::from(r.status)),
+        Int(to_i64(r.latency_ms)),
+        Bool(r.stream),
+    ]
+}
 
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -1217,5 +1251,14 @@ mod tests {
             assert_eq!(chunks.iter().sum::<usize>(), n);
             assert!(chunks.iter().all(|c| c.is_power_of_two() && *c <= 2_048));
         }
+    }
+
+    #[test]
+    fn split_batches_are_the_rows_in_order() {
+        let rows: Vec<usize> = (0..2_500).collect();
+        let chunks = super::pow2_split(&rows, 1_000);
+        assert_eq!(chunks.iter().map(|c| c.len()).collect::<Vec<_>>(), pow2_chunks(2_500, 1_000));
+        assert_eq!(chunks.concat(), rows);
+        assert!(super::pow2_split::<usize>(&[], 1_000).is_empty());
     }
 }

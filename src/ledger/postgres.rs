@@ -9,7 +9,7 @@ use sqlx::{PgPool, QueryBuilder, Row};
 
 use super::sqlite::{hash_from_hex, hash_to_hex};
 use super::{
-    from_i64, latest_per_request, pow2_chunks, to_i64, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
+    from_i64, latest_per_request, pow2_split, record_columns, to_i64, Column, INSERT_INTO, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
     RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow, UsageSource,
 };
 use crate::budget::BudgetSpec;

@@ -8,7 +8,7 @@
 //! opened with rusqlite (see [`Rows`]); everything else goes through sqlx.
 
 use std::borrow::Borrow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    from_i64, latest_per_request, pow2_chunks, to_i64, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
+    from_i64, latest_per_request, pow2_split, record_columns, to_i64, Column, INSERT_INTO, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
     RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow, UsageSource,
 };
 use crate::budget::BudgetSpec;
@@ -64,7 +64,7 @@ impl SqliteBackend {
         let writer = pool_of(1).await?;
         // The migrations created the file; an in-memory database has none.
         let file = options.get_filename();
-        let rows = if file.is_file() { Some(Arc::new(Rows::open(file, busy_timeout)?)) } else { None };
+        let rows = file.is_file().then(|| Arc::new(Rows::new(file, busy_timeout)));
         Ok(SqliteBackend { pool, writer, rows })
     }
 
@@ -116,45 +116,57 @@ const MAX_ROWS: usize = 32_000 / RECORD_COLUMNS;
 /// argument of a row was copied to be sent to sqlx's connection thread, and the copy freed
 /// after the statement (callgrind: ~3k instructions a proxied request, 3% of all). Here the
 /// statement binds the records where they lie. Writes are blocking
-/// calls (see `SqliteBackend::write_records`).
-struct Rows(Mutex<rusqlite::Connection>);
+/// calls (see `SqliteBackend::write_records`). Opened by the first batch: only the server's
+/// writer writes batches here, not the CLI or the tests' current-thread runtimes.
+struct Rows {
+    file: PathBuf,
+    busy_timeout: Duration,
+    conn: Mutex<Option<rusqlite::Connection>>,
+}
 
 impl Rows {
-    fn open(file: &Path, busy_timeout: Duration) -> Result<Rows, LedgerError> {
+    fn new(file: &Path, busy_timeout: Duration) -> Rows {
+        Rows { file: file.to_path_buf(), busy_timeout, conn: Mutex::new(None) }
+    }
+
+    fn open(&self) -> Result<rusqlite::Connection, LedgerError> {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
-            file,
+            &self.file,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        conn.busy_timeout(busy_timeout)?;
+        conn.busy_timeout(self.busy_timeout)?;
         // As sqlx's connections are set up in `connect` (WAL mode is the file's, set by them;
         // these are each connection's own).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.set_prepared_statement_cache_capacity(16);
-        Ok(Rows(Mutex::new(conn)))
+        Ok(conn)
     }
 
     /// Writes `records` (one per request) as multi-row upserts of a power of two of rows,
     /// the statements sqlx's path uses; more than one statement runs in one transaction.
     fn insert(&self, records: &[&RequestRecord]) -> Result<(), LedgerError> {
-        if records.is_empty() {
+        let chunks = pow2_split(records, MAX_ROWS);
+        if chunks.is_empty() {
             return Ok(());
         }
         // A panic while holding the lock leaves no open transaction: dropping one rolls it back.
-        let mut conn = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let chunks = pow2_chunks(records.len(), MAX_ROWS);
-        if let [len] = chunks[..] {
+        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let conn = match &mut *guard {
+            Some(conn) => conn,
+            // Not opened yet, or the last attempt failed (the writer retries the batch).
+            empty => empty.insert(self.open()?),
+        };
+        if let [only] = chunks[..] {
             // One statement is atomic by itself, and outside a transaction it needs no
             // statement journal.
-            return insert_chunk(&conn, &records[..len]);
+            return insert_chunk(conn, only);
         }
         // Immediate: see `begin_write` above.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut at = 0;
-        for len in chunks {
-            insert_chunk(&tx, &records[at..at + len])?;
-            at += len;
+        for chunk in chunks {
+            insert_chunk(&tx, chunk)?;
         }
         tx.commit()?;
         Ok(())
@@ -164,28 +176,15 @@ impl Rows {
 fn insert_chunk(conn: &rusqlite::Connection, chunk: &[&RequestRecord]) -> Result<(), LedgerError> {
     let mut statement = conn.prepare_cached(SqliteBackend::insert_sql(chunk.len()))?;
     for (row, r) in chunk.iter().enumerate() {
-        let at = row * RECORD_COLUMNS;
-        let mut column = 0;
-        let mut bind = |value: &dyn rusqlite::ToSql| {
-            column += 1;
-            statement.raw_bind_parameter(at + column, value)
-        };
-        bind(&r.request_id.as_str())?;
-        bind(&r.time_ms)?;
-        bind(&r.key_id.as_str())?;
-        bind(&r.team.as_str())?;
-        bind(&r.endpoint)?;
-        bind(&r.model.as_str())?;
-        bind(&r.served_model.as_str())?;
-        bind(&to_i64(r.usage.input_tokens))?;
-        bind(&to_i64(r.usage.cached_input_tokens))?;
-        bind(&to_i64(r.usage.output_tokens))?;
-        bind(&r.cost.0)?;
-        bind(&r.usage_source.as_str())?;
-        bind(&i64::from(r.status))?;
-        bind(&to_i64(r.latency_ms))?;
-        bind(&r.stream)?;
-        debug_assert_eq!(column, RECORD_COLUMNS);
+        for (i, column) in record_columns(r).into_iter().enumerate() {
+            // Parameters count from 1.
+            let at = row * RECORD_COLUMNS + i + 1;
+            match column {
+                Column::Text(v) => statement.raw_bind_parameter(at, v),
+                Column::Int(v) => statement.raw_bind_parameter(at, v),
+                Column::Bool(v) => statement.raw_bind_parameter(at, v),
+            }?;
+        }
     }
     statement.raw_execute()?;
     Ok(())
