@@ -1,10 +1,11 @@
 //! The OpenAI-compatible endpoints: authenticate, parse, route and reserve, forward (with
 //! fallbacks before the first byte), meter, record, answer.
 //!
-//! Forwarding runs in a task the server tracks, not in the client's connection future: a
-//! client that hangs up does not cancel the upstream call or its metering, and SIGTERM
-//! waits for it.
+//! Forwarding runs inside the client's connection but is not cancelled with it: a client
+//! that hangs up leaves the upstream call and its metering to finish in a task the server
+//! tracks (see [`Detachable`]), and SIGTERM waits for it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 
 use crate::auth;
 use crate::config::{Model, OnLedgerError};
@@ -269,16 +271,72 @@ async fn handle(
         entry: None,
     };
     let job = Forward { parsed, body, model, downgraded_from, meter, prompt_tokens, reject };
-    // The journal entry and the forward run in a tracked task: if this handler is dropped
-    // (client gone), the request is still journaled, metered and recorded.
-    // Boxed: the task then moves a pointer, not the few kilobytes of the forwarding state
-    // machine, through each layer of spawning (those copies were ~2% of the CPU per request).
-    let task = app.tracker.spawn(Box::pin(job.run()));
-    match task.await {
+    // The journal entry and the forward run inline, and on in a tracked task if this handler
+    // is dropped (client gone): the request is still journaled, metered and recorded.
+    match Detachable::new(&app.tracker, job.run()).await {
         Ok(response) => Ok(response),
-        Err(e) => {
-            tracing::error!(error = %e, request_id, "forwarding task failed");
+        Err(Panicked) => {
+            tracing::error!(request_id, "forwarding panicked");
             Err(ApiError::Internal)
+        }
+    }
+}
+
+/// A request's forwarding, polled by the handler itself while the client stays, and
+/// finished by a task the server tracks if the handler is dropped first (the client hung
+/// up; shutdown's grace period ran out). Until then a tracker token stands in for that
+/// task, so shutdown waits for the forwarding either way.
+///
+/// It replaces a task spawned for every request and awaited by the handler: the spawn, a
+/// second task polled, and the wake-up of the handler when it finished. Boxed, so handing
+/// it to a task moves a pointer, not the few kilobytes of the forwarding state machine (and
+/// a boxed future stays where it is, pinned, when it changes hands).
+struct Detachable<F: Future<Output = Response> + Send + 'static> {
+    run: Option<std::pin::Pin<Box<F>>>,
+    tracker: TaskTracker,
+    _token: TaskTrackerToken,
+}
+
+/// The forwarding panicked (its state is dropped, not run on).
+struct Panicked;
+
+impl<F: Future<Output = Response> + Send + 'static> Detachable<F> {
+    fn new(tracker: &TaskTracker, run: F) -> Self {
+        Detachable { run: Some(Box::pin(run)), tracker: tracker.clone(), _token: tracker.token() }
+    }
+}
+
+impl<F: Future<Output = Response> + Send + 'static> Future for Detachable<F> {
+    type Output = Result<Response, Panicked>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        // Polled again after it finished: never (hyper drops a finished handler).
+        let Some(run) = self.run.as_mut() else { return Poll::Ready(Err(Panicked)) };
+        // A panic is the handler's 500, as a panicking task's was, not a dropped connection.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.as_mut().poll(cx)));
+        match polled {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(response)) => {
+                self.run = None;
+                Poll::Ready(Ok(response))
+            }
+            Err(_) => {
+                self.run = None;
+                Poll::Ready(Err(Panicked))
+            }
+        }
+    }
+}
+
+impl<F: Future<Output = Response> + Send + 'static> Drop for Detachable<F> {
+    fn drop(&mut self) {
+        let Some(run) = self.run.take() else { return };
+        // Outside a runtime (a worker's runtime being torn down drops its tasks with none
+        // current) there is nowhere to run it; the journal entry then marks the request
+        // interrupted at the next start, as for a process that died.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tracker.spawn(run);
         }
     }
 }

@@ -2,9 +2,9 @@
 //! every forwarded request exactly once — budgets, rate windows, metrics, and a ledger
 //! record that is durable before the response's last byte is released.
 //!
-//! A `Meter` is created when a request is forwarded and consumed by `settle`. It lives in a
-//! task the server tracks (not in the client's connection), so a client that disconnects
-//! does not cancel it, and shutdown waits for it.
+//! A `Meter` is created when a request is forwarded and consumed by `settle`. It lives in the
+//! forwarding, which a client that disconnects does not cancel (it finishes in a task the
+//! server tracks), and shutdown waits for it.
 
 pub mod skim;
 pub mod sse;

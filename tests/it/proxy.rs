@@ -1,5 +1,7 @@
 //! Forwarding and metering of non-streamed requests.
 
+use std::time::Duration;
+
 use serde_json::{json, Value};
 
 use crate::helpers::*;
@@ -302,4 +304,83 @@ async fn any_number_of_worker_threads_serves_concurrent_connections_and_records_
         assert!(records.iter().all(|r| r["output_tokens"] == 3 && r["status"] == 200), "{records:?}");
         app.stop().await;
     }
+}
+
+/// Sends a chat request and hangs up before the answer (held back `delay` by the upstream)
+/// arrives; returns once the upstream has the request.
+async fn chat_then_hang_up(app: &TestApp, up: &FakeUpstream, key: &str) {
+    let body = chat_body("gpt-4o-mini", "hi");
+    let request = app.chat(key, &body);
+    let hung_up = tokio::time::timeout(Duration::from_millis(200), request).await;
+    assert!(hung_up.is_err(), "the answer must still be on its way when the client hangs up");
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn client_that_hangs_up_before_the_answer_is_still_charged_from_upstream_usage() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("late", Some((321, 0, 45))).with_header_delay(Duration::from_millis(600)));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    chat_then_hang_up(&app, &up, &key).await;
+    // tollgate waited for the upstream's answer and recorded its reported usage.
+    let logs = app.wait_records(1).await;
+    assert_eq!(logs[0]["usage_source"], "reported");
+    assert_eq!(logs[0]["input_tokens"], 321);
+    assert_eq!(logs[0]["output_tokens"], 45);
+    assert_eq!(usd_to_nanos(&logs[0]["cost_usd"]), nanos(321, 0, 45, MINI.0, MINI.1, MINI.2));
+    // And the team's spend has it.
+    let (status, spend) = app.admin(reqwest::Method::GET, "/spend?team=t", None).await;
+    assert_eq!(status, 200, "{spend}");
+    assert_eq!(usd_to_nanos(&spend["total"]["cost_usd"]), nanos(321, 0, 45, MINI.0, MINI.1, MINI.2), "{spend}");
+    // The budget was charged, and its reservation given back.
+    let (status, team) = app.admin(reqwest::Method::GET, "/admin/teams/t", None).await;
+    assert_eq!(status, 200, "{team}");
+    assert_eq!(usd_to_nanos(&team["spent_usd"]), nanos(321, 0, 45, MINI.0, MINI.1, MINI.2), "{team}");
+    assert_eq!(usd_to_nanos(&team["reserved_usd"]), 0, "{team}");
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_request_whose_client_hung_up_and_records_it_settled() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("late", Some((321, 0, 45))).with_header_delay(Duration::from_millis(600)));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    chat_then_hang_up(&app, &up, &key).await;
+    // With the client gone the connection closes at once; the forwarding it left behind
+    // must still be waited for, or the journal would mark the request interrupted.
+    let dir = app.stop().await;
+    let app = TestApp::start_in(dir, &up, DEFAULT_MODELS).await;
+    let logs = app.logs().await;
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0]["usage_source"], "reported");
+    assert_eq!(logs[0]["output_tokens"], 45);
+}
+
+#[tokio::test]
+async fn a_request_still_running_when_the_grace_period_ends_is_metered_before_exit() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("late", Some((321, 0, 45))).with_header_delay(Duration::from_millis(800)));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tollgate.db");
+    let text = config_text(db.to_str().unwrap(), &up.url(), DEFAULT_MODELS).replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 100");
+    let app = TestApp::start_with_config(dir, &text).await;
+    let key = app.team_and_key("t").await;
+    let client = app.http.clone();
+    let url = app.url("/v1/chat/completions");
+    let waiting = tokio::spawn(async move {
+        let _ = client.post(url).bearer_auth(key).json(&chat_body("gpt-4o-mini", "hi")).send().await;
+    });
+    while up.hits() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The grace period ends while the upstream still holds the answer: the server closes
+    // the connection, but the request's metering gets the rest of the settle time.
+    let dir = app.stop().await;
+    let _ = waiting.await;
+    let app = TestApp::start_in(dir, &up, DEFAULT_MODELS).await;
+    let logs = app.logs().await;
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0]["usage_source"], "reported", "{logs:?}");
+    assert_eq!(logs[0]["output_tokens"], 45);
 }
