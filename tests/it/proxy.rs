@@ -306,23 +306,23 @@ async fn any_number_of_worker_threads_serves_concurrent_connections_and_records_
     }
 }
 
-/// Sends a chat request and hangs up before the answer (held back `delay` by the upstream)
-/// arrives; returns once the upstream has the request.
-async fn chat_then_hang_up(app: &TestApp, up: &FakeUpstream, key: &str) {
-    let body = chat_body("gpt-4o-mini", "hi");
-    let request = app.chat(key, &body);
-    let hung_up = tokio::time::timeout(Duration::from_millis(200), request).await;
-    assert!(hung_up.is_err(), "the answer must still be on its way when the client hangs up");
-    assert_eq!(up.hits(), 1);
-}
-
-#[tokio::test]
-async fn client_that_hangs_up_before_the_answer_is_still_charged_from_upstream_usage() {
+/// Starts a server whose upstream holds its answer (321 / 0 / 45 tokens) back for 600 ms,
+/// sends a chat request, and hangs up once the upstream has it, before the answer arrives.
+async fn hang_up_before_a_late_answer() -> (FakeUpstream, TestApp) {
     let up = FakeUpstream::start().await;
     up.reply(Reply::chat_json("late", Some((321, 0, 45))).with_header_delay(Duration::from_millis(600)));
     let app = TestApp::start(&up, DEFAULT_MODELS).await;
     let key = app.team_and_key("t").await;
-    chat_then_hang_up(&app, &up, &key).await;
+    let body = chat_body("gpt-4o-mini", "hi");
+    let hung_up = tokio::time::timeout(Duration::from_millis(200), app.chat(&key, &body)).await;
+    assert!(hung_up.is_err(), "the answer must still be on its way when the client hangs up");
+    assert_eq!(up.hits(), 1);
+    (up, app)
+}
+
+#[tokio::test]
+async fn client_that_hangs_up_before_the_answer_is_still_charged_from_upstream_usage() {
+    let (_up, app) = hang_up_before_a_late_answer().await;
     // tollgate waited for the upstream's answer and recorded its reported usage.
     let logs = app.wait_records(1).await;
     assert_eq!(logs[0]["usage_source"], "reported");
@@ -342,11 +342,7 @@ async fn client_that_hangs_up_before_the_answer_is_still_charged_from_upstream_u
 
 #[tokio::test]
 async fn shutdown_waits_for_a_request_whose_client_hung_up_and_records_it_settled() {
-    let up = FakeUpstream::start().await;
-    up.reply(Reply::chat_json("late", Some((321, 0, 45))).with_header_delay(Duration::from_millis(600)));
-    let app = TestApp::start(&up, DEFAULT_MODELS).await;
-    let key = app.team_and_key("t").await;
-    chat_then_hang_up(&app, &up, &key).await;
+    let (up, app) = hang_up_before_a_late_answer().await;
     // With the client gone the connection closes at once; the forwarding it left behind
     // must still be waited for, or the journal would mark the request interrupted.
     let dir = app.stop().await;
