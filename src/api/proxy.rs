@@ -282,16 +282,19 @@ async fn handle(
     }
 }
 
-/// A request's forwarding, polled by the handler itself while the client stays, and
-/// finished by a task the server tracks if the handler is dropped first (the client hung
-/// up; shutdown's grace period ran out). Until then a tracker token stands in for that
-/// task, so shutdown waits for the forwarding either way.
+/// A request's forwarding (or a stream's pump), polled by the handler (or the response
+/// body) itself while the client stays, and finished by a task the server tracks if it is
+/// dropped first (the client hung up; shutdown's grace period ran out). Until then a tracker
+/// token stands in for that task, so shutdown waits for the work either way.
 ///
 /// It replaces a task spawned for every request and awaited by the handler: the spawn, a
 /// second task polled, and the wake-up of the handler when it finished. Boxed, so handing
 /// it to a task moves a pointer, not the few kilobytes of the forwarding state machine (and
 /// a boxed future stays where it is, pinned, when it changes hands).
-struct Detachable<F: Future<Output = Response> + Send + 'static> {
+struct Detachable<F: Future + Send + 'static>
+where
+    F::Output: Send + 'static,
+{
     run: Option<std::pin::Pin<Box<F>>>,
     tracker: TaskTracker,
     _token: TaskTrackerToken,
@@ -300,26 +303,33 @@ struct Detachable<F: Future<Output = Response> + Send + 'static> {
 /// The forwarding panicked (its state is dropped, not run on).
 struct Panicked;
 
-impl<F: Future<Output = Response> + Send + 'static> Detachable<F> {
+impl<F: Future + Send + 'static> Detachable<F>
+where
+    F::Output: Send + 'static,
+{
     fn new(tracker: &TaskTracker, run: F) -> Self {
         Detachable { run: Some(Box::pin(run)), tracker: tracker.clone(), _token: tracker.token() }
     }
 }
 
-impl<F: Future<Output = Response> + Send + 'static> Future for Detachable<F> {
-    type Output = Result<Response, Panicked>;
+impl<F: Future + Send + 'static> Future for Detachable<F>
+where
+    F::Output: Send + 'static,
+{
+    type Output = Result<F::Output, Panicked>;
 
     fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         use std::task::Poll;
-        // Polled again after it finished: never (hyper drops a finished handler).
+        // Polled again after it finished: never (hyper drops a finished handler; the relay
+        // forgets a finished pump).
         let Some(run) = self.run.as_mut() else { return Poll::Ready(Err(Panicked)) };
         // A panic is the handler's 500, as a panicking task's was, not a dropped connection.
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run.as_mut().poll(cx)));
         match polled {
             Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(response)) => {
+            Ok(Poll::Ready(output)) => {
                 self.run = None;
-                Poll::Ready(Ok(response))
+                Poll::Ready(Ok(output))
             }
             Err(_) => {
                 self.run = None;
@@ -329,7 +339,10 @@ impl<F: Future<Output = Response> + Send + 'static> Future for Detachable<F> {
     }
 }
 
-impl<F: Future<Output = Response> + Send + 'static> Drop for Detachable<F> {
+impl<F: Future + Send + 'static> Drop for Detachable<F>
+where
+    F::Output: Send + 'static,
+{
     fn drop(&mut self) {
         let Some(run) = self.run.take() else { return };
         // Outside a runtime (a worker's runtime being torn down drops its tasks with none
@@ -580,8 +593,9 @@ fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
     response
 }
 
-/// Starts relaying a stream: the response goes out at once with the upstream's status; a
-/// tracked task reads the upstream, forwards each event as it completes, and settles.
+/// Starts relaying a stream: the response goes out at once with the upstream's status; its
+/// body runs the pump, which reads the upstream, forwards each event as it completes, and
+/// settles.
 fn relay_stream(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse, client_wants_usage: bool, mut headers: HeaderMap) -> Response {
     // The pump needs no upstream header: free them rather than hold them for the stream's life.
     upstream.headers = HeaderMap::new();
@@ -589,34 +603,69 @@ fn relay_stream(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse
     let app = meter.app.clone();
     let drain = std::time::Duration::from_millis(app.config.disconnect_drain_ms);
     let status = upstream.status;
-    app.tracker.spawn(Box::pin(pump(meter, served, upstream, client_wants_usage, tx, drain)));
+    let pump = Detachable::new(&app.tracker, pump(meter, served, upstream, client_wants_usage, tx, drain));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    respond(status, headers, Body::from_stream(tokio_stream_from(rx)))
+    respond(status, headers, Body::from_stream(Relay { pump: Some(pump), rx, held: None, panicked: false }))
 }
 
-/// The response body: the pump's events as they come. An error (the cut-off) is held back
-/// for one poll: hyper drops its unflushed buffer — response head included — when a body
-/// errors in the same write pass, and the client must see a 200 that stops before `[DONE]`,
-/// not a connection that closed without a response (which SDKs retry, charging twice).
-fn tokio_stream_from(
-    mut rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    let mut held: Option<std::io::Error> = None;
-    futures::stream::poll_fn(move |cx| {
-        if let Some(e) = held.take() {
-            return std::task::Poll::Ready(Some(Err(e)));
+/// A stream's response body: the events the pump hands over, as they come.
+///
+/// The body polls the pump itself, on the connection's task, before it looks for events:
+/// an upstream read wakes the task that writes to the client, and no task is spawned a
+/// stream. When hyper drops the body before the pump has finished (the client hung up, or
+/// the connection closed), the pump goes on in a tracked task: it notices the client is gone
+/// at its next hand-over and keeps metering. The pump runs ahead of the client by at most
+/// the channel's [`STREAM_BUFFER`] hand-overs, and while the client reads nothing hyper
+/// stops polling the body, which leaves the rest of the stream in the upstream connection.
+///
+/// An error (the cut-off) is held back for one poll: hyper drops its unflushed buffer —
+/// response head included — when a body errors in the same write pass, and the client must
+/// see a 200 that stops before `[DONE]`, not a connection that closed without a response
+/// (which SDKs retry, charging twice).
+struct Relay<F: Future<Output = ()> + Send + 'static> {
+    pump: Option<Detachable<F>>,
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    held: Option<std::io::Error>,
+    panicked: bool,
+}
+
+impl<F: Future<Output = ()> + Send + 'static> futures::Stream for Relay<F> {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Some(e) = this.held.take() {
+            return Poll::Ready(Some(Err(e)));
         }
-        match rx.poll_recv(cx) {
-            std::task::Poll::Ready(Some(Err(e))) => {
-                held = Some(e);
+        if let Some(pump) = this.pump.as_mut() {
+            match std::pin::Pin::new(pump).poll(cx) {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => this.pump = None,
+                Poll::Ready(Err(Panicked)) => {
+                    tracing::error!("stream relay panicked");
+                    this.pump = None;
+                    this.panicked = true;
+                }
+            }
+        }
+        match this.rx.poll_recv(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                this.held = Some(e);
                 cx.waker().wake_by_ref();
-                std::task::Poll::Pending
+                Poll::Pending
+            }
+            // The events it handed over went out; then the stream is cut off, not ended as
+            // if complete.
+            Poll::Ready(None) if this.panicked => {
+                this.panicked = false;
+                Poll::Ready(Some(Err(std::io::Error::other("stream relay panicked"))))
             }
             other => other,
         }
-    })
+    }
 }
 
 /// With `include_usage` (which tollgate adds), OpenAI puts `"usage":null` at the end of
