@@ -44,8 +44,10 @@ fn now_s() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// The deterministic reply text, cut to `max_tokens` words when the request sets it.
-fn reply_text(said: &str, request: &Value) -> String {
+/// The deterministic reply text for `model`, cut at a word boundary to at most
+/// `max_completion_tokens` (or `max_tokens`) tokens of the model's encoding, as OpenAI never
+/// answers with more than that; and whether it was cut (`finish_reason: "length"`).
+fn reply_text(said: &str, request: &Value, model: &str) -> (String, bool) {
     let said: String = said.chars().take(60).collect();
     let text = format!("This is tollgate's mock provider answering. You said: {}", said.trim());
     let max = request
@@ -53,11 +55,28 @@ fn reply_text(said: &str, request: &Value) -> String {
         .or_else(|| request.get("max_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(u64::MAX);
-    let words: Vec<&str> = text.split(' ').collect();
-    if (words.len() as u64) <= max {
-        return text;
+    let enc = Encoding::for_model(model);
+    if tokens::count_text(enc, &text) <= max {
+        return (text, false);
     }
-    words[..max as usize].join(" ")
+    // The longest run of whole words that fits (a few dozen words: counted prefix by prefix).
+    let mut cut = String::new();
+    for word in text.split(' ') {
+        let longer = if cut.is_empty() { word.to_string() } else { format!("{cut} {word}") };
+        if tokens::count_text(enc, &longer) > max {
+            break;
+        }
+        cut = longer;
+    }
+    (cut, true)
+}
+
+fn finish_reason(cut: bool) -> &'static str {
+    if cut {
+        "length"
+    } else {
+        "stop"
+    }
 }
 
 fn last_user_text(request: &Value) -> String {
@@ -97,7 +116,7 @@ fn chat(request: &Value, model: &str, stream: bool) -> (StatusCode, &'static str
     if !request.get("messages").is_some_and(Value::is_array) {
         return bad_request("'messages' is a required property", "messages");
     }
-    let text = reply_text(&last_user_text(request), request);
+    let (text, cut) = reply_text(&last_user_text(request), request, model);
     let prompt = tokens::prompt_tokens(PromptKind::Chat, model, request);
     let completion = tokens::count_text(Encoding::for_model(model), &text);
     let id = format!("chatcmpl-mock{}", id_for(request));
@@ -106,7 +125,7 @@ fn chat(request: &Value, model: &str, stream: bool) -> (StatusCode, &'static str
         let body = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
-                         "logprobs": null, "finish_reason": "stop"}],
+                         "logprobs": null, "finish_reason": finish_reason(cut)}],
             "usage": usage_json(prompt, completion), "system_fingerprint": "fp_tollgate_mock"
         });
         return (StatusCode::OK, "application/json", vec![body.to_string()]);
@@ -123,12 +142,13 @@ fn chat(request: &Value, model: &str, stream: bool) -> (StatusCode, &'static str
                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
     };
     let mut events = vec![chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null)];
-    let words: Vec<&str> = text.split(' ').collect();
-    for (i, word) in words.iter().enumerate() {
-        let piece = if i == 0 { (*word).to_string() } else { format!(" {word}") };
-        events.push(chunk(json!({"content": piece}), Value::Null));
+    if !text.is_empty() {
+        for (i, word) in text.split(' ').enumerate() {
+            let piece = if i == 0 { word.to_string() } else { format!(" {word}") };
+            events.push(chunk(json!({"content": piece}), Value::Null));
+        }
     }
-    events.push(chunk(json!({}), json!("stop")));
+    events.push(chunk(json!({}), json!(finish_reason(cut))));
     for e in &mut events {
         usage_field(e);
     }
@@ -146,7 +166,7 @@ fn completion(request: &Value, model: &str, stream: bool) -> (StatusCode, &'stat
         Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
         _ => return bad_request("'prompt' is a required property", "prompt"),
     };
-    let text = reply_text(&said, request);
+    let (text, cut) = reply_text(&said, request, model);
     let prompt = tokens::prompt_tokens(PromptKind::Completion, model, request);
     let completion = tokens::count_text(Encoding::for_model(model), &text);
     let id = format!("cmpl-mock{}", id_for(request));
@@ -154,12 +174,13 @@ fn completion(request: &Value, model: &str, stream: bool) -> (StatusCode, &'stat
     let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
     if !stream {
         let body = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                          "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": "stop"}],
+                          "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason(cut)}],
                           "usage": usage});
         return (StatusCode::OK, "application/json", vec![body.to_string()]);
     }
-    let mut events: Vec<Value> = text
-        .split(' ')
+    let pieces = if text.is_empty() { Vec::new() } else { text.split(' ').collect() };
+    let mut events: Vec<Value> = pieces
+        .into_iter()
         .enumerate()
         .map(|(i, w)| {
             let piece = if i == 0 { w.to_string() } else { format!(" {w}") };
@@ -168,7 +189,7 @@ fn completion(request: &Value, model: &str, stream: bool) -> (StatusCode, &'stat
         })
         .collect();
     events.push(json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": "stop"}]}));
+                       "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason(cut)}]}));
     if include_usage(request) {
         events.push(json!({"id": id, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": usage}));
@@ -227,4 +248,47 @@ fn embed(text: &str, dims: usize) -> Vec<f32> {
 fn bad_request(message: &str, param: &str) -> (StatusCode, &'static str, Vec<String>) {
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}});
     (StatusCode::BAD_REQUEST, "application/json", vec![body.to_string()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(request: Value, stream: bool) -> Vec<Value> {
+        let (status, _, chunks) = chat(&request, "gpt-4o-mini", stream);
+        assert_eq!(status, StatusCode::OK);
+        chunks
+            .iter()
+            .map(|c| c.strip_prefix("data: ").unwrap_or(c).trim())
+            .filter(|c| *c != "[DONE]")
+            .map(|c| serde_json::from_str(c).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn max_tokens_caps_the_answer_in_tokens_and_says_length() {
+        for max in [0u64, 1, 3, 5] {
+            let body = answer(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": max}), false);
+            let usage = &body[0]["usage"];
+            let text = body[0]["choices"][0]["message"]["content"].as_str().unwrap();
+            assert!(usage["completion_tokens"].as_u64().unwrap() <= max, "max {max}: {usage}");
+            assert_eq!(tokens::count_text(Encoding::for_model("gpt-4o-mini"), text), usage["completion_tokens"].as_u64().unwrap());
+            assert_eq!(body[0]["choices"][0]["finish_reason"], "length", "max {max}");
+        }
+        let whole = answer(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 1000}), false);
+        assert_eq!(whole[0]["choices"][0]["finish_reason"], "stop");
+    }
+
+    #[test]
+    fn a_cut_stream_reports_length_and_the_tokens_it_sent() {
+        let request = json!({"messages": [{"role": "user", "content": "hello there"}], "max_completion_tokens": 4,
+                             "stream_options": {"include_usage": true}});
+        let events = answer(request, true);
+        let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+        let finish: Vec<&str> = events.iter().filter_map(|e| e["choices"][0]["finish_reason"].as_str()).collect();
+        let usage = &events.last().unwrap()["usage"];
+        assert_eq!(finish, ["length"]);
+        assert!(usage["completion_tokens"].as_u64().unwrap() <= 4);
+        assert_eq!(tokens::count_text(Encoding::for_model("gpt-4o-mini"), &text), usage["completion_tokens"].as_u64().unwrap());
+    }
 }
