@@ -151,11 +151,15 @@ struct Account {
     reserved: NanoUsd,
     /// Loose reservations on this account not yet tightened, by id.
     loose: HashMap<u64, Arc<Loose>>,
+    /// Whether `spent` started from the ledger's sum. An account a reservation made without
+    /// a load (a scope with no limit needs none) counts only what settled since: the spend
+    /// of earlier processes is missing until a load (a limit set later, an admin read).
+    loaded: bool,
 }
 
 impl Account {
-    fn new(period_start: i64, spent: NanoUsd) -> Account {
-        Account { period_start, spent, reserved: NanoUsd::ZERO, loose: HashMap::new() }
+    fn new(period_start: i64, spent: NanoUsd, loaded: bool) -> Account {
+        Account { period_start, spent, reserved: NanoUsd::ZERO, loose: HashMap::new(), loaded }
     }
 }
 
@@ -239,21 +243,26 @@ impl BudgetBook {
     /// Whether `scope`'s account is loaded for the period starting at `period_start`.
     pub fn is_loaded(&self, scope: &Scope, period_start: i64) -> bool {
         let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
-        accounts.get(scope).is_some_and(|a| a.period_start == period_start)
+        accounts.get(scope).is_some_and(|a| a.loaded && a.period_start == period_start)
     }
 
     /// Installs `spent` (summed from the ledger) as `scope`'s spend for the period, unless the
-    /// account already tracks that period (a concurrent loader got there first).
+    /// account already tracks that period from a load (a concurrent loader got there first).
+    /// An account that counted only its own settlements takes the ledger's sum, which holds
+    /// them too (the loader synced the ledger first); its reservations stay held. (A
+    /// settlement landing while the sum is read, its record not yet in it, is then missing
+    /// from this process's figure; the ledger has it.)
     pub fn load(&self, scope: Scope, period_start: i64, spent: NanoUsd) {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         match accounts.get_mut(&scope) {
-            Some(a) if a.period_start == period_start => {}
+            Some(a) if a.loaded && a.period_start == period_start => {}
             Some(a) => {
                 a.period_start = period_start;
                 a.spent = spent;
+                a.loaded = true;
             }
             None => {
-                accounts.insert(scope, Account::new(period_start, spent));
+                accounts.insert(scope, Account::new(period_start, spent, true));
             }
         }
     }
@@ -305,7 +314,7 @@ impl BudgetBook {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         for b in budgets {
             let start = b.spec.period.start(now);
-            let account = accounts.entry(b.scope.clone()).or_insert_with(|| Account::new(start, NanoUsd::ZERO));
+            let account = accounts.entry(b.scope.clone()).or_insert_with(|| Account::new(start, NanoUsd::ZERO, false));
             roll(account, start);
             if let Some(limit) = b.spec.limit {
                 let used = account.spent + account.reserved;

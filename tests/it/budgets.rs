@@ -147,6 +147,37 @@ async fn restart_keeps_the_periods_spend() {
 }
 
 #[tokio::test]
+async fn spend_without_a_limit_survives_a_restart_and_a_limit_set_later_counts_it() {
+    let up = FakeUpstream::start().await;
+    let b = body("gpt-4o-mini");
+    let (prompt, cost) = mini_worst_case(&b);
+    up.reply(Reply::chat_json("x", Some((prompt, 0, MAX_TOKENS))));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    app.create_team("t", json!({})).await;
+    let (id, key) = app.create_key("t", json!({})).await;
+    for _ in 0..2 {
+        assert_eq!(app.chat(&key, &b).await.status(), 200);
+    }
+    let dir = app.stop().await;
+    let app = TestApp::start_in(dir, &up, DEFAULT_MODELS).await;
+    // A request before anyone reads the spend: it must not hide the earlier process's.
+    assert_eq!(app.chat(&key, &b).await.status(), 200);
+    let (_, k) = app.admin(Method::GET, &format!("/admin/keys/{id}"), None).await;
+    assert_eq!(usd_to_nanos(&k["spent_usd"]), 3 * cost, "{k}");
+    let (_, team) = app.admin(Method::GET, "/admin/teams/t", None).await;
+    assert_eq!(usd_to_nanos(&team["spent_usd"]), 3 * cost, "{team}");
+
+    // The same after a restart with no admin read in between, then a limit on the team.
+    let dir = app.stop().await;
+    let app = TestApp::start_in(dir, &up, DEFAULT_MODELS).await;
+    assert_eq!(app.chat(&key, &b).await.status(), 200);
+    let (status, _) = app.admin(Method::PATCH, "/admin/teams/t", Some(json!({"limit_usd": usd(5 * cost)}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(app.chat(&key, &b).await.status(), 200, "the fifth fits");
+    assert_eq!(app.chat(&key, &b).await.status(), 429, "four before the limit and one after");
+}
+
+#[tokio::test]
 async fn rpm_and_tpm_limits_answer_429_with_retry_after() {
     let up = FakeUpstream::start().await;
     up.reply(Reply::chat_json("x", Some((10, 0, 5))));
