@@ -6,7 +6,10 @@
 //! guess were right. The directory is a snapshot of the teams and keys tables, swapped whole
 //! when they change: at once after an admin API write, and within `POLL_INTERVAL` after a
 //! change made by the CLI in another process (it bumps `directory_version`) — or at once,
-//! for a key the CLI just created, when a request presents it (`authenticate_fresh`).
+//! for a key the CLI just created, when a request presents it (`authenticate_fresh`). A CLI
+//! command that takes rights away (a key revoked, a team deleted or changed) returns only
+//! after `CLI_SETTLE`, by when a running server has polled the change: a key revoked with
+//! the CLI fails at once after the command returns, as one revoked through the admin API does.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -20,8 +23,13 @@ use crate::budget::{Applicable, Scope};
 use crate::error::ApiError;
 use crate::ledger::{Backend, KeyRow, LedgerError, TeamRow};
 
-/// How often a running server checks whether teams or keys changed in the database.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a running server checks whether teams or keys changed in the database (one
+/// small query: the directory's version).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long a CLI command that revokes rights waits before it returns: a few polls, so that
+/// a running server has seen the change by then even when a poll runs late.
+pub const CLI_SETTLE: Duration = Duration::from_millis(4 * POLL_INTERVAL.as_millis() as u64);
 
 /// Random base62 characters after `tg-`.
 const KEY_RANDOM_CHARS: usize = 40;

@@ -208,6 +208,13 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
     Config::load(path.map(PathBuf::as_path)).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Waits until running servers have polled a change this command made (they check the
+/// database's directory version every `POLL_INTERVAL`), so that what it revoked is refused
+/// by the time the command returns.
+async fn settle_servers() {
+    tokio::time::sleep(tollgate::auth::CLI_SETTLE).await;
+}
+
 async fn open_db(config: &Config) -> Result<Backend> {
     Backend::connect(&config.database_url).await.map_err(|e| anyhow::anyhow!("cannot open the ledger: {e}"))
 }
@@ -315,6 +322,7 @@ async fn teams(cmd: TeamsCommand, config: &Config) -> Result<()> {
             let mut team = db.load_teams().await?.into_iter().find(|t| t.name == name).context("no such team")?;
             budget.apply(&mut team.budget)?;
             db.update_team(&team).await?;
+            settle_servers().await;
             println!("updated team {name} (budget {})", fmt_limit(&team.budget));
         }
         TeamsCommand::List { json } => {
@@ -343,6 +351,7 @@ async fn teams(cmd: TeamsCommand, config: &Config) -> Result<()> {
         }
         TeamsCommand::Delete { name } => {
             db.delete_team(&name, now_ms()).await?;
+            settle_servers().await;
             println!("deleted team {name}; its keys are revoked");
         }
     }
@@ -387,6 +396,7 @@ async fn keys(cmd: KeysCommand, config: &Config) -> Result<()> {
         }
         KeysCommand::Revoke { id } => {
             db.revoke_key(&id, now_ms()).await?;
+            settle_servers().await;
             println!("revoked key {id}");
         }
     }

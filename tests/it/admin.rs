@@ -110,3 +110,41 @@ async fn keys_created_by_the_cli_process_work_on_a_running_server() {
     }
     let _: Value = Value::Null;
 }
+
+/// Runs the `tollgate` binary's CLI against `config`; its stdout.
+async fn cli(config: &std::path::Path, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "tollgate {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_key_revoked_with_the_cli_fails_as_soon_as_the_command_returns() {
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("hi", Some((5, 0, 2))));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let db = app.dir.path().join("tollgate.db");
+    let config = app.dir.path().join("cli.toml");
+    std::fs::write(&config, config_text(db.to_str().unwrap(), &up.url(), DEFAULT_MODELS)).unwrap();
+    app.create_team("t", json!({})).await;
+    let body = chat_body("gpt-4o-mini", "x");
+    for round in 0..3 {
+        let (id, secret) = app.create_key("t", json!({})).await;
+        // Used first, so the server's snapshot knows the key before it is revoked.
+        assert_eq!(app.chat(&secret, &body).await.status(), 200);
+        cli(&config, &["keys", "revoke", &id]).await;
+        assert_eq!(app.chat(&secret, &body).await.status(), 401, "round {round}: revoked key still served");
+    }
+    // Deleting a team with the CLI revokes its keys at once too.
+    let (_, secret) = app.create_key("t", json!({})).await;
+    assert_eq!(app.chat(&secret, &body).await.status(), 200);
+    cli(&config, &["teams", "delete", "t"]).await;
+    assert_eq!(app.chat(&secret, &body).await.status(), 401, "key of a deleted team still served");
+}
