@@ -365,11 +365,36 @@ fn usd_per_mtok(value: f64, field: &str, model: &str, problems: &mut Vec<String>
     NanoUsd((value * 1e9).round() as i64)
 }
 
+/// `context_window` of a model outside the catalog that does not configure one.
+pub const DEFAULT_CONTEXT_WINDOW: u64 = 128_000;
+/// `max_output_tokens` of a model outside the catalog that does not configure one.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 16_384;
+
+/// An address to listen on: an IP and port (`127.0.0.1:4000`, `[::1]:4000`), or a host name
+/// and port (`localhost:4000`) that binding resolves. Checked without a name lookup, so
+/// `check-config` works offline.
+fn listen_ok(listen: &str) -> bool {
+    if listen.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
+    }
+    let Some((host, port)) = listen.rsplit_once(':') else { return false };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    host_ok && port.parse::<u16>().is_ok()
+}
+
 impl RawConfig {
     fn validate(self) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            problems.push(format!("listen: {:?} is not an address like 127.0.0.1:4000", self.listen));
+        if !listen_ok(&self.listen) {
+            problems.push(format!("listen: {:?} is not an address like 127.0.0.1:4000 or localhost:4000", self.listen));
         }
         if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://"))
@@ -401,8 +426,8 @@ impl RawConfig {
             problems.push("ledger_queue_capacity must be positive".into());
         }
         if let Some(key) = &self.master_key {
-            if key.expose().len() < 8 {
-                problems.push("master_key must be at least 8 characters (or absent to disable the admin API)".into());
+            if key.expose().trim().is_empty() {
+                problems.push("master_key must not be empty (leave it out to disable the admin API)".into());
             }
         }
 
@@ -524,15 +549,12 @@ impl RawConfig {
                 (None, None, Some(e)) => e.price.cached_input_per_mtok,
                 (None, None, None) => input,
             };
-            let context_window = m.context_window.or(entry.map(|e| e.context_window));
-            let max_output_tokens = m.max_output_tokens.or(entry.map(|e| e.max_output_tokens));
-            let (Some(context_window), Some(max_output_tokens)) = (context_window, max_output_tokens) else {
-                problems.push(format!(
-                    "model {:?}: context_window and max_output_tokens are required for models outside the catalog",
-                    m.name
-                ));
-                continue;
-            };
+            // Outside the catalog, and not configured: a common size of today's chat models.
+            // Only the worst case a request reserves and the `max_tokens` check use them.
+            let context_window =
+                m.context_window.or(entry.map(|e| e.context_window)).unwrap_or(DEFAULT_CONTEXT_WINDOW);
+            let max_output_tokens =
+                m.max_output_tokens.or(entry.map(|e| e.max_output_tokens)).unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
             if context_window == 0 {
                 problems.push(format!("model {:?}: context_window must be positive", m.name));
             }
@@ -654,6 +676,42 @@ mod tests {
         assert_eq!(c.master_key.unwrap().expose(), "sk-secret-value");
         let err = Config::from_toml("master_key = \"${NOPE_VAR}\"", env).unwrap_err();
         assert!(err.to_string().contains("NOPE_VAR"), "{err}");
+    }
+
+    #[test]
+    fn listen_takes_an_ip_or_a_host_name_with_a_port() {
+        for good in ["127.0.0.1:4000", "0.0.0.0:0", "[::1]:4000", "localhost:4000", "gateway.internal:8080"] {
+            assert!(Config::from_toml(&format!("listen = '{good}'"), env).is_ok(), "{good}");
+        }
+        for bad in ["", "4000", "localhost", "localhost:", "localhost:99999", "-bad:1", "a b:1", "http://localhost:1"] {
+            let err = Config::from_toml(&format!("listen = '{bad}'"), env).unwrap_err();
+            assert!(err.to_string().contains("listen"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn any_non_empty_master_key_is_accepted() {
+        for key in ["admin", "sk-test", "a-long-master-key-0123456789"] {
+            let c = Config::from_toml(&format!("master_key = '{key}'"), env).unwrap();
+            assert_eq!(c.master_key.unwrap().expose(), key);
+        }
+        for empty in ["", "  "] {
+            let err = Config::from_toml(&format!("master_key = '{empty}'"), env).unwrap_err();
+            assert!(err.to_string().contains("master_key must not be empty"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_priced_model_outside_the_catalog_needs_no_sizes() {
+        let text = "[[models]]\nname = 'my-llama'\nprovider = 'mock'\ninput_per_mtok = 0.2\noutput_per_mtok = 0.4";
+        let c = Config::from_toml(text, env).unwrap();
+        let m = &c.models["my-llama"];
+        assert_eq!((m.context_window, m.max_output_tokens), (DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT_TOKENS));
+        let sized = format!("{text}\ncontext_window = 8192\nmax_output_tokens = 2048");
+        let m = Config::from_toml(&sized, env).unwrap().models["my-llama"].clone();
+        assert_eq!((m.context_window, m.max_output_tokens), (8192, 2048));
+        let unpriced = "[[models]]\nname = 'my-llama'\nprovider = 'mock'";
+        assert!(Config::from_toml(unpriced, env).is_err(), "no price is still a start-up error");
     }
 
     #[test]
