@@ -475,26 +475,18 @@ impl Forward {
                 other => other,
             };
             let status = error.status().as_u16();
-            meter.settle(Outcome { status, model: &model, reported: None, produced: None });
-            return error.into_response();
+            let settled = meter.settle(Outcome { status, model: &model, reported: None, produced: None });
+            return forwarded_error(error, model_headers(&model, downgraded_from.as_deref()), settled.cost);
         };
-        let mut headers = HeaderMap::new();
-        if let Ok(v) = HeaderValue::from_str(&served.name) {
-            headers.insert(MODEL, v);
-        }
-        if let Some(from) = &downgraded_from {
-            if let Ok(v) = HeaderValue::from_str(from) {
-                headers.insert(DOWNGRADED_FROM, v);
-            }
-        }
+        let headers = model_headers(&served, downgraded_from.as_deref());
         let is_sse = upstream.content_type().starts_with("text/event-stream");
         if parsed.stream && upstream.status.is_success() {
             if !is_sse {
                 let mut upstream = upstream;
                 let _ = upstream.read_all(app.config.max_response_bytes).await;
                 let error = ApiError::InvalidUpstreamResponse;
-                meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
-                return error.into_response();
+                let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
+                return forwarded_error(error, headers, settled.cost);
             }
             app.metrics.observe_overhead(before_upstream);
             return relay_stream(meter, served, upstream, parsed.client_wants_usage, headers);
@@ -524,16 +516,16 @@ async fn whole_response(
                 ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
                 ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
             };
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
-            return error.into_response();
+            let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
+            return forwarded_error(error, headers, settled.cost);
         }
     };
     let answer = usage::read_answer(&body);
     if status.is_success() {
         let Some((reported, text)) = answer else {
             let error = ApiError::InvalidUpstreamResponse;
-            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
-            return error.into_response();
+            let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
+            return forwarded_error(error, headers, settled.cost);
         };
         let settled = meter
             .settle(Outcome {
@@ -549,7 +541,7 @@ async fn whole_response(
                 let error = ApiError::LedgerNotDurable;
                 let status = error.status().as_u16();
                 app.ledger.amend(crate::ledger::RequestRecord { status, ..*failed.record }, false, None);
-                return error.into_response();
+                return forwarded_error(error, headers, settled.cost);
             }
         }
         if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
@@ -568,8 +560,8 @@ async fn whole_response(
             status: Some(status.as_u16()),
             message: format!("The upstream failed with status {}.", status.as_u16()),
         };
-        meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None });
-        let mut response = error.into_response();
+        let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None });
+        let mut response = forwarded_error(error, headers, settled.cost);
         if let Some(retry) = upstream.headers.get(header::RETRY_AFTER) {
             response.headers_mut().insert(header::RETRY_AFTER, retry.clone());
         }
@@ -582,6 +574,30 @@ async fn whole_response(
     let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned().unwrap_or(HeaderValue::from_static("application/json"));
     headers.insert(header::CONTENT_TYPE, content_type);
     respond(status, headers, Body::from(body))
+}
+
+/// The headers of every metered response but the cost: the model that served (or was
+/// tried last), and the one asked for when the request was downgraded.
+fn model_headers(model: &Model, downgraded_from: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&model.name) {
+        headers.insert(MODEL, v);
+    }
+    if let Some(v) = downgraded_from.and_then(|from| HeaderValue::from_str(from).ok()) {
+        headers.insert(DOWNGRADED_FROM, v);
+    }
+    headers
+}
+
+/// The error answer to a request that went upstream: OpenAI's envelope, with the headers
+/// every metered response carries (`headers` from [`model_headers`]) and what it cost.
+fn forwarded_error(error: ApiError, mut headers: HeaderMap, cost: crate::pricing::NanoUsd) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
+        headers.insert(COST_USD, v);
+    }
+    let mut response = error.into_response();
+    response.headers_mut().extend(headers);
+    response
 }
 
 /// A response of `status` with exactly `headers` (a tuple's `into_response` would build a

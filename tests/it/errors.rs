@@ -113,19 +113,32 @@ async fn upstream_failures_map_to_502_and_504_and_are_recorded_at_zero_cost() {
     let key = app.team_and_key("t").await;
     let body = chat_body("gpt-4o-mini", "x");
 
+    // Forwarded, so metered: the error carries the headers every metered response does.
+    let metered = |resp: &reqwest::Response| {
+        let h = resp.headers();
+        assert_eq!(h.get("x-tollgate-model").map(|v| v.to_str().unwrap()), Some("gpt-4o-mini"), "{h:?}");
+        assert_eq!(h.get("x-tollgate-cost-usd").map(|v| v.to_str().unwrap()), Some("0"), "{h:?}");
+        assert!(h.contains_key("x-tollgate-request-id"));
+    };
     up.reply(Reply::error(503, "overloaded"));
-    let (status, v) = error_of(app.chat(&key, &body).await).await;
+    let resp = app.chat(&key, &body).await;
+    metered(&resp);
+    let (status, v) = error_of(resp).await;
     assert_eq!(status, 502);
     assert_eq!(v["error"]["type"], "upstream_error");
     assert_eq!(v["error"]["code"], "503");
 
     up.reply(Reply::new(200, "application/json", "this is not json"));
-    let (status, v) = error_of(app.chat(&key, &body).await).await;
+    let resp = app.chat(&key, &body).await;
+    metered(&resp);
+    let (status, v) = error_of(resp).await;
     assert_eq!((status, v["error"]["code"].as_str()), (502, Some("invalid_upstream_response")));
 
     // first_byte_timeout_ms = 2000 in the test config.
     up.reply(Reply::chat_json("late", Some((1, 0, 1))).with_header_delay(Duration::from_millis(3000)));
-    let (status, v) = error_of(app.chat(&key, &body).await).await;
+    let resp = app.chat(&key, &body).await;
+    metered(&resp);
+    let (status, v) = error_of(resp).await;
     assert_eq!((status, v["error"]["code"].as_str()), (504, Some("upstream_timeout")));
 
     // The upstream's own 400 reaches the client unchanged.
