@@ -136,8 +136,8 @@ fn unfit(request: &ParsedRequest, caller: &Caller, asked: &Model, m: &Model, cou
         return Some(format!("{} cannot produce the max_tokens asked for", m.name));
     }
     let out = max_output(request, m) / request.n.max(1);
-    if counter.bound(&m.name).saturating_add(out) > m.context_window
-        && counter.exact(&m.name).saturating_add(out) > m.context_window
+    if counter.bound(&m.upstream_model).saturating_add(out) > m.context_window
+        && counter.exact(&m.upstream_model).saturating_add(out) > m.context_window
     {
         return Some(format!("the prompt plus max output does not fit {}'s context window", m.name));
     }
@@ -266,7 +266,7 @@ fn reserve(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(Reservation, u64, bool, NanoUsd), (NanoUsd, Refusal)> {
     let limited = budgets.iter().any(|b| b.spec.limit.is_some());
-    let bound = counter.bound(&m.name);
+    let bound = counter.bound(&m.upstream_model);
     let bound_cost = m.price.worst_case(bound, out);
     if !limited {
         let r = book.reserve(budgets, bound_cost, now, None).map_err(|e| (bound_cost, e))?;
@@ -278,7 +278,7 @@ fn reserve(
     if let Ok(r) = book.reserve(budgets, bound_cost, now, Some(loose)) {
         return Ok((r, bound, false, bound_cost));
     }
-    let exact = counter.exact(&m.name);
+    let exact = counter.exact(&m.upstream_model);
     let cost = m.price.worst_case(exact, out);
     match book.reserve(budgets, cost, now, None) {
         Ok(r) => Ok((r, exact, true, cost)),

@@ -244,3 +244,32 @@ async fn dry_run_routes_without_calling_the_upstream_or_charging() {
     assert_eq!(team["reserved_usd"], 0.0);
     assert_eq!(team["spent_usd"], 0.0);
 }
+
+#[tokio::test]
+async fn an_alias_counts_its_prompt_with_its_upstream_models_tokenizer() {
+    let up = FakeUpstream::start().await;
+    let models = r#"
+[[models]]
+name = "legacy"
+provider = "up"
+upstream_model = "gpt-3.5-turbo"
+
+[[models]]
+name = "gpt-3.5-turbo"
+provider = "up"
+"#;
+    let app = TestApp::start(&up, models).await;
+    app.create_team("t", json!({"limit_usd": 1.0})).await;
+    let (_, key) = app.create_key("t", json!({})).await;
+    // cl100k_base (gpt-3.5) and o200k_base split this text into different numbers of tokens.
+    let text = "我们的网关按模型计费，精确到每一个词元。".repeat(20);
+    let mut estimates = Vec::new();
+    for model in ["legacy", "gpt-3.5-turbo"] {
+        let b = json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": text}]});
+        let resp = app.http.post(app.url("/v1/chat/completions")).bearer_auth(&key).header("x-tollgate-dry-run", "true").json(&b).send();
+        let v: Value = resp.await.unwrap().json().await.unwrap();
+        estimates.push((usd_to_nanos(&v["estimated_cost_usd"]), usd_to_nanos(&v["max_cost_usd"])));
+    }
+    assert_eq!(estimates[0], estimates[1], "the alias is priced on gpt-3.5-turbo's own count");
+    assert_eq!(up.hits(), 0);
+}
