@@ -21,6 +21,17 @@ fn mini_worst_case(b: &Value) -> (u64, i64) {
     (prompt, nanos(prompt, 0, MAX_TOKENS, MINI.0, MINI.1, MINI.2))
 }
 
+/// A server whose upstream answers every request with its worst case: the fake upstream,
+/// the app, the gpt-4o-mini request body, and what each such request costs.
+async fn worst_case_app() -> (FakeUpstream, TestApp, Value, i64) {
+    let up = FakeUpstream::start().await;
+    let b = body("gpt-4o-mini");
+    let (prompt, cost) = mini_worst_case(&b);
+    up.reply(Reply::chat_json("x", Some((prompt, 0, MAX_TOKENS))));
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    (up, app, b, cost)
+}
+
 fn usd(nanos: i64) -> f64 {
     nanos as f64 / 1e9
 }
@@ -103,11 +114,7 @@ async fn a_key_budget_inside_a_team_budget_holds_too() {
 
 #[tokio::test]
 async fn period_resets_at_utc_midnight_with_an_injected_clock() {
-    let up = FakeUpstream::start().await;
-    let b = body("gpt-4o-mini");
-    let (prompt, cost) = mini_worst_case(&b);
-    up.reply(Reply::chat_json("x", Some((prompt, 0, MAX_TOKENS))));
-    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let (_up, app, b, cost) = worst_case_app().await;
     let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
     app.clock.set(at("2026-11-28T23:59:00Z"));
     app.create_team("t", json!({"limit_usd": usd(cost), "period": "daily"})).await;
@@ -128,11 +135,7 @@ async fn period_resets_at_utc_midnight_with_an_injected_clock() {
 
 #[tokio::test]
 async fn restart_keeps_the_periods_spend() {
-    let up = FakeUpstream::start().await;
-    let b = body("gpt-4o-mini");
-    let (prompt, cost) = mini_worst_case(&b);
-    up.reply(Reply::chat_json("x", Some((prompt, 0, MAX_TOKENS))));
-    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let (up, app, b, cost) = worst_case_app().await;
     app.create_team("t", json!({"limit_usd": usd(3 * cost)})).await;
     let (_, key) = app.create_key("t", json!({})).await;
     for _ in 0..2 {
@@ -148,11 +151,7 @@ async fn restart_keeps_the_periods_spend() {
 
 #[tokio::test]
 async fn spend_without_a_limit_survives_a_restart_and_a_limit_set_later_counts_it() {
-    let up = FakeUpstream::start().await;
-    let b = body("gpt-4o-mini");
-    let (prompt, cost) = mini_worst_case(&b);
-    up.reply(Reply::chat_json("x", Some((prompt, 0, MAX_TOKENS))));
-    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let (up, app, b, cost) = worst_case_app().await;
     app.create_team("t", json!({})).await;
     let (id, key) = app.create_key("t", json!({})).await;
     for _ in 0..2 {
