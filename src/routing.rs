@@ -72,8 +72,10 @@ impl<'a> PromptCounter<'a> {
         PromptCounter { request, bounds: Vec::new(), exact: Vec::new() }
     }
 
-    /// An upper bound on the prompt's tokens for `model`, without running the tokenizer.
-    pub fn bound(&mut self, model: &str) -> u64 {
+    /// An upper bound on the prompt's tokens for `model` (its upstream model's tokenizer
+    /// and chat rule), without running the tokenizer.
+    pub fn bound(&mut self, model: &Model) -> u64 {
+        let model = model.upstream_model.as_str();
         let r = self.request;
         if let Some(chat) = r.plain_chat {
             return chat.upper_bound(model);
@@ -86,8 +88,10 @@ impl<'a> PromptCounter<'a> {
         n
     }
 
-    /// The exact prompt tokens for `model`.
-    pub fn exact(&mut self, model: &str) -> u64 {
+    /// The exact prompt tokens for `model`, counted with its upstream model's tokenizer and
+    /// chat rule (an alias's name says nothing of either).
+    pub fn exact(&mut self, model: &Model) -> u64 {
+        let model = model.upstream_model.as_str();
         let encoding = Encoding::for_model(model);
         if let Some(&(_, n)) = self.exact.iter().find(|(e, _)| *e == encoding) {
             return n;
@@ -136,8 +140,8 @@ fn unfit(request: &ParsedRequest, caller: &Caller, asked: &Model, m: &Model, cou
         return Some(format!("{} cannot produce the max_tokens asked for", m.name));
     }
     let out = max_output(request, m) / request.n.max(1);
-    if counter.bound(&m.upstream_model).saturating_add(out) > m.context_window
-        && counter.exact(&m.upstream_model).saturating_add(out) > m.context_window
+    if counter.bound(m).saturating_add(out) > m.context_window
+        && counter.exact(m).saturating_add(out) > m.context_window
     {
         return Some(format!("the prompt plus max output does not fit {}'s context window", m.name));
     }
@@ -266,7 +270,7 @@ fn reserve(
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(Reservation, u64, bool, NanoUsd), (NanoUsd, Refusal)> {
     let limited = budgets.iter().any(|b| b.spec.limit.is_some());
-    let bound = counter.bound(&m.upstream_model);
+    let bound = counter.bound(m);
     let bound_cost = m.price.worst_case(bound, out);
     if !limited {
         let r = book.reserve(budgets, bound_cost, now, None).map_err(|e| (bound_cost, e))?;
@@ -278,7 +282,7 @@ fn reserve(
     if let Ok(r) = book.reserve(budgets, bound_cost, now, Some(loose)) {
         return Ok((r, bound, false, bound_cost));
     }
-    let exact = counter.exact(&m.upstream_model);
+    let exact = counter.exact(m);
     let cost = m.price.worst_case(exact, out);
     match book.reserve(budgets, cost, now, None) {
         Ok(r) => Ok((r, exact, true, cost)),

@@ -226,7 +226,7 @@ async fn handle(
     };
     // Rate limits count admitted requests; tpm needs the prompt's tokens.
     let limited_tpm = budgets.iter().any(|b| b.spec.tpm.is_some());
-    let rate_tokens = if limited_tpm { counter.exact(&admission.model.upstream_model) } else { admission.prompt_tokens };
+    let rate_tokens = if limited_tpm { counter.exact(&admission.model) } else { admission.prompt_tokens };
     let rate = match app.rates.admit(&budgets, rate_tokens, now.timestamp_millis()) {
         Ok(t) => t,
         Err(refusal) => {
@@ -244,7 +244,7 @@ async fn handle(
         }
     };
     let local_prompt = if admission.prompt_exact || limited_tpm {
-        LocalPrompt::Exact(counter.exact(&admission.model.upstream_model))
+        LocalPrompt::Exact(counter.exact(&admission.model))
     } else {
         LocalPrompt::Deferred(parsed.prompt.clone(), endpoint)
     };
@@ -365,7 +365,7 @@ fn dry_run_answer(
 ) -> Response {
     let (decision, served, reason, max_cost, estimated) = match admitted {
         Ok(a) => {
-            let exact = counter.exact(&a.model.upstream_model);
+            let exact = counter.exact(&a.model);
             let estimated = a.model.price.worst_case(exact, 0);
             let max_cost = a.model.price.worst_case(exact, routing::max_output(parsed, &a.model));
             // A dry run charges nothing: give the reservation straight back.
@@ -373,7 +373,7 @@ fn dry_run_answer(
             (a.decision, Some(a.model.name.clone()), a.reason, max_cost, estimated)
         }
         Err((reason, _)) => {
-            let exact = counter.exact(&asked.upstream_model);
+            let exact = counter.exact(asked);
             let max_cost = asked.price.worst_case(exact, routing::max_output(parsed, asked));
             (Decision::Refuse, None, reason, max_cost, asked.price.worst_case(exact, 0))
         }
