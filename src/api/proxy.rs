@@ -24,6 +24,7 @@ use crate::error::ApiError;
 use crate::metering::sse::SseParser;
 use crate::metering::usage::{self, ChunkKind, StreamAccumulator};
 use crate::metering::{LocalPrompt, Meter, Outcome, Produced};
+use crate::pricing::NanoUsd;
 use crate::request::{self, Endpoint, ParsedRequest};
 use crate::routing::{self, Admission, Decision, PromptCounter};
 use crate::server::AppState;
@@ -230,7 +231,7 @@ async fn handle(
     let rate = match app.rates.admit(&budgets, rate_tokens, now.timestamp_millis()) {
         Ok(t) => t,
         Err(refusal) => {
-            app.budgets.settle(admission.reservation, crate::pricing::NanoUsd::ZERO);
+            app.budgets.settle(admission.reservation, NanoUsd::ZERO);
             return Err(ApiError::RateLimited {
                 message: format!(
                     "Rate limit reached for this {}: {} {}. Retry after {} s.",
@@ -369,7 +370,7 @@ fn dry_run_answer(
             let estimated = a.model.price.worst_case(exact, 0);
             let max_cost = a.model.price.worst_case(exact, routing::max_output(parsed, &a.model));
             // A dry run charges nothing: give the reservation straight back.
-            app.budgets.settle(a.reservation, crate::pricing::NanoUsd::ZERO);
+            app.budgets.settle(a.reservation, NanoUsd::ZERO);
             (a.decision, Some(a.model.name.clone()), a.reason, max_cost, estimated)
         }
         Err((reason, _)) => {
@@ -544,9 +545,7 @@ async fn whole_response(
                 return forwarded_error(error, headers, settled.cost);
             }
         }
-        if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
-            headers.insert(COST_USD, v);
-        }
+        insert_cost(&mut headers, settled.cost);
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         app.metrics.observe_overhead(before_upstream + after_upstream.elapsed());
         return respond(status, headers, Body::from(body));
@@ -568,9 +567,7 @@ async fn whole_response(
         return response;
     }
     let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None });
-    if let Ok(v) = HeaderValue::from_str(&settled.cost.to_string()) {
-        headers.insert(COST_USD, v);
-    }
+    insert_cost(&mut headers, settled.cost);
     let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned().unwrap_or(HeaderValue::from_static("application/json"));
     headers.insert(header::CONTENT_TYPE, content_type);
     respond(status, headers, Body::from(body))
@@ -589,12 +586,17 @@ fn model_headers(model: &Model, downgraded_from: Option<&str>) -> HeaderMap {
     headers
 }
 
-/// The error answer to a request that went upstream: OpenAI's envelope, with the headers
-/// every metered response carries (`headers` from [`model_headers`]) and what it cost.
-fn forwarded_error(error: ApiError, mut headers: HeaderMap, cost: crate::pricing::NanoUsd) -> Response {
+/// `x-tollgate-cost-usd`: what the request was charged, in dollars.
+fn insert_cost(headers: &mut HeaderMap, cost: NanoUsd) {
     if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
         headers.insert(COST_USD, v);
     }
+}
+
+/// The error answer to a request that went upstream: OpenAI's envelope, with the headers
+/// every metered response carries (`headers` from [`model_headers`]) and what it cost.
+fn forwarded_error(error: ApiError, mut headers: HeaderMap, cost: NanoUsd) -> Response {
+    insert_cost(&mut headers, cost);
     let mut response = error.into_response();
     response.headers_mut().extend(headers);
     response
