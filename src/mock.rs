@@ -44,10 +44,36 @@ fn now_s() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// The deterministic reply text for `model`, cut at a word boundary to at most
+/// The mock's answer: its text, its tokens in the model's encoding, and whether it was cut
+/// to the request's limit (`finish_reason: "length"`).
+struct Reply {
+    text: String,
+    tokens: u64,
+    cut: bool,
+}
+
+impl Reply {
+    fn finish_reason(&self) -> &'static str {
+        if self.cut {
+            "length"
+        } else {
+            "stop"
+        }
+    }
+
+    /// The text as streamed: a piece a word, each after the first with its space.
+    fn pieces(&self) -> Vec<String> {
+        if self.text.is_empty() {
+            return Vec::new();
+        }
+        self.text.split(' ').enumerate().map(|(i, w)| if i == 0 { w.to_string() } else { format!(" {w}") }).collect()
+    }
+}
+
+/// The deterministic reply for `model`, cut at a word boundary to at most
 /// `max_completion_tokens` (or `max_tokens`) tokens of the model's encoding, as OpenAI never
-/// answers with more than that; and whether it was cut (`finish_reason: "length"`).
-fn reply_text(said: &str, request: &Value, model: &str) -> (String, bool) {
+/// answers with more than that.
+fn reply(said: &str, request: &Value, model: &str) -> Reply {
     let said: String = said.chars().take(60).collect();
     let text = format!("This is tollgate's mock provider answering. You said: {}", said.trim());
     let max = request
@@ -56,27 +82,22 @@ fn reply_text(said: &str, request: &Value, model: &str) -> (String, bool) {
         .and_then(Value::as_u64)
         .unwrap_or(u64::MAX);
     let enc = Encoding::for_model(model);
-    if tokens::count_text(enc, &text) <= max {
-        return (text, false);
+    let whole = tokens::count_text(enc, &text);
+    if whole <= max {
+        return Reply { text, tokens: whole, cut: false };
     }
     // The longest run of whole words that fits (a few dozen words: counted prefix by prefix).
-    let mut cut = String::new();
+    let mut cut = Reply { text: String::new(), tokens: 0, cut: true };
     for word in text.split(' ') {
-        let longer = if cut.is_empty() { word.to_string() } else { format!("{cut} {word}") };
-        if tokens::count_text(enc, &longer) > max {
+        let longer = if cut.text.is_empty() { word.to_string() } else { format!("{} {word}", cut.text) };
+        let tokens = tokens::count_text(enc, &longer);
+        if tokens > max {
             break;
         }
-        cut = longer;
+        cut.text = longer;
+        cut.tokens = tokens;
     }
-    (cut, true)
-}
-
-fn finish_reason(cut: bool) -> &'static str {
-    if cut {
-        "length"
-    } else {
-        "stop"
-    }
+    cut
 }
 
 fn last_user_text(request: &Value) -> String {
@@ -116,16 +137,16 @@ fn chat(request: &Value, model: &str, stream: bool) -> (StatusCode, &'static str
     if !request.get("messages").is_some_and(Value::is_array) {
         return bad_request("'messages' is a required property", "messages");
     }
-    let (text, cut) = reply_text(&last_user_text(request), request, model);
+    let answer = reply(&last_user_text(request), request, model);
     let prompt = tokens::prompt_tokens(PromptKind::Chat, model, request);
-    let completion = tokens::count_text(Encoding::for_model(model), &text);
+    let completion = answer.tokens;
     let id = format!("chatcmpl-mock{}", id_for(request));
     let created = now_s();
     if !stream {
         let body = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": null},
-                         "logprobs": null, "finish_reason": finish_reason(cut)}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": null},
+                         "logprobs": null, "finish_reason": answer.finish_reason()}],
             "usage": usage_json(prompt, completion), "system_fingerprint": "fp_tollgate_mock"
         });
         return (StatusCode::OK, "application/json", vec![body.to_string()]);
@@ -142,13 +163,10 @@ fn chat(request: &Value, model: &str, stream: bool) -> (StatusCode, &'static str
                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]})
     };
     let mut events = vec![chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null)];
-    if !text.is_empty() {
-        for (i, word) in text.split(' ').enumerate() {
-            let piece = if i == 0 { word.to_string() } else { format!(" {word}") };
-            events.push(chunk(json!({"content": piece}), Value::Null));
-        }
+    for piece in answer.pieces() {
+        events.push(chunk(json!({"content": piece}), Value::Null));
     }
-    events.push(chunk(json!({}), json!(finish_reason(cut))));
+    events.push(chunk(json!({}), json!(answer.finish_reason())));
     for e in &mut events {
         usage_field(e);
     }
@@ -166,30 +184,28 @@ fn completion(request: &Value, model: &str, stream: bool) -> (StatusCode, &'stat
         Some(Value::Array(items)) => items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
         _ => return bad_request("'prompt' is a required property", "prompt"),
     };
-    let (text, cut) = reply_text(&said, request, model);
+    let answer = reply(&said, request, model);
     let prompt = tokens::prompt_tokens(PromptKind::Completion, model, request);
-    let completion = tokens::count_text(Encoding::for_model(model), &text);
+    let completion = answer.tokens;
     let id = format!("cmpl-mock{}", id_for(request));
     let created = now_s();
     let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
     if !stream {
         let body = json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                          "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason(cut)}],
+                          "choices": [{"text": answer.text, "index": 0, "logprobs": null, "finish_reason": answer.finish_reason()}],
                           "usage": usage});
         return (StatusCode::OK, "application/json", vec![body.to_string()]);
     }
-    let pieces = if text.is_empty() { Vec::new() } else { text.split(' ').collect() };
-    let mut events: Vec<Value> = pieces
+    let mut events: Vec<Value> = answer
+        .pieces()
         .into_iter()
-        .enumerate()
-        .map(|(i, w)| {
-            let piece = if i == 0 { w.to_string() } else { format!(" {w}") };
+        .map(|piece| {
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                    "choices": [{"text": piece, "index": 0, "logprobs": null, "finish_reason": null}]})
         })
         .collect();
     events.push(json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                       "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": finish_reason(cut)}]}));
+                       "choices": [{"text": "", "index": 0, "logprobs": null, "finish_reason": answer.finish_reason()}]}));
     if include_usage(request) {
         events.push(json!({"id": id, "object": "text_completion", "created": created, "model": model,
                            "choices": [], "usage": usage}));
