@@ -51,11 +51,11 @@ TOML
   } >"$1"
 }
 
-# bench_key PORT MASTER_KEY TEAM: creates TEAM with a budget (so every request takes a
-# reservation) and a key of it on the tollgate at PORT; prints the key.
+# bench_key PORT MASTER_KEY TEAM [LIMIT_USD]: creates TEAM with a budget (so every request
+# takes a reservation; default $1,000,000) and a key of it on the tollgate at PORT; prints the key.
 bench_key() {
   local admin=(curl -sSf -X POST -H "Authorization: Bearer $2" -H 'Content-Type: application/json')
-  "${admin[@]}" -d "{\"name\":\"$3\",\"limit_usd\":1000000,\"period\":\"monthly\"}" "http://127.0.0.1:$1/admin/teams" >/dev/null
+  "${admin[@]}" -d "{\"name\":\"$3\",\"limit_usd\":${4:-1000000},\"period\":\"monthly\"}" "http://127.0.0.1:$1/admin/teams" >/dev/null
   "${admin[@]}" -d "{\"team\":\"$3\",\"name\":\"$3\"}" "http://127.0.0.1:$1/admin/keys" \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
 }

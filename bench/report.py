@@ -144,7 +144,7 @@ def report(results_path, meta_path):
     p(f"Machine: {meta['nproc']} cores ({meta['cpu']}), {meta['mem_gib']} GiB memory, Linux {meta['kernel']}; "
       f"load generator (wrk), mock upstream, nginx and tollgate all on this one machine, on 127.0.0.1.")
     p(f"tollgate {meta['commit']}{meta['source_note']}, {meta['rustc']}, "
-      f"release profile; {meta['wrk']}; nginx {meta['nginx']}.")
+      f"{meta.get('build', 'release profile')}; {meta['wrk']}; nginx {meta['nginx']}.")
     p(f"{mode.capitalize()}: {meta['rounds']} round(s) of {meta['duration_s']} s per case and target, the three "
       f"targets alternating within each round (the first rotates). Medians over rounds, min – max in brackets.")
     if others:

@@ -14,6 +14,7 @@
 #   bench/run.sh --quick      CI smoke: 1 round of ~2 s per case, 200 streams, writes nothing
 #   bench/run.sh --quick --write
 #   options: --rounds N  --duration S  --streams N  --no-build  --no-write  --keep (keep the work dir)
+#            --no-pgo    measure a plain release build, not the profile-guided one (bench/pgo.sh)
 #            --wait-quiet S  wait up to S seconds for no rustc to be running before measuring
 #
 # Installs wrk and nginx from Debian when missing. Every server listens on 127.0.0.1 only and
@@ -21,7 +22,7 @@
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-QUICK=0 WRITE=1 BUILD=1 KEEP=0
+QUICK=0 WRITE=1 BUILD=1 KEEP=0 PGO=1
 ROUNDS="" DURATION="" STREAMS="" WAIT_QUIET=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,6 +30,7 @@ while [ $# -gt 0 ]; do
     --write) WRITE=2 ;;
     --no-write) WRITE=0 ;;
     --no-build) BUILD=0 ;;
+    --no-pgo) PGO=0 ;;
     --keep) KEEP=1 ;;
     --rounds) ROUNDS=$2; shift ;;
     --duration) DURATION=$2; shift ;;
@@ -136,10 +138,18 @@ if [ $(( STREAMS * 2 + 200 )) -gt "$(ulimit -n)" ]; then
 fi
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET_DIR/release
+# The shipped build (the Dockerfile's) is profile-guided: bench/pgo.sh builds it, with the
+# mock and client beside it. --no-pgo measures a plain `cargo build --release`.
+if [ "$PGO" = 1 ]; then BIN=$TARGET_DIR/pgo-use/release BUILD_KIND="release profile, profile-guided (bench/pgo.sh)"
+else BIN=$TARGET_DIR/release BUILD_KIND="release profile, no PGO"; fi
 if [ "$BUILD" = 1 ]; then
-  log "building release binaries"
-  (cd "$ROOT" && cargo build --release --quiet --bin tollgate --bin mock-upstream --bin bench-client)
+  if [ "$PGO" = 1 ]; then
+    log "building the profile-guided release binaries (bench/pgo.sh)"
+    bash "$ROOT/bench/pgo.sh"
+  else
+    log "building release binaries"
+    (cd "$ROOT" && cargo build --release --quiet --bin tollgate --bin mock-upstream --bin bench-client)
+  fi
 fi
 for b in tollgate mock-upstream bench-client; do [ -x "$BIN/$b" ] || die "$BIN/$b missing (run without --no-build)"; done
 # The source the binaries were built from (taken now: commits may land while this runs).
@@ -493,7 +503,7 @@ cat >"$WORK/meta.json" <<EOF
   "nproc": $(nproc),
   "mem_gib": $(awk '/MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo),
   "kernel": "$(uname -r)",
-  "commit": "$git_rev", "source_note": "$git_note",
+  "commit": "$git_rev", "source_note": "$git_note", "build": "$BUILD_KIND",
   "rustc": "$(rustc --version 2>/dev/null || echo unknown)",
   "wrk": "$(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')",
   "nginx": "$(nginx -v 2>&1 | sed 's/.*: //')",
