@@ -38,7 +38,12 @@ fn tokens(c: &mut Criterion) {
     g.bench_function("chat_128k_bound", |b| {
         b.iter(|| prompt_tokens_upper_bound(PromptKind::Chat, "gpt-4o", black_box(&doc)))
     });
+    // Each hostile input at 256 KiB and at 1 MiB: linear time shows as the same bytes/s.
     let hostile: String = "a".repeat(1 << 20);
+    g.throughput(Throughput::Bytes(1 << 18));
+    g.bench_function("one_letter_256kib", |b| {
+        b.iter(|| count_text(Encoding::O200kBase, black_box(&hostile[..1 << 18])))
+    });
     g.throughput(Throughput::Bytes(hostile.len() as u64));
     g.bench_function("one_letter_1mib", |b| b.iter(|| count_text(Encoding::O200kBase, black_box(&hostile))));
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -50,6 +55,11 @@ fn tokens(c: &mut Criterion) {
             b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[(x % 62) as usize] as char
         })
         .collect();
+    g.throughput(Throughput::Bytes(1 << 18));
+    g.bench_function("base62_no_spaces_256kib", |b| {
+        b.iter(|| count_text(Encoding::O200kBase, black_box(&base62[..1 << 18])))
+    });
+    g.throughput(Throughput::Bytes(base62.len() as u64));
     g.bench_function("base62_no_spaces_1mib", |b| b.iter(|| count_text(Encoding::O200kBase, black_box(&base62))));
     g.finish();
 }
