@@ -43,17 +43,10 @@ MOCK=${CARGO_TARGET_DIR:-$ROOT/target}/release/mock-upstream
 CLIENT=${CARGO_TARGET_DIR:-$ROOT/target}/release/bench-client
 [ -x "$MOCK" ] && [ -x "$CLIENT" ] || (cd "$ROOT" && cargo build --release --quiet --bin mock-upstream --bin bench-client)
 
-W=$(mktemp -d /tmp/tollgate-ab.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
+work_dir ab
 
 python3 - "$W" <<'EOF'
 import json, sys

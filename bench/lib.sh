@@ -1,6 +1,14 @@
 # Shared by the bench scripts (sourced, not run): ports, the wrk request script, and a
 # tollgate with every accounting feature on (a team with a budget and a key).
 
+# work_dir NAME: a fresh folder /tmp/tollgate-NAME.* in $W, an empty PIDS, and an exit trap
+# that stops every process in PIDS and removes the folder.
+work_dir() {
+  W=$(mktemp -d "/tmp/tollgate-$1.XXXXXX")
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$W"' EXIT
+}
+
 # A free TCP port on 127.0.0.1.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -49,16 +49,9 @@ PROFDATA=$(profdata)
 [ -n "$PROFDATA" ] || die "no llvm-profdata for LLVM $LLVM_MAJOR (rustc's); install llvm-$LLVM_MAJOR"
 command -v curl >/dev/null && command -v python3 >/dev/null || die "needs curl and python3"
 
-W=$(mktemp -d /tmp/tollgate-pgo.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
+work_dir pgo
 
 # --- 1. instrumented build ------------------------------------------------------------------
 GEN=$TARGET/pgo-gen USE=$TARGET/pgo-use
