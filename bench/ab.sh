@@ -48,19 +48,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 . "$ROOT/bench/lib.sh"
 work_dir ab
 
-python3 - "$W" <<'EOF'
-import json, sys
-def chat(stream):
-    body = {"model": "gpt-4o-mini", "max_tokens": 64,
-            "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                         {"role": "user", "content": "Write one sentence about toll bridges."}]}
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":"))
-open(sys.argv[1] + "/chat.json", "w").write(chat(False))
-open(sys.argv[1] + "/stream.json", "w").write(chat(True))
-open(sys.argv[1] + "/drip.json", "w").write(chat(True).replace('"gpt-4o-mini"', '"drip-mini"'))
-EOF
+python3 "$ROOT/bench/bodies.py" "$W"
 post_lua "$W/post.lua"
 cat >>"$W/post.lua" <<'EOF'
 done = function(s, latency)

@@ -67,3 +67,11 @@ bench_key() {
   "${admin[@]}" -d "{\"team\":\"$3\",\"name\":\"$3\"}" "http://127.0.0.1:$1/admin/keys" \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
 }
+
+# debian_install PKG...: installs Debian packages quietly (with sudo unless root).
+debian_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}

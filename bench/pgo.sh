@@ -39,18 +39,16 @@ profdata() {
     command -v "$c" >/dev/null 2>&1 && { command -v "$c"; return; }
   done
 }
-SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 if [ -z "$(profdata)" ] || ! command -v wrk >/dev/null; then
   log "installing llvm-$LLVM_MAJOR (llvm-profdata) and wrk from Debian"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "llvm-$LLVM_MAJOR" wrk >/dev/null
+  debian_install "llvm-$LLVM_MAJOR" wrk
 fi
 PROFDATA=$(profdata)
 [ -n "$PROFDATA" ] || die "no llvm-profdata for LLVM $LLVM_MAJOR (rustc's); install llvm-$LLVM_MAJOR"
 command -v curl >/dev/null && command -v python3 >/dev/null || die "needs curl and python3"
 
-# shellcheck source=bench/lib.sh
-. "$ROOT/bench/lib.sh"
 work_dir pgo
 
 # --- 1. instrumented build ------------------------------------------------------------------
@@ -65,22 +63,7 @@ log "building the instrumented binary (target/pgo-gen) and the mock upstream"
   cargo build --release --locked --quiet --bin tollgate --bin mock-upstream)
 
 # --- 2. training run ------------------------------------------------------------------------
-python3 - "$W" <<'EOF'
-import json, random, sys
-def chat(stream=False, content="Write one sentence about toll bridges."):
-    body = {"model": "gpt-4o-mini", "max_tokens": 64,
-            "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                         {"role": "user", "content": content}]}
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":"))
-random.seed(7)
-words = ["toll", "bridge", "gateway", "budget", "token", "model", "stream", "ledger", "cost"]
-long = " ".join(random.choice(words) for _ in range(30000))
-open(sys.argv[1] + "/chat.json", "w").write(chat())
-open(sys.argv[1] + "/stream.json", "w").write(chat(True))
-open(sys.argv[1] + "/long.json", "w").write(chat(content=long))
-EOF
+python3 "$ROOT/bench/bodies.py" "$W" --long
 post_lua "$W/post.lua"
 "$GEN/release/mock-upstream" --port 0 >"$W/mock.log" 2>&1 &
 PIDS+=($!)

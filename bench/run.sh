@@ -120,13 +120,13 @@ other_cpu_pct() {
 }
 
 # --- tools ----------------------------------------------------------------------------------
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 command -v python3 >/dev/null || die "python3 is needed (body generation and the report)"
 command -v curl >/dev/null || die "curl is needed"
 if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
   log "installing wrk and nginx from Debian"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk nginx >/dev/null
+  debian_install wrk nginx
 fi
 # 5,000 streams need ~10,000 descriptors in tollgate (client side and upstream side).
 HARD=$(ulimit -Hn)
@@ -175,50 +175,7 @@ if [ "$WAIT_QUIET" -gt 0 ]; then
 fi
 
 # --- request bodies ---------------------------------------------------------------------------
-python3 - "$WORK" <<'EOF'
-import json, random, sys
-work = sys.argv[1]
-def chat(model, stream=False, content="Write one sentence about toll bridges."):
-    body = {"model": model,
-            "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                         {"role": "user", "content": content}],
-            "max_tokens": 64}
-    if stream:
-        body["stream"] = True
-    return json.dumps(body, separators=(",", ":"))
-# ~100k o200k tokens of English-like prose: common words, some rarer ones, numbers, punctuation.
-rng = random.Random(5)
-common = ("the of and to in is that for it as was with be by on not he this are or his from at which "
-          "but have an they you were her she there been one all we their has would when if so no will "
-          "what can more about up out them some time could into only other new these two may then do "
-          "first any my now such like our over man me even most made after also did many before must "
-          "through back years where much your way well down should because each just those people how "
-          "too little state good very make world still own see men work long get here between both life "
-          "being under never day same another know while last might us great old year off come since "
-          "against go came right used take three").split()
-rare = ("gateway budget ledger tokenizer latency throughput reservation downgrade fallback metering "
-        "invoice quarterly procurement amortized idempotent heuristics telemetry Kubernetes PostgreSQL "
-        "microservice configuration observability serialization asynchronous deterministic").split()
-words, n = [], 0
-while n < 100_000:
-    r = rng.random()
-    if r < 0.80: w = rng.choice(common)
-    elif r < 0.93: w = rng.choice(rare)
-    else: w = str(rng.randint(0, 99999))
-    if rng.random() < 0.08: w += rng.choice([",", ".", ";", ":"])
-    words.append(w)
-    n += 1 if r < 0.80 else 2 if r < 0.93 else 3
-text = " ".join(words)
-files = {
-    "chat.json": chat("gpt-4o-mini"),
-    "stream.json": chat("gpt-4o-mini", stream=True),
-    "big.json": chat("gpt-4o-mini", content="Summarise this document:\n" + text),
-    "drip.json": chat("drip-mini", stream=True),
-    "slow.json": chat("slow-mini", stream=True),
-}
-for name, body in files.items():
-    open(f"{work}/{name}", "w").write(body)
-EOF
+python3 "$ROOT/bench/bodies.py" "$WORK" --big
 cat > "$WORK/post.lua" <<'EOF'
 -- POSTs the body in $BENCH_BODY (with $BENCH_KEY as the bearer key when set) and prints one
 -- JSON line of results: wrk's latencies are in microseconds.
