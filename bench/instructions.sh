@@ -13,7 +13,7 @@
 # connections (default 8), lets the ledger commit, and prints the instructions of all of
 # tollgate's threads (workers, ledger, SQLite) divided by the requests answered, and those of
 # the request workers alone (steadier: the SQLite share depends on the batch sizes a run
-# reached). Prints the callgrind file too, for `callgrind_annotate --inclusive=yes FILE`. With --stream the
+# reached). Prints the callgrind files too (one a thread), for `callgrind_annotate --inclusive=yes FILE`. With --stream the
 # requests are streamed chat (the mock's SSE answer, usage in its last chunk).
 #
 # The work folder (/tmp/tollgate-instr.*) is kept for the callgrind files. Needs valgrind,
@@ -64,7 +64,9 @@ for i in "${!BINS[@]}"; do
   d="$W/t$i"
   mkdir -p "$d"
   tollgate_config "$d/tollgate.toml" "$d" "$MOCK_PORT" sk-admin-instr </dev/null
-  valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out" "${BINS[$i]}" --config "$d/tollgate.toml" serve \
+  # One file a thread (callgrind.out.1-NN): the workers are told apart by what they ran.
+  valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$d/callgrind.out" \
+    "${BINS[$i]}" --config "$d/tollgate.toml" serve \
     >"$d/log" 2>&1 &
   pid=$!
   PIDS+=($pid)
@@ -78,15 +80,19 @@ for i in "${!BINS[@]}"; do
   sleep 1.5 # the ledger's paced commit of what is queued
   callgrind_control -d "$pid" >/dev/null 2>&1
   sleep 1
-  total=$(callgrind_annotate "$d/callgrind.out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !n++ {gsub(",", "", $1); print $1}')
-  [ -n "$total" ] && [ "${n:-0}" -gt 0 ] || { echo "bench/instructions.sh: no measurement for ${BINS[$i]}" >&2; exit 1; }
-  # The request workers' tasks alone (their single-threaded runtimes): steadier than the
-  # total, whose SQLite share per request depends on how large the ledger's batches grew,
-  # which depends on how fast this run went.
-  workers=$(callgrind_annotate --inclusive=yes --threshold=100 "$d/callgrind.out.1" 2>/dev/null \
-    | awk '/current_thread::Context::run_task \[/ && !n++ {gsub(",", "", $1); print $1}')
+  total=0 workers=0
+  for f in "$d"/callgrind.out.1-*; do
+    t=$(awk '/^summary:/ { print $2; exit }' "$f")
+    total=$((total + ${t:-0}))
+    # The request workers' threads alone: steadier than the total, whose SQLite share per
+    # request depends on how large the ledger's batches grew, which depends on how fast
+    # this run went. A worker's thread is one that served connections (a symbol of
+    # `serve_handed_over` in its file; a profile-guided build inlines tokio's own frames).
+    if grep -q 'serve_handed_over' "$f"; then workers=$((workers + ${t:-0})); fi
+  done
+  [ "$total" -gt 0 ] && [ "${n:-0}" -gt 0 ] || { echo "bench/instructions.sh: no measurement for ${BINS[$i]}" >&2; exit 1; }
   printf '%s: %d requests, %d instructions a request, %d of them in the workers (%s)\n' \
-    "${BINS[$i]}" "$n" $((total / n)) $((${workers:-0} / n)) "$d/callgrind.out.1"
+    "${BINS[$i]}" "$n" $((total / n)) $((workers / n)) "$d/callgrind.out.1-*"
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
 done
