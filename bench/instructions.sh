@@ -36,8 +36,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ ${#BINS[@]} -gt 0 ] || { echo "bench/instructions.sh: give at least one tollgate binary (see --help)" >&2; exit 2; }
-for tool in valgrind callgrind_control callgrind_annotate wrk curl; do
-  command -v "$tool" >/dev/null || { echo "bench/instructions.sh: needs $tool (apt-get install -y valgrind wrk curl)" >&2; exit 2; }
+for tool in valgrind callgrind_control callgrind_annotate wrk curl python3; do
+  command -v "$tool" >/dev/null || { echo "bench/instructions.sh: needs $tool (apt-get install -y valgrind wrk curl python3)" >&2; exit 2; }
 done
 MOCK=${CARGO_TARGET_DIR:-$ROOT/target}/release/mock-upstream
 [ -x "$MOCK" ] || (cd "$ROOT" && cargo build --release --quiet --bin mock-upstream)
@@ -52,9 +52,9 @@ trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
 
-STREAM_FIELD=""
-[ "$STREAM" = 1 ] && STREAM_FIELD='"stream":true,'
-printf '%s' '{"model":"gpt-4o-mini","max_tokens":64,'"$STREAM_FIELD"'"messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Write one sentence about toll bridges."}]}' >"$W/chat.json"
+python3 "$ROOT/bench/bodies.py" "$W"
+BODY_FILE=$W/chat.json
+[ "$STREAM" = 1 ] && BODY_FILE=$W/stream.json
 post_lua "$W/post.lua"
 "$MOCK" --port 0 >"$W/mock.log" 2>&1 &
 PIDS+=($!)
@@ -72,7 +72,7 @@ for i in "${!BINS[@]}"; do
   PIDS+=($pid)
   port=$(port_in_log "$d/log" 'listening on http://' 60)
   key=$(bench_key "$port" sk-admin-instr bench)
-  load() { BODY="$W/chat.json" KEY="$key" wrk -t1 -c"$CONC" -d"$1s" -s "$W/post.lua" "http://127.0.0.1:$port/v1/chat/completions"; }
+  load() { BODY="$BODY_FILE" KEY="$key" wrk -t1 -c"$CONC" -d"$1s" -s "$W/post.lua" "http://127.0.0.1:$port/v1/chat/completions"; }
   load 3 >/dev/null
   sleep 1
   callgrind_control -z "$pid" >/dev/null 2>&1
