@@ -196,6 +196,60 @@ async fn big_batches(postgres: Option<&str>) {
     }
 }
 
+/// The record connection binds each record's texts where they lie, for as long as its
+/// statement runs: batch after batch of records, each batch freed (and its memory reused)
+/// before the next is written, every size of statement, texts from empty to long; every
+/// value must read back as it was written, and none from an earlier batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn record_batches_read_back_field_by_field_on_the_servers_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Backend::connect(&format!("sqlite://{}", dir.path().join("l.db").display())).await.unwrap();
+    let make = |batch: usize, i: usize| {
+        let n = batch * 1000 + i;
+        RequestRecord {
+            request_id: id(n as u64, T0 + n as i64),
+            time_ms: T0 + n as i64,
+            key_id: format!("key_{}", "k".repeat(i % 40)),
+            team: if i.is_multiple_of(7) { String::new() } else { format!("team-{batch}-{i}") },
+            endpoint: if i.is_multiple_of(2) { "chat.completions" } else { "embeddings" },
+            model: "m".repeat(1 + (n * 13) % 300),
+            served_model: if i.is_multiple_of(5) { String::new() } else { format!("served-{n}") },
+            usage: Usage { input_tokens: n as u64, cached_input_tokens: (n / 2) as u64, output_tokens: (n * 3) as u64 },
+            cost: NanoUsd(n as i64 * 1_000_003),
+            usage_source: if i.is_multiple_of(3) { UsageSource::Estimated } else { UsageSource::Reported },
+            status: 200 + (i % 300) as u16,
+            latency_ms: n as u64,
+            stream: i % 2 == 1,
+        }
+    };
+    // 1 row, then 2 + 1, then 128 + 64 + 32 + 16 + 8 + 4 + 2 + 1, then 128 × 3 + 1 ...
+    let sizes = [1usize, 3, 255, 385, 1, 200];
+    let mut expected = Vec::new();
+    for (batch, &size) in sizes.iter().enumerate() {
+        let records: Vec<RequestRecord> = (0..size).map(|i| make(batch, i)).collect();
+        db.insert_records(&records).await.unwrap();
+        expected.extend(records);
+        // The batch's strings are freed here; the next batch's may take their memory.
+    }
+    let mut read = Vec::new();
+    let mut before = None;
+    loop {
+        let page = db.logs(&LogFilter { limit: 1000, before: before.clone(), ..Default::default() }).await.unwrap();
+        read.extend(page.records);
+        match page.next_before {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(read.len(), expected.len());
+    read.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    expected.sort_by(|a, b| a.request_id.cmp(&b.request_id));
+    for (got, want) in read.iter().zip(&expected) {
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+    }
+    db.close().await;
+}
+
 /// The CLI writes keys and teams through its own connection while the server's ledger writer
 /// commits batches to the same SQLite file: every such write must wait its turn, not fail with
 /// "database is locked" (a transaction that reads before it writes must take the write lock

@@ -125,21 +125,32 @@ const _: () = assert!(SLICE_ROWS.is_power_of_two() && SLICE_ROWS <= MAX_ROWS);
 /// The connection that writes record batches, with rusqlite. Through sqlx, each text
 /// argument of a row was copied to be sent to sqlx's connection thread, and the copy freed
 /// after the statement (callgrind: ~3k instructions a proxied request, 3% of all). Here the
-/// statement binds the records where they lie. Writes are blocking
+/// statement binds the records where they lie (see [`Upsert`]). Writes are blocking
 /// calls (see `SqliteBackend::write_records`). Opened by the first batch: only the server's
 /// writer writes batches here, not the CLI or the tests' current-thread runtimes.
 struct Rows {
     file: PathBuf,
     busy_timeout: Duration,
-    conn: Mutex<Option<rusqlite::Connection>>,
+    conn: Mutex<Option<RecordConn>>,
 }
+
+/// The record connection and its prepared upserts, one per statement size.
+struct RecordConn {
+    /// By the log2 of the statement's rows. Declared before `conn` because fields drop in
+    /// order: a statement is finalized before its connection closes.
+    upserts: [Option<Upsert>; UPSERT_SIZES],
+    conn: rusqlite::Connection,
+}
+
+/// Statement sizes on the record connection: 1, 2, 4, … [`SLICE_ROWS`] rows.
+const UPSERT_SIZES: usize = SLICE_ROWS.ilog2() as usize + 1;
 
 impl Rows {
     fn new(file: &Path, busy_timeout: Duration) -> Rows {
         Rows { file: file.to_path_buf(), busy_timeout, conn: Mutex::new(None) }
     }
 
-    fn open(&self) -> Result<rusqlite::Connection, LedgerError> {
+    fn open(&self) -> Result<RecordConn, LedgerError> {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
             &self.file,
@@ -157,8 +168,7 @@ impl Rows {
         // needs no writable temporary folder (a container with a read-only root has none).
         // The CPU it saves is within the benchmark's noise (docs/benchmarks.md).
         conn.pragma_update(None, "temp_store", "MEMORY")?;
-        conn.set_prepared_statement_cache_capacity(16);
-        Ok(conn)
+        Ok(RecordConn { upserts: Default::default(), conn })
     }
 
     /// Writes `records` (one per request) as multi-row upserts of a power of two of rows,
@@ -171,15 +181,16 @@ impl Rows {
         }
         // A panic while holding the lock leaves no open transaction: dropping one rolls it back.
         let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let conn = match &mut *guard {
+        let record_conn = match &mut *guard {
             Some(conn) => conn,
             // Not opened yet, or the last attempt failed (the writer retries the batch).
             empty => empty.insert(self.open()?),
         };
+        let RecordConn { upserts, conn } = record_conn;
         if let [only] = chunks[..] {
             // One statement is atomic by itself, and outside a transaction it needs no
             // statement journal.
-            return insert_chunk(conn, only);
+            return upsert(upserts, conn, only);
         }
         // Immediate: see `begin_write` above.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -187,28 +198,134 @@ impl Rows {
             if i > 0 {
                 std::thread::yield_now();
             }
-            insert_chunk(&tx, chunk)?;
+            upsert(upserts, &tx, chunk)?;
         }
         tx.commit()?;
         Ok(())
     }
 }
 
-fn insert_chunk(conn: &rusqlite::Connection, chunk: &[&RequestRecord]) -> Result<(), LedgerError> {
-    let mut statement = conn.prepare_cached(SqliteBackend::insert_sql(chunk.len()))?;
-    for (row, r) in chunk.iter().enumerate() {
-        for (i, column) in record_columns(r).into_iter().enumerate() {
-            // Parameters count from 1.
-            let at = row * RECORD_COLUMNS + i + 1;
-            match column {
-                Column::Text(v) => statement.raw_bind_parameter(at, v),
-                Column::Int(v) => statement.raw_bind_parameter(at, v),
-                Column::Bool(v) => statement.raw_bind_parameter(at, v),
-            }?;
+/// Runs the upsert of `chunk.len()` rows (a power of two), preparing it on first use.
+fn upsert(
+    upserts: &mut [Option<Upsert>; UPSERT_SIZES],
+    conn: &rusqlite::Connection,
+    chunk: &[&RequestRecord],
+) -> Result<(), LedgerError> {
+    let slot = &mut upserts[chunk.len().ilog2() as usize];
+    let statement = match slot {
+        Some(statement) => statement,
+        empty => empty.insert(Upsert::prepare(conn, SqliteBackend::insert_sql(chunk.len()))?),
+    };
+    statement.run(conn, chunk)
+}
+
+/// A prepared multi-row upsert on the record connection, driven through SQLite's C API
+/// because rusqlite binds every text as `SQLITE_TRANSIENT`: SQLite then copies each of a
+/// row's seven texts into memory of its own (`malloc` under its allocator's mutex) and frees
+/// the copies when the statement is reset. Bound as `SQLITE_STATIC`, SQLite reads them
+/// where they lie while the statement runs, and [`Upsert::run`] unbinds them before it
+/// returns. (callgrind: the binding and unbinding were ~19% of the ledger thread's
+/// instructions; see docs/benchmarks.md.)
+struct Upsert(std::ptr::NonNull<rusqlite::ffi::sqlite3_stmt>);
+
+// SAFETY: a statement belongs to its connection, which is `Send` and opened with
+// SQLITE_OPEN_NO_MUTEX; both only move between threads together, inside `Rows`' mutex,
+// and are used by one thread at a time.
+unsafe impl Send for Upsert {}
+
+impl Upsert {
+    fn prepare(conn: &rusqlite::Connection, sql: &str) -> Result<Upsert, LedgerError> {
+        use rusqlite::ffi;
+        let len = std::ffi::c_int::try_from(sql.len()).map_err(|_| too_big())?;
+        let mut statement = std::ptr::null_mut();
+        // SAFETY: the handle is the live connection's; `sql` is valid for `len` bytes.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v3(
+                conn.handle(),
+                sql.as_ptr().cast(),
+                len,
+                ffi::SQLITE_PREPARE_PERSISTENT,
+                &mut statement,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != ffi::SQLITE_OK {
+            return Err(failure(conn, rc));
+        }
+        std::ptr::NonNull::new(statement).map(Upsert).ok_or_else(|| failure(conn, ffi::SQLITE_MISUSE))
+    }
+
+    /// Binds `chunk`'s records (as many as the statement has rows) and runs the statement.
+    fn run(&mut self, conn: &rusqlite::Connection, chunk: &[&RequestRecord]) -> Result<(), LedgerError> {
+        use rusqlite::ffi;
+        use std::ffi::c_int;
+        let statement = self.0.as_ptr();
+        // Reset and unbound on every way out of here, so that no pointer into `chunk` stays
+        // with the statement once its texts may be freed.
+        let _unbind = Unbind(statement);
+        for (row, r) in chunk.iter().enumerate() {
+            for (i, column) in record_columns(r).into_iter().enumerate() {
+                // Parameters count from 1.
+                let at = c_int::try_from(row * RECORD_COLUMNS + i + 1).map_err(|_| too_big())?;
+                // SAFETY: `statement` is live; a text stays valid (it is borrowed from
+                // `chunk`) until `_unbind` unbinds it, after the statement has run.
+                let rc = match column {
+                    Column::Text(v) => {
+                        let len = c_int::try_from(v.len()).map_err(|_| too_big())?;
+                        // An empty text as rusqlite binds one: a pointer that is always valid.
+                        let text = if v.is_empty() { c"".as_ptr() } else { v.as_ptr().cast() };
+                        unsafe { ffi::sqlite3_bind_text(statement, at, text, len, ffi::SQLITE_STATIC()) }
+                    }
+                    Column::Int(v) => unsafe { ffi::sqlite3_bind_int64(statement, at, v) },
+                    Column::Bool(v) => unsafe { ffi::sqlite3_bind_int64(statement, at, i64::from(v)) },
+                };
+                if rc != ffi::SQLITE_OK {
+                    return Err(failure(conn, rc));
+                }
+            }
+        }
+        // SAFETY: every parameter is bound (the statement has `chunk.len()` rows).
+        match unsafe { ffi::sqlite3_step(statement) } {
+            ffi::SQLITE_DONE => Ok(()),
+            rc => Err(failure(conn, rc)),
         }
     }
-    statement.raw_execute()?;
-    Ok(())
+}
+
+impl Drop for Upsert {
+    fn drop(&mut self) {
+        // SAFETY: the statement is live and finalized once; its connection is still open
+        // (`RecordConn` drops its statements first).
+        unsafe { rusqlite::ffi::sqlite3_finalize(self.0.as_ptr()) };
+    }
+}
+
+/// Resets a statement and clears its bindings when dropped.
+struct Unbind(*mut rusqlite::ffi::sqlite3_stmt);
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        // SAFETY: the statement is live (its `Upsert` outlives this guard). The codes these
+        // return repeat the step's, already reported.
+        unsafe {
+            rusqlite::ffi::sqlite3_reset(self.0);
+            rusqlite::ffi::sqlite3_clear_bindings(self.0);
+        }
+    }
+}
+
+/// The error SQLite reported for `rc` on `conn`, with its message.
+fn failure(conn: &rusqlite::Connection, rc: std::ffi::c_int) -> LedgerError {
+    // SAFETY: the handle is the live connection's; the message is copied at once.
+    let message = unsafe {
+        let text = rusqlite::ffi::sqlite3_errmsg(conn.handle());
+        (!text.is_null()).then(|| std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned())
+    };
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rc), message).into()
+}
+
+fn too_big() -> LedgerError {
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG), None).into()
 }
 
 pub(crate) fn hash_to_hex(hash: &[u8; 32]) -> String {
