@@ -228,8 +228,9 @@ async fn record_batches_read_back_field_by_field_on_the_servers_runtime() {
     for (batch, &size) in sizes.iter().enumerate() {
         let records: Vec<RequestRecord> = (0..size).map(|i| make(batch, i)).collect();
         db.insert_records(&records).await.unwrap();
-        expected.extend(records);
-        // The batch's strings are freed here; the next batch's may take their memory.
+        expected.extend(records.iter().cloned());
+        // The batch's own strings are freed here; the next batch's may take their memory.
+        drop(records);
     }
     let mut read = Vec::new();
     let mut before = None;
