@@ -251,6 +251,34 @@ async fn record_batches_read_back_field_by_field_on_the_servers_runtime() {
     db.close().await;
 }
 
+/// The server's record connection leaves checkpoints to a thread of its own (it checkpoints
+/// itself only past a 64 MiB backstop): records written in a few batches, far below the
+/// backstop, still reach the database file — which in WAL mode only a checkpoint writes —
+/// within a few of the checkpointer's rounds, and read back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn the_checkpointer_moves_record_batches_into_the_database_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("l.db");
+    let db = Backend::connect(&format!("sqlite://{}", file.display())).await.unwrap();
+    let size = || std::fs::metadata(&file).unwrap().len();
+    let empty = size();
+    for batch in 0..4u64 {
+        let records: Vec<RequestRecord> = (0..500)
+            .map(|i| record(batch * 1000 + i, T0 + (batch * 1000 + i) as i64, "k", "t", "gpt-4o", 1, UsageSource::Reported))
+            .collect();
+        db.insert_records(&records).await.unwrap();
+    }
+    let wal = std::fs::metadata(dir.path().join("l.db-wal")).unwrap().len();
+    assert!(wal > 100 * 4096, "the batches went to the WAL ({wal} bytes)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while size() < empty + 64 * 1024 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint within 5 s: the database file is {} bytes, as created ({empty})", size());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(db.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 2000);
+    db.close().await;
+}
+
 /// The CLI writes keys and teams through its own connection while the server's ledger writer
 /// commits batches to the same SQLite file: every such write must wait its turn, not fail with
 /// "database is locked" (a transaction that reads before it writes must take the write lock

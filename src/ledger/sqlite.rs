@@ -10,7 +10,7 @@
 use std::borrow::Borrow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
@@ -132,6 +132,8 @@ struct Rows {
     file: PathBuf,
     busy_timeout: Duration,
     conn: Mutex<Option<RecordConn>>,
+    /// Started with the record connection; stops when this is dropped.
+    checkpointer: OnceLock<Checkpointer>,
 }
 
 /// The record connection and its prepared upserts, one per statement size.
@@ -147,7 +149,7 @@ const UPSERT_SIZES: usize = SLICE_ROWS.ilog2() as usize + 1;
 
 impl Rows {
     fn new(file: &Path, busy_timeout: Duration) -> Rows {
-        Rows { file: file.to_path_buf(), busy_timeout, conn: Mutex::new(None) }
+        Rows { file: file.to_path_buf(), busy_timeout, conn: Mutex::new(None), checkpointer: OnceLock::new() }
     }
 
     fn open(&self) -> Result<RecordConn, LedgerError> {
@@ -168,6 +170,10 @@ impl Rows {
         // needs no writable temporary folder (a container with a read-only root has none).
         // The CPU it saves is within the benchmark's noise (docs/benchmarks.md).
         conn.pragma_update(None, "temp_store", "MEMORY")?;
+        // The checkpointer thread moves the WAL into the database; this connection does it
+        // itself only past the backstop (see `Checkpointer`).
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)?;
+        self.checkpointer.get_or_init(|| Checkpointer::start(&self.file, self.busy_timeout));
         Ok(RecordConn { upserts: Default::default(), conn })
     }
 
@@ -202,6 +208,93 @@ impl Rows {
         }
         tx.commit()?;
         Ok(())
+    }
+}
+
+/// WAL pages past which the record connection checkpoints at its own commit, as SQLite does
+/// past 1,000 pages by default: a backstop for a checkpointer that gets no CPU for a while
+/// (a machine busy to its last cycle). 16,384 pages are 64 MiB of WAL.
+const WAL_BACKSTOP_PAGES: u32 = 16_384;
+
+/// How often the checkpointer moves what the WAL gained into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// A thread of its own that checkpoints the WAL (`PRAGMA wal_checkpoint(PASSIVE)`) on a
+/// connection of its own, at the lowest CPU priority (`SCHED_IDLE` on Linux).
+///
+/// SQLite checkpoints at the commit that takes the WAL past 1,000 pages, on the committing
+/// connection: the record connection, which then copied ~1,000 pages from the WAL into the
+/// database and synced both, several milliseconds on one core with no point at which the
+/// thread gave it up. With every core busy serving, a request worker waited that long for
+/// its core, and so did every request on it (`perf sched`: the ledger thread ran 4–5 ms at a
+/// stretch; c=64's p99 fell to ~nginx's with no database writes at all). An idle-class
+/// thread gives its core up whenever any other thread wants it, so a checkpoint fills the
+/// cores' idle moments instead. A passive checkpoint takes no lock a writer or reader waits
+/// for, and its fsyncs, the only ones `synchronous = NORMAL` makes, leave the writer too.
+struct Checkpointer {
+    /// Dropped with the `Rows`: the thread sees the channel closed and ends.
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Checkpointer {
+    fn start(file: &Path, busy_timeout: Duration) -> Checkpointer {
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let file = file.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("tollgate-checkpoint".into())
+            .spawn(move || Checkpointer::run(&file, busy_timeout, &stopped));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no checkpointer thread; the record connection checkpoints past its backstop");
+        }
+        Checkpointer { _stop: stop }
+    }
+
+    fn run(file: &Path, busy_timeout: Duration, stopped: &std::sync::mpsc::Receiver<()>) {
+        lowest_priority();
+        let opened = rusqlite::Connection::open_with_flags(
+            file,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|conn| {
+            conn.busy_timeout(busy_timeout)?;
+            // A checkpoint syncs the WAL and the database file as this setting says.
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            Ok(conn)
+        });
+        let conn = match opened {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpointer cannot open the database; the record connection checkpoints past its backstop");
+                return;
+            }
+        };
+        let mut failing = false;
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+            // A passive checkpoint copies what no reader still needs and never waits; what
+            // it leaves, the next one takes. With nothing new in the WAL it reads only the
+            // shared-memory index.
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retrying");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Puts the calling thread in the idle scheduling class: it runs only on a core that
+/// nothing else wants, and any other thread that wakes there preempts it.
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; `param` is a valid `sched_param`.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "checkpointer keeps its priority");
+        }
     }
 }
 
