@@ -321,7 +321,10 @@ impl BudgetBook {
                 if used + amount > limit {
                     let retry_after_s =
                         b.spec.period.reset(now).map(|at| ((at - now.timestamp_millis()).max(0) as u64).div_ceil(1000));
-                    return Err(Refusal { scope: b.scope.clone(), remaining: limit.saturating_sub(used), retry_after_s });
+                    // Spend can pass the limit (a request costs more than reserved): what
+                    // remains is then 0, as `remaining_usd` says, never a negative amount.
+                    let remaining = limit.saturating_sub(used).max(NanoUsd::ZERO);
+                    return Err(Refusal { scope: b.scope.clone(), remaining, retry_after_s });
                 }
             }
         }
@@ -565,6 +568,19 @@ mod tests {
         let s = book.status(&budgets[0], next_day);
         assert_eq!(s.spent, NanoUsd(0));
         assert_eq!(s.remaining, Some(NanoUsd(100)));
+    }
+
+    #[test]
+    fn a_refusal_past_the_limit_reports_nothing_remaining() {
+        let book = BudgetBook::default();
+        let now = at("2026-11-28T19:00:00Z");
+        let budgets = [team(100, None)];
+        let r = book.reserve(&budgets, NanoUsd(90), now, None).unwrap();
+        // The request cost more than its reservation: the period's spend passes the limit.
+        book.settle(r, NanoUsd(109));
+        let refusal = book.reserve(&budgets, NanoUsd(1), now, None).unwrap_err();
+        assert_eq!(refusal.remaining, NanoUsd::ZERO);
+        assert_eq!(book.status(&budgets[0], now).remaining, Some(NanoUsd::ZERO));
     }
 
     #[test]
