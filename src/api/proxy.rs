@@ -233,13 +233,7 @@ async fn handle(
         Err(refusal) => {
             app.budgets.settle(admission.reservation, NanoUsd::ZERO);
             return Err(ApiError::RateLimited {
-                message: format!(
-                    "Rate limit reached for this {}: {} {}. Retry after {} s.",
-                    refusal.scope.label(),
-                    refusal.limit,
-                    refusal.what,
-                    refusal.retry_after_s
-                ),
+                message: rate_limit_message(&refusal),
                 retry_after_s: refusal.retry_after_s,
             });
         }
@@ -355,6 +349,16 @@ where
     }
 }
 
+fn rate_limit_message(refusal: &crate::budget::RateRefusal) -> String {
+    format!(
+        "Rate limit reached for this {}: {} {}. Retry after {} s.",
+        refusal.scope.label(),
+        refusal.limit,
+        refusal.what,
+        refusal.retry_after_s
+    )
+}
+
 fn dry_run_answer(
     app: &AppState,
     budgets: &[crate::budget::Applicable],
@@ -364,6 +368,18 @@ fn dry_run_answer(
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Response {
+    // The rate limits as the request would meet them (checked, no slot taken).
+    let admitted = admitted.and_then(|a| {
+        let rate_tokens =
+            if budgets.iter().any(|b| b.spec.tpm.is_some()) { counter.exact(&a.model) } else { a.prompt_tokens };
+        match app.rates.check(budgets, rate_tokens, now.timestamp_millis()) {
+            Ok(()) => Ok(a),
+            Err(refusal) => {
+                app.budgets.settle(a.reservation, NanoUsd::ZERO);
+                Err((rate_limit_message(&refusal), None))
+            }
+        }
+    });
     let (decision, served, reason, max_cost, estimated) = match admitted {
         Ok(a) => {
             let exact = counter.exact(&a.model);
