@@ -530,6 +530,8 @@ async fn whole_response(
             tracing::warn!(model = %served.name, error = %e, "upstream body failed");
             let error = match e {
                 ReadError::Body(crate::upstream::BodyError::Idle) => ApiError::UpstreamTimeout,
+                // A 200 whose body was cut off is a body that is not JSON (SPEC §4).
+                ReadError::Body(_) if status.is_success() => ApiError::InvalidUpstreamResponse,
                 ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
                 ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
             };
