@@ -112,10 +112,10 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// The client asked for the usage chunk itself (`stream_options.include_usage`).
     pub client_wants_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`, if the request sets one.
-    pub max_output: Option<u64>,
-    /// Which of the two `max_output` came from (for error messages).
-    pub max_output_field: &'static str,
+    /// `max_completion_tokens`, if the request sets it.
+    pub max_completion_tokens: Option<u64>,
+    /// `max_tokens`, if the request sets it.
+    pub max_tokens: Option<u64>,
     /// Choices per request (`n`); output is reserved for each.
     pub n: u64,
     /// Features a serving model must support.
@@ -329,10 +329,6 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
     }
     let close = body.iter().rposition(|&b| b == b'}')?;
     let stream = stream.unwrap_or(false);
-    let (max_output, max_output_field) = match max_completion_tokens {
-        Some(v) => (Some(v), "max_completion_tokens"),
-        None => (max_tokens, "max_tokens"),
-    };
     Some(ParsedRequest {
         endpoint,
         prompt: Arc::new(Prompt::unparsed(body, stream)),
@@ -340,8 +336,8 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
         model: model.to_owned(),
         stream,
         client_wants_usage: stream_options.is_some_and(|(usage, _)| usage),
-        max_output,
-        max_output_field,
+        max_completion_tokens,
+        max_tokens,
         n,
         needs: Capabilities { tools: false, vision: false, json_schema },
         model_span,
@@ -476,10 +472,8 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
         },
         Some(_) => return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object.")),
     };
-    let (max_output, max_output_field) = match optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")? {
-        Some(v) => (Some(v), "max_completion_tokens"),
-        None => (optional_u64(noted.max_tokens.as_ref(), "max_tokens")?, "max_tokens"),
-    };
+    let max_completion_tokens = optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")?;
+    let max_tokens = optional_u64(noted.max_tokens.as_ref(), "max_tokens")?;
     let n = optional_u64(noted.n.as_ref(), "n")?.unwrap_or(1);
     if n == 0 || n > MAX_N {
         return Err(ApiError::param("n", format!("'n' must be between 1 and {MAX_N}.")));
@@ -510,8 +504,8 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
         model,
         stream,
         client_wants_usage,
-        max_output,
-        max_output_field,
+        max_completion_tokens,
+        max_tokens,
         n,
         needs,
         model_span,
@@ -521,6 +515,19 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
 }
 
 impl ParsedRequest {
+    /// The output limit to reserve for: `max_completion_tokens`, else `max_tokens`.
+    pub fn max_output(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// The first output limit the request sets above `limit` (each is checked, as the
+    /// upstream checks each): its field and value.
+    pub fn output_limit_over(&self, limit: u64) -> Option<(&'static str, u64)> {
+        [("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens)]
+            .into_iter()
+            .find_map(|(field, max)| max.filter(|&max| max > limit).map(|max| (field, max)))
+    }
+
     /// The body to send upstream: `model` replaced by `upstream_model`, and for streams
     /// `stream_options.include_usage` set so the upstream reports usage. Everything else
     /// is the client's bytes.
@@ -611,6 +618,37 @@ mod tests {
         assert_eq!(param(r#"{"model":"m","messages":"hi"}"#), "messages");
         assert_eq!(param(r#"{"model":"m","model":"n","messages":[{"role":"user","content":"x"}]}"#), "model");
         assert_eq!(param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#), "stream");
+        // Both output limits are read, each checked for its type.
+        assert_eq!(
+            param(
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":5,"max_tokens":"9"}"#
+            ),
+            "max_tokens"
+        );
+    }
+
+    #[test]
+    fn both_output_limits_are_kept_and_the_reservation_reads_max_completion_tokens_first() {
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":900,"max_completion_tokens":10}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":10,"max_tokens":900,"tools":[]}"#,
+        ] {
+            let p = parse_chat(body).unwrap();
+            assert_eq!(
+                (p.max_tokens, p.max_completion_tokens, p.max_output()),
+                (Some(900), Some(10), Some(10)),
+                "{body}"
+            );
+            assert_eq!(p.output_limit_over(100), Some(("max_tokens", 900)), "{body}");
+            assert_eq!(p.output_limit_over(1000), None, "{body}");
+        }
+        let p = parse_chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":9,"max_completion_tokens":500}"#,
+        )
+        .unwrap();
+        assert_eq!(p.output_limit_over(100), Some(("max_completion_tokens", 500)));
+        let p = parse_chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":9}"#).unwrap();
+        assert_eq!((p.max_output(), p.output_limit_over(8)), (Some(9), Some(("max_tokens", 9))));
     }
 
     #[test]

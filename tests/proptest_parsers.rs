@@ -59,7 +59,7 @@ fn check_parse(endpoint: Endpoint, body: &[u8], upstream_model: &str) -> Result<
             let again = parse(endpoint, &out)
                 .map_err(|e| TestCaseError::fail(format!("rewritten body is refused: {e:?}")))?;
             prop_assert_eq!(again.stream, p.stream);
-            prop_assert_eq!(again.max_output, p.max_output);
+            prop_assert_eq!((again.max_tokens, again.max_completion_tokens), (p.max_tokens, p.max_completion_tokens));
             prop_assert_eq!(again.n, p.n);
         }
     }
@@ -83,8 +83,8 @@ fn check_same_as_full_parse(endpoint: Endpoint, body: &Bytes, upstream_model: &s
     prop_assert_eq!(&fast.model, &full.model);
     prop_assert_eq!(fast.stream, full.stream);
     prop_assert_eq!(fast.client_wants_usage, full.client_wants_usage);
-    prop_assert_eq!(fast.max_output, full.max_output);
-    prop_assert_eq!(fast.max_output_field, full.max_output_field);
+    prop_assert_eq!(fast.max_tokens, full.max_tokens);
+    prop_assert_eq!(fast.max_completion_tokens, full.max_completion_tokens);
     prop_assert_eq!(fast.n, full.n);
     prop_assert_eq!(fast.needs, full.needs);
     prop_assert_eq!(fast.prompt.value(), full.prompt.value());
@@ -424,7 +424,7 @@ proptest! {
         prop_assert_eq!(p.stream, body.stream);
         prop_assert_eq!(p.client_wants_usage, wants_usage);
         prop_assert_eq!(p.n, body.n);
-        prop_assert_eq!(p.max_output, body.max_output);
+        prop_assert_eq!(p.max_output(), body.max_output);
 
         let input_bytes = Bytes::from(body.text.clone());
         let out = p.rewrite(&input_bytes, &upstream);

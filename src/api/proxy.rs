@@ -180,9 +180,9 @@ async fn handle(
             format!("The model `{}` does not serve {} requests.", asked.name, endpoint.name()),
         ));
     }
-    if let Some(max) = parsed.max_output {
-        if asked.kind == crate::pricing::ModelKind::Chat && max > asked.max_output_tokens {
-            let param = parsed.max_output_field;
+    if asked.kind == crate::pricing::ModelKind::Chat {
+        // Each of `max_tokens` and `max_completion_tokens` is checked, as the upstream checks each.
+        if let Some((param, max)) = parsed.output_limit_over(asked.max_output_tokens) {
             return Err(ApiError::param(
                 param,
                 format!(

@@ -69,6 +69,15 @@ async fn bad_bodies_are_400_with_the_field_named() {
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000}), "max_tokens"),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "n": 10_000}), "n"),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), "stream"),
+        // Both output limits are checked against the model's, whichever the reservation reads.
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 100, "max_tokens": 1_000_000}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100, "max_completion_tokens": 1_000_000}),
+            "max_completion_tokens",
+        ),
     ];
     for (body, param) in cases {
         let (status, v) = error_of(app.chat(&key, &body).await).await;
