@@ -321,7 +321,10 @@ impl BudgetBook {
                 if used + amount > limit {
                     let retry_after_s =
                         b.spec.period.reset(now).map(|at| ((at - now.timestamp_millis()).max(0) as u64).div_ceil(1000));
-                    return Err(Refusal { scope: b.scope.clone(), remaining: limit.saturating_sub(used), retry_after_s });
+                    // Spend can pass the limit (a request costs more than reserved): what
+                    // remains is then 0, as `remaining_usd` says, never a negative amount.
+                    let remaining = limit.saturating_sub(used).max(NanoUsd::ZERO);
+                    return Err(Refusal { scope: b.scope.clone(), remaining, retry_after_s });
                 }
             }
         }
@@ -437,7 +440,37 @@ impl RateLimiter {
             return Ok(RateTicket { entries: Vec::new(), tokens });
         }
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        for b in &limited {
+        Self::room(&mut windows, &limited, tokens, now_ms)?;
+        let mut entries = Vec::with_capacity(limited.len());
+        for b in limited {
+            let w = windows.entry(b.scope.clone()).or_default();
+            w.events.push_back((now_ms, tokens));
+            w.tokens += tokens;
+            entries.push((b.scope.clone(), now_ms));
+        }
+        Ok(RateTicket { entries, tokens })
+    }
+
+    /// Whether [`admit`](Self::admit) would admit a request charging `tokens` now, without
+    /// taking a slot (a dry run).
+    pub fn check(&self, budgets: &[Applicable], tokens: u64, now_ms: i64) -> Result<(), RateRefusal> {
+        let limited: Vec<&Applicable> =
+            budgets.iter().filter(|b| b.spec.rpm.is_some() || b.spec.tpm.is_some()).collect();
+        if limited.is_empty() {
+            return Ok(());
+        }
+        let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        Self::room(&mut windows, &limited, tokens, now_ms)
+    }
+
+    /// Whether every limited scope's window has room for one more request of `tokens`.
+    fn room(
+        windows: &mut HashMap<Scope, Window>,
+        limited: &[&Applicable],
+        tokens: u64,
+        now_ms: i64,
+    ) -> Result<(), RateRefusal> {
+        for b in limited {
             let w = windows.entry(b.scope.clone()).or_default();
             w.expire(now_ms);
             if let Some(rpm) = b.spec.rpm {
@@ -454,14 +487,7 @@ impl RateLimiter {
                 }
             }
         }
-        let mut entries = Vec::with_capacity(limited.len());
-        for b in limited {
-            let w = windows.entry(b.scope.clone()).or_default();
-            w.events.push_back((now_ms, tokens));
-            w.tokens += tokens;
-            entries.push((b.scope.clone(), now_ms));
-        }
-        Ok(RateTicket { entries, tokens })
+        Ok(())
     }
 
     /// Replaces the ticket's estimated tokens with the real count.
@@ -568,6 +594,19 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_past_the_limit_reports_nothing_remaining() {
+        let book = BudgetBook::default();
+        let now = at("2026-11-28T19:00:00Z");
+        let budgets = [team(100, None)];
+        let r = book.reserve(&budgets, NanoUsd(90), now, None).unwrap();
+        // The request cost more than its reservation: the period's spend passes the limit.
+        book.settle(r, NanoUsd(109));
+        let refusal = book.reserve(&budgets, NanoUsd(1), now, None).unwrap_err();
+        assert_eq!(refusal.remaining, NanoUsd::ZERO);
+        assert_eq!(book.status(&budgets[0], now).remaining, Some(NanoUsd::ZERO));
+    }
+
+    #[test]
     fn threshold_counts_reserved_money() {
         let book = BudgetBook::default();
         let now = at("2026-11-28T19:00:00Z");
@@ -605,7 +644,11 @@ mod tests {
             spec: BudgetSpec { rpm: Some(2), ..Default::default() },
         }];
         rl.admit(&budgets, 1, 1_000).unwrap();
+        // A check takes no slot.
+        rl.check(&budgets, 1, 1_500).unwrap();
+        rl.check(&budgets, 1, 1_500).unwrap();
         rl.admit(&budgets, 1, 2_000).unwrap();
+        assert_eq!(rl.check(&budgets, 1, 3_000).unwrap_err().retry_after_s, 58);
         let refused = rl.admit(&budgets, 1, 3_000).unwrap_err();
         assert_eq!(refused.retry_after_s, 58);
         rl.admit(&budgets, 1, 61_001).unwrap();

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use tollgate::api::admin::{new_key, validate_name};
-use tollgate::api::spend::{group_name, parse_group_by, parse_time, record_json, totals_json};
+use tollgate::api::spend::{group_name, parse_group_by, parse_time, record_json, spend_json, Edge, DEFAULT_GROUP_BY};
 use tollgate::budget::{BudgetSpec, Period};
 use tollgate::ledger::{now_ms, Backend, LogFilter, SpendFilter, TeamRow};
 use tollgate::pricing::NanoUsd;
@@ -187,7 +187,7 @@ struct SpendArgs {
     #[arg(long)]
     model: Option<String>,
     /// Comma-separated: team, key, model, day.
-    #[arg(long, default_value = "team,model")]
+    #[arg(long, default_value = DEFAULT_GROUP_BY)]
     group_by: String,
     /// Print JSON instead of a table.
     #[arg(long)]
@@ -408,8 +408,8 @@ async fn spend(args: SpendArgs, config: &Config) -> Result<()> {
     let db = open_db(config).await?;
     let err = |e: tollgate::error::ApiError| anyhow::anyhow!("{e}");
     let filter = SpendFilter {
-        from_ms: args.from.as_deref().map(|s| parse_time("from", s)).transpose().map_err(err)?,
-        to_ms: args.to.as_deref().map(|s| parse_time("to", s)).transpose().map_err(err)?,
+        from_ms: args.from.as_deref().map(|s| parse_time(Edge::From, s)).transpose().map_err(err)?,
+        to_ms: args.to.as_deref().map(|s| parse_time(Edge::To, s)).transpose().map_err(err)?,
         team: args.team,
         key_id: args.key,
         model: args.model,
@@ -417,18 +417,9 @@ async fn spend(args: SpendArgs, config: &Config) -> Result<()> {
     let group_by = parse_group_by(&args.group_by).map_err(err)?;
     let (total, groups) = db.spend(&filter, &group_by).await?;
     if args.json {
-        let groups: Vec<_> = groups
-            .iter()
-            .map(|g| {
-                let mut m = serde_json::Map::new();
-                for (by, label) in &g.labels {
-                    m.insert(group_name(*by).into(), json!(label));
-                }
-                m.extend(totals_json(&g.totals));
-                serde_json::Value::Object(m)
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"total": totals_json(&total), "groups": groups}))?);
+        // The same shape as `GET /spend`'s answer.
+        let queried_ms = chrono::Utc::now().timestamp_millis();
+        println!("{}", serde_json::to_string_pretty(&spend_json(&filter, queried_ms, &total, &groups))?);
     } else {
         let mut header: Vec<String> = group_by.iter().map(|g| format!("{:<22}", group_name(*g))).collect();
         header.push(format!("{:>9} {:>12} {:>12} {:>12} {:>16}", "requests", "input", "cached", "output", "cost_usd"));

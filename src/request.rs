@@ -1,16 +1,17 @@
 //! Reading and rewriting a client's request body.
 //!
 //! tollgate reads only what routing, budgets and metering need (`model`, `stream`,
-//! `stream_options`, `max_tokens`, `n`, and what counting and capability checks look at)
-//! and forwards every other byte untouched: the rewrite splices new text into the exact
-//! byte ranges of `model` and `stream_options`, it never re-serialises the body.
+//! `stream_options`, `max_tokens`, `n`, and what counting and capability checks look at),
+//! checks the types of the other common OpenAI fields as it passes them, and forwards every
+//! other byte untouched: the rewrite splices new text into the exact byte ranges of `model`
+//! and `stream_options`, it never re-serialises the body.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -112,10 +113,10 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// The client asked for the usage chunk itself (`stream_options.include_usage`).
     pub client_wants_usage: bool,
-    /// `max_completion_tokens`, else `max_tokens`, if the request sets one.
-    pub max_output: Option<u64>,
-    /// Which of the two `max_output` came from (for error messages).
-    pub max_output_field: &'static str,
+    /// `max_completion_tokens`, if the request sets it.
+    pub max_completion_tokens: Option<u64>,
+    /// `max_tokens`, if the request sets it.
+    pub max_tokens: Option<u64>,
     /// Choices per request (`n`); output is reserved for each.
     pub n: u64,
     /// Features a serving model must support.
@@ -140,9 +141,12 @@ struct TopLevel<'a> {
 
 /// The top-level fields `parse` checks, noted as the parser passes them: looking each up in
 /// the parsed map afterwards hashed its name (serde_json's map uses SipHash) a dozen times a
-/// request. Small values are kept as they are; of the large ones only what is checked.
-#[derive(Default)]
+/// request. Small values are kept as they are; of the large ones only what is checked. The
+/// types of the endpoint's other common fields are checked as they pass too.
 struct Noted {
+    endpoint: Endpoint,
+    /// The first member, in the body's order, whose value has the wrong type for its field.
+    mistyped: Option<ApiError>,
     model: Option<Value>,
     stream: Option<Value>,
     stream_options: Option<Value>,
@@ -178,7 +182,27 @@ impl Shape {
 }
 
 impl Noted {
+    fn new(endpoint: Endpoint) -> Noted {
+        Noted {
+            endpoint,
+            mistyped: None,
+            model: None,
+            stream: None,
+            stream_options: None,
+            max_completion_tokens: None,
+            max_tokens: None,
+            n: None,
+            messages: None,
+            prompt: None,
+            input: None,
+            needs: Capabilities::default(),
+        }
+    }
+
     fn note(&mut self, key: &str, value: &Value) {
+        if self.mistyped.is_none() {
+            self.mistyped = check_type(self.endpoint, key, value).err();
+        }
         let non_empty = |v: &Value| v.as_array().is_some_and(|a| !a.is_empty());
         match key {
             "model" => self.model = Some(value.clone()),
@@ -196,22 +220,26 @@ impl Noted {
             }
             "messages" => {
                 self.messages = Shape::of(value);
-                self.needs.vision = value.as_array().is_some_and(|messages| {
-                    messages.iter().any(|m| {
-                        m.get("content").and_then(Value::as_array).is_some_and(|parts| {
-                            parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"))
-                        })
-                    })
-                });
+                if let Value::Array(messages) = value {
+                    let checked = read_messages(messages, &mut self.needs.vision);
+                    if self.endpoint == Endpoint::Chat && self.mistyped.is_none() {
+                        self.mistyped = checked.err();
+                    }
+                }
             }
             _ => {}
         }
     }
 }
 
-impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
+/// Reads a body's [`TopLevel`] for one endpoint (whose fields' types it checks).
+struct TopLevelFor(Endpoint);
+
+impl<'de> DeserializeSeed<'de> for TopLevelFor {
+    type Value = TopLevel<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<TopLevel<'de>, D::Error> {
+        struct V(Endpoint);
         impl<'de> Visitor<'de> for V {
             type Value = TopLevel<'de>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -224,7 +252,7 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                     model: None,
                     stream_options: None,
                     duplicate: None,
-                    noted: Noted::default(),
+                    noted: Noted::new(self.0),
                 };
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     let value = match key.as_ref() {
@@ -248,7 +276,157 @@ impl<'de> serde::Deserialize<'de> for TopLevel<'de> {
                 Ok(top)
             }
         }
-        deserializer.deserialize_map(V)
+        deserializer.deserialize_map(V(self.0))
+    }
+}
+
+/// What a common OpenAI request field holds (every one may also be `null`).
+#[derive(Clone, Copy)]
+enum FieldType {
+    Number,
+    Integer,
+    Boolean,
+    String,
+    Object,
+    Array,
+    /// `stop`: a string or an array of strings.
+    Stop,
+    /// `prompt` / `input`: a string, or an array of strings, of integers (tokens) or of
+    /// integer arrays.
+    Text,
+}
+
+impl FieldType {
+    /// The type of `endpoint`'s common field `key`; `None` for a field passed through
+    /// unchecked, or one checked on its own (`model`, `stream`, `stream_options`, `n`,
+    /// `max_tokens`, `max_completion_tokens`).
+    fn of(endpoint: Endpoint, key: &str) -> Option<FieldType> {
+        use Endpoint::*;
+        use FieldType::*;
+        Some(match (endpoint, key) {
+            (Chat | Completions, "temperature" | "top_p" | "presence_penalty" | "frequency_penalty") => Number,
+            (Chat | Completions, "seed") | (Chat, "top_logprobs") | (Completions, "logprobs" | "best_of") => Integer,
+            (Embeddings, "dimensions") => Integer,
+            (Chat, "logprobs" | "parallel_tool_calls") | (Completions, "echo") => Boolean,
+            (_, "user") | (Completions, "suffix") | (Embeddings, "encoding_format") => String,
+            (Chat, "response_format") | (Chat | Completions, "logit_bias") => Object,
+            (Chat, "tools" | "functions") => Array,
+            (Chat | Completions, "stop") => Stop,
+            (Completions, "prompt") | (Embeddings, "input") => Text,
+            // `messages` is checked as it is read for its images (`read_messages`).
+            _ => return None,
+        })
+    }
+
+    fn expected(self) -> &'static str {
+        match self {
+            FieldType::Number => "a number",
+            FieldType::Integer => "an integer",
+            FieldType::Boolean => "a boolean",
+            FieldType::String => "a string",
+            FieldType::Object => "an object",
+            FieldType::Array => "an array",
+            FieldType::Stop => "a string or an array of strings",
+            FieldType::Text => "a string, an array of strings, an array of integers or an array of integer arrays",
+        }
+    }
+}
+
+fn is_integer(v: &Value) -> bool {
+    v.as_i64().is_some() || v.as_u64().is_some()
+}
+
+/// Checks the type of a top-level member: `null`, or what its field holds.
+fn check_type(endpoint: Endpoint, key: &str, value: &Value) -> Result<(), ApiError> {
+    let Some(kind) = FieldType::of(endpoint, key) else { return Ok(()) };
+    let fits = match (kind, value) {
+        (_, Value::Null) => true,
+        (FieldType::Number, Value::Number(_)) => true,
+        (FieldType::Integer, v) => is_integer(v),
+        (FieldType::Boolean, Value::Bool(_)) | (FieldType::String, Value::String(_)) => true,
+        (FieldType::Object, Value::Object(_)) | (FieldType::Array, Value::Array(_)) => true,
+        (FieldType::Stop, Value::String(_)) => true,
+        (FieldType::Stop, Value::Array(items)) => items.iter().all(Value::is_string),
+        (FieldType::Text, Value::String(_)) => true,
+        (FieldType::Text, Value::Array(items)) => {
+            items.iter().all(Value::is_string)
+                || items.iter().all(is_integer)
+                || items.iter().all(|i| i.as_array().is_some_and(|tokens| tokens.iter().all(is_integer)))
+        }
+        _ => false,
+    };
+    if fits {
+        return Ok(());
+    }
+    let expected = kind.expected();
+    Err(ApiError::param(key, format!("Invalid type for '{key}': expected {expected}, got {}.", type_name(value))))
+}
+
+/// Reads chat `messages` in one pass: whether a content part is an image (`vision`), and
+/// whether each message is an object with a string `role` and a `content` that is a string,
+/// an array of parts or `null` (an assistant's or a tool's message may leave `content` out);
+/// the first that is not is the error.
+fn read_messages(messages: &[Value], vision: &mut bool) -> Result<(), ApiError> {
+    for (i, message) in messages.iter().enumerate() {
+        let Value::Object(fields) = message else {
+            let param = format!("messages[{i}]");
+            let message = format!("Invalid type for '{param}': expected an object, got {}.", type_name(message));
+            return Err(ApiError::param(param, message));
+        };
+        // A message has a few fields: passing them is cheaper than hashing two names.
+        let (mut role, mut content) = (None, None);
+        for (key, value) in fields {
+            match key.as_str() {
+                "role" => role = Some(value),
+                "content" => content = Some(value),
+                _ => {}
+            }
+        }
+        let role = match role {
+            Some(Value::String(role)) => role.as_str(),
+            None => {
+                let param = format!("messages[{i}].role");
+                return Err(ApiError::param(&param, format!("'{param}' is a required property.")));
+            }
+            Some(other) => {
+                let param = format!("messages[{i}].role");
+                let message = format!("Invalid type for '{param}': expected a string, got {}.", type_name(other));
+                return Err(ApiError::param(param, message));
+            }
+        };
+        match content {
+            Some(Value::Array(parts)) => {
+                *vision |= parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image_url"));
+            }
+            Some(Value::String(_) | Value::Null) => {}
+            None if matches!(role, "assistant" | "tool") => {}
+            None => {
+                let param = format!("messages[{i}].content");
+                return Err(ApiError::param(&param, format!("'{param}' is a required property.")));
+            }
+            Some(other) => {
+                let param = format!("messages[{i}].content");
+                let message = format!(
+                    "Invalid type for '{param}': expected a string, an array of content parts or null, got {}.",
+                    type_name(other)
+                );
+                return Err(ApiError::param(param, message));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A JSON value's type, for error messages (never the value: it may be large, or private).
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a decimal number",
+        Value::Number(_) => "an integer",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -312,6 +490,17 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
             b"n" => n = whole(s)?,
             b"messages" => chat = Some(plain_messages(s)?),
             b"response_format" => json_schema = response_format_is_schema(s)?,
+            // The other common fields, checked for their types as the full reader checks them.
+            b"temperature" | b"top_p" | b"presence_penalty" | b"frequency_penalty" => s.number_or_null()?,
+            b"seed" | b"top_logprobs" => {
+                whole(s)?;
+            }
+            b"logprobs" | b"parallel_tool_calls" => {
+                s.boolean()?;
+            }
+            b"user" => string_or_null(s)?,
+            b"stop" => stop(s)?,
+            b"logit_bias" => object_or_null(s)?,
             // Counted or checked only by the full reader.
             b"tools" | b"functions" => return None,
             _ => s.value()?,
@@ -329,10 +518,6 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
     }
     let close = body.iter().rposition(|&b| b == b'}')?;
     let stream = stream.unwrap_or(false);
-    let (max_output, max_output_field) = match max_completion_tokens {
-        Some(v) => (Some(v), "max_completion_tokens"),
-        None => (max_tokens, "max_tokens"),
-    };
     Some(ParsedRequest {
         endpoint,
         prompt: Arc::new(Prompt::unparsed(body, stream)),
@@ -340,8 +525,8 @@ fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
         model: model.to_owned(),
         stream,
         client_wants_usage: stream_options.is_some_and(|(usage, _)| usage),
-        max_output,
-        max_output_field,
+        max_completion_tokens,
+        max_tokens,
         n,
         needs: Capabilities { tools: false, vision: false, json_schema },
         model_span,
@@ -373,12 +558,39 @@ impl<'a, const N: usize> Keys<'a, N> {
     }
 }
 
-/// A count or `null`; anything else (a fraction, a sign, a string) is left to the full reader.
+/// A count or `null`; anything else (a fraction, a sign, a string) is left to the full reader,
+/// and so is a count that may be past `u64` (the skim saturates it; serde reads a float).
 fn whole(s: &mut Skim) -> Option<Option<u64>> {
     match s.scalar()? {
         crate::metering::skim::Scalar::Null => Some(None),
+        crate::metering::skim::Scalar::Uint(u64::MAX) => None,
         crate::metering::skim::Scalar::Uint(v) => Some(Some(v)),
         crate::metering::skim::Scalar::Other => None,
+    }
+}
+
+/// A string or `null`.
+fn string_or_null(s: &mut Skim) -> Option<()> {
+    match s.peek()? {
+        b'"' => s.written_str().map(drop),
+        b'n' => s.value(),
+        _ => None,
+    }
+}
+
+/// An object or `null`.
+fn object_or_null(s: &mut Skim) -> Option<()> {
+    match s.peek()? {
+        b'{' | b'n' => s.value(),
+        _ => None,
+    }
+}
+
+/// `stop`: a string, an array of strings, or `null`.
+fn stop(s: &mut Skim) -> Option<()> {
+    match s.peek()? {
+        b'[' => s.elements(|s| s.written_str().map(drop)).map(drop),
+        _ => string_or_null(s),
     }
 }
 
@@ -399,10 +611,12 @@ fn stream_options_usage(s: &mut Skim) -> Option<bool> {
     Some(usage.unwrap_or(false))
 }
 
-/// `response_format`: whether its `type` is `json_schema`.
+/// `response_format` (an object or `null`): whether its `type` is `json_schema`.
 fn response_format_is_schema(s: &mut Skim) -> Option<bool> {
-    if s.peek()? != b'{' {
-        return s.value().map(|()| false);
+    match s.peek()? {
+        b'{' => {}
+        b'n' => return s.value().map(|()| false),
+        _ => return None,
     }
     let mut kind = None;
     s.object(|s, key| match key? {
@@ -417,20 +631,26 @@ fn response_format_is_schema(s: &mut Skim) -> Option<bool> {
 }
 
 /// `messages`: an array of objects whose every field is a string (role, content, name, ...),
-/// tallied for the token bound; anything else is left to the full reader.
+/// with a `role` and a `content`, tallied for the token bound; anything else is left to the
+/// full reader.
 fn plain_messages(s: &mut Skim) -> Option<PlainChat> {
     /// Fields of one message compared for duplicates.
     const MAX_FIELDS: usize = 8;
     let mut chat = PlainChat::default();
     let messages = s.elements(|s| {
         let mut fields = Keys::<MAX_FIELDS>::new();
+        let (mut role, mut content) = (false, false);
         s.object(|s, key| {
             // An escaped key could spell `name`; a repeated one is read once by the full reader.
             let key = fields.first_time(key?)?;
             chat.text_bytes += s.written_str()?.len() as u64;
             chat.names += u64::from(key == b"name");
+            role |= key == b"role";
+            content |= key == b"content";
             Some(())
-        })
+        })?;
+        // A message without either is refused, or (an assistant's) left to the full reader.
+        (role && content).then_some(())
     })?;
     chat.messages = messages as u64;
     Some(chat)
@@ -440,7 +660,11 @@ fn plain_messages(s: &mut Skim) -> Option<PlainChat> {
 /// what [`parse`] does for the bodies its skim leaves alone (public for the tests that hold
 /// the two to one answer).
 pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, ApiError> {
-    let top: TopLevel = serde_json::from_slice(body).map_err(|e| json_error(&e))?;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let top = TopLevelFor(endpoint)
+        .deserialize(&mut de)
+        .and_then(|top| de.end().map(|()| top))
+        .map_err(|e| json_error(&e))?;
     if let Some(key) = top.duplicate {
         return Err(ApiError::param(&key, format!("Duplicate key '{key}' in the request body.")));
     }
@@ -476,10 +700,8 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
         },
         Some(_) => return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object.")),
     };
-    let (max_output, max_output_field) = match optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")? {
-        Some(v) => (Some(v), "max_completion_tokens"),
-        None => (optional_u64(noted.max_tokens.as_ref(), "max_tokens")?, "max_tokens"),
-    };
+    let max_completion_tokens = optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")?;
+    let max_tokens = optional_u64(noted.max_tokens.as_ref(), "max_tokens")?;
     let n = optional_u64(noted.n.as_ref(), "n")?.unwrap_or(1);
     if n == 0 || n > MAX_N {
         return Err(ApiError::param("n", format!("'n' must be between 1 and {MAX_N}.")));
@@ -502,6 +724,9 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
             Some(Shape::Other) => return Err(ApiError::param("input", "Invalid type for 'input': expected a string or an array.")),
         },
     }
+    if let Some(e) = noted.mistyped {
+        return Err(e);
+    }
     let needs = noted.needs;
     Ok(ParsedRequest {
         endpoint,
@@ -510,8 +735,8 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
         model,
         stream,
         client_wants_usage,
-        max_output,
-        max_output_field,
+        max_completion_tokens,
+        max_tokens,
         n,
         needs,
         model_span,
@@ -521,6 +746,19 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
 }
 
 impl ParsedRequest {
+    /// The output limit to reserve for: `max_completion_tokens`, else `max_tokens`.
+    pub fn max_output(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// The first output limit the request sets above `limit` (each is checked, as the
+    /// upstream checks each): its field and value.
+    pub fn output_limit_over(&self, limit: u64) -> Option<(&'static str, u64)> {
+        [("max_tokens", self.max_tokens), ("max_completion_tokens", self.max_completion_tokens)]
+            .into_iter()
+            .find_map(|(field, max)| max.filter(|&max| max > limit).map(|max| (field, max)))
+    }
+
     /// The body to send upstream: `model` replaced by `upstream_model`, and for streams
     /// `stream_options.include_usage` set so the upstream reports usage. Everything else
     /// is the client's bytes.
@@ -611,6 +849,86 @@ mod tests {
         assert_eq!(param(r#"{"model":"m","messages":"hi"}"#), "messages");
         assert_eq!(param(r#"{"model":"m","model":"n","messages":[{"role":"user","content":"x"}]}"#), "model");
         assert_eq!(param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#), "stream");
+        // Both output limits are read, each checked for its type.
+        assert_eq!(
+            param(
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":5,"max_tokens":"9"}"#
+            ),
+            "max_tokens"
+        );
+        // The common fields' types.
+        let chat =
+            |extra: &str| param(&format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#));
+        assert_eq!(chat(r#""temperature":"hot""#), "temperature");
+        assert_eq!(chat(r#""top_p":true"#), "top_p");
+        assert_eq!(chat(r#""seed":1.5"#), "seed");
+        assert_eq!(chat(r#""logprobs":1"#), "logprobs");
+        assert_eq!(chat(r#""user":5"#), "user");
+        assert_eq!(chat(r#""stop":[1]"#), "stop");
+        assert_eq!(chat(r#""tools":{}"#), "tools");
+        assert_eq!(chat(r#""response_format":"json""#), "response_format");
+        // The first mistyped member in the body's order is named.
+        assert_eq!(chat(r#""user":5,"temperature":"hot""#), "user");
+        assert_eq!(param(r#"{"model":"m","messages":["hi"]}"#), "messages[0]");
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"user","content":"x"},{"content":"y"}]}"#),
+            "messages[1].role"
+        );
+        assert_eq!(param(r#"{"model":"m","messages":[{"role":["user"],"content":"y"}]}"#), "messages[0].role");
+        assert_eq!(param(r#"{"model":"m","messages":[{"role":"user","content":5}]}"#), "messages[0].content");
+        assert_eq!(param(r#"{"model":"m","messages":[{"role":"user"}]}"#), "messages[0].content");
+    }
+
+    #[test]
+    fn common_fields_of_their_types_or_null_pass_and_unknown_fields_are_not_checked() {
+        let ok = [
+            r#"{"model":"m","messages":[{"role":"assistant","tool_calls":[]},{"role":"tool","tool_call_id":"t"},{"role":"user","content":null}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":null,"top_p":1,"seed":-3,"logprobs":true,"top_logprobs":2,"user":"u","stop":["a"],"tools":null,"response_format":null,"parallel_tool_calls":false,"logit_bias":{"1":5},"custom":{"any":"thing"},"echo":"x"}"#,
+        ];
+        for body in ok {
+            parse_chat(body).unwrap_or_else(|e| panic!("{body}: {e:?}"));
+        }
+        let completion = |body: &str| parse(Endpoint::Completions, &Bytes::copy_from_slice(body.as_bytes()));
+        for prompt in [r#""x""#, r#"["a","b"]"#, "[1,2]", "[[1],[2,3]]", "[]"] {
+            completion(&format!(r#"{{"model":"m","prompt":{prompt},"logprobs":2,"echo":true}}"#)).unwrap();
+        }
+        for prompt in [r#"["a",1]"#, "[[1],2]", "[1.5]", r#"[["a"]]"#] {
+            assert!(
+                matches!(completion(&format!(r#"{{"model":"m","prompt":{prompt}}}"#)), Err(ApiError::InvalidParam { param, .. }) if param == "prompt"),
+                "{prompt}"
+            );
+        }
+        let embedding = |body: &str| parse(Endpoint::Embeddings, &Bytes::copy_from_slice(body.as_bytes()));
+        assert!(
+            matches!(embedding(r#"{"model":"m","input":[[1],["x"]]}"#), Err(ApiError::InvalidParam { param, .. }) if param == "input")
+        );
+        assert!(
+            matches!(embedding(r#"{"model":"m","input":"x","dimensions":"8"}"#), Err(ApiError::InvalidParam { param, .. }) if param == "dimensions")
+        );
+    }
+
+    #[test]
+    fn both_output_limits_are_kept_and_the_reservation_reads_max_completion_tokens_first() {
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":900,"max_completion_tokens":10}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":10,"max_tokens":900,"tools":[]}"#,
+        ] {
+            let p = parse_chat(body).unwrap();
+            assert_eq!(
+                (p.max_tokens, p.max_completion_tokens, p.max_output()),
+                (Some(900), Some(10), Some(10)),
+                "{body}"
+            );
+            assert_eq!(p.output_limit_over(100), Some(("max_tokens", 900)), "{body}");
+            assert_eq!(p.output_limit_over(1000), None, "{body}");
+        }
+        let p = parse_chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":9,"max_completion_tokens":500}"#,
+        )
+        .unwrap();
+        assert_eq!(p.output_limit_over(100), Some(("max_completion_tokens", 500)));
+        let p = parse_chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":9}"#).unwrap();
+        assert_eq!((p.max_output(), p.output_limit_over(8)), (Some(9), Some(("max_tokens", 9))));
     }
 
     #[test]
@@ -628,6 +946,7 @@ mod tests {
         let skimmed = [
             r#"{"model":"gpt-4o","messages":[{"role":"system","content":"Be \"brief\".\n"},{"role":"user","name":"ann","content":"hi"}]}"#,
             r#" { "messages" : [ {"role":"user","content":"x"} ] , "model" : "m", "stream":true, "stream_options":{"include_usage":true}, "max_tokens":null, "n":2, "temperature":0.75, "response_format":{"type":"json_schema","json_schema":{"name":"x"}}, "metadata":{"a":[1,{"b":null}]} } "#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"top_p":-0.5,"presence_penalty":null,"frequency_penalty":1,"seed":7,"top_logprobs":null,"logprobs":false,"parallel_tool_calls":true,"user":"\u00e9","stop":["\n",""],"logit_bias":{"1":-100}}"#,
         ];
         for body in skimmed {
             let p = parse_chat(body).unwrap();
@@ -645,6 +964,8 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user","c\u006fntent":"x"}]}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x","content":"y"}]}"#,
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":1e0}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"seed":-1}"#,
+            r#"{"model":"m","messages":[{"role":"assistant","content":"x"},{"role":"tool","tool_call_id":"t"}]}"#,
         ];
         for body in full {
             assert!(parse_chat(body).unwrap().plain_chat.is_none(), "{body}");

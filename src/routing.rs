@@ -122,7 +122,7 @@ pub fn chain(config: &Config, asked: &Arc<Model>) -> Vec<Arc<Model>> {
 
 /// Output tokens to reserve for on `model`: the request's limit or the model's, per choice.
 pub fn max_output(request: &ParsedRequest, model: &Model) -> u64 {
-    request.max_output.unwrap_or(model.max_output_tokens).saturating_mul(request.n)
+    request.max_output().unwrap_or(model.max_output_tokens).saturating_mul(request.n)
 }
 
 /// Why a candidate cannot serve the request, if it cannot.
@@ -136,7 +136,7 @@ fn unfit(request: &ParsedRequest, caller: &Caller, asked: &Model, m: &Model, cou
     if !m.capabilities.covers(&request.needs) {
         return Some(format!("{} lacks a capability the request uses", m.name));
     }
-    if request.max_output.is_some_and(|max| max > m.max_output_tokens) {
+    if request.output_limit_over(m.max_output_tokens).is_some() {
         return Some(format!("{} cannot produce the max_tokens asked for", m.name));
     }
     let out = max_output(request, m) / request.n.max(1);

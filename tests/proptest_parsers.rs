@@ -59,7 +59,7 @@ fn check_parse(endpoint: Endpoint, body: &[u8], upstream_model: &str) -> Result<
             let again = parse(endpoint, &out)
                 .map_err(|e| TestCaseError::fail(format!("rewritten body is refused: {e:?}")))?;
             prop_assert_eq!(again.stream, p.stream);
-            prop_assert_eq!(again.max_output, p.max_output);
+            prop_assert_eq!((again.max_tokens, again.max_completion_tokens), (p.max_tokens, p.max_completion_tokens));
             prop_assert_eq!(again.n, p.n);
         }
     }
@@ -83,8 +83,8 @@ fn check_same_as_full_parse(endpoint: Endpoint, body: &Bytes, upstream_model: &s
     prop_assert_eq!(&fast.model, &full.model);
     prop_assert_eq!(fast.stream, full.stream);
     prop_assert_eq!(fast.client_wants_usage, full.client_wants_usage);
-    prop_assert_eq!(fast.max_output, full.max_output);
-    prop_assert_eq!(fast.max_output_field, full.max_output_field);
+    prop_assert_eq!(fast.max_tokens, full.max_tokens);
+    prop_assert_eq!(fast.max_completion_tokens, full.max_completion_tokens);
     prop_assert_eq!(fast.n, full.n);
     prop_assert_eq!(fast.needs, full.needs);
     prop_assert_eq!(fast.prompt.value(), full.prompt.value());
@@ -143,6 +143,12 @@ fn arb_request_json() -> impl Strategy<Value = Value> {
         Just("response_format"),
         Just("prompt"),
         Just("input"),
+        Just("temperature"),
+        Just("seed"),
+        Just("logprobs"),
+        Just("user"),
+        Just("stop"),
+        Just("logit_bias"),
         Just("x"),
     ];
     leaf.prop_recursive(4, 48, 6, move |inner| {
@@ -226,8 +232,38 @@ fn arb_extra_member() -> impl Strategy<Value = (String, String)> {
         )),
         Just(("response_format".to_string(), r#"{"type":"json_object"}"#.to_string())),
         Just(("seed".to_string(), "18446744073709551615".to_string())),
+        // Every common field, with a value of its type (or `null`).
+        (prop::sample::select(CHAT_FIELDS[..12].to_vec()), any::<prop::sample::Index>(), any::<bool>()).prop_map(|((field, good, _), pick, null)| {
+            let value = if null { "null" } else { good[pick.index(good.len())] };
+            (field.to_string(), value.to_string())
+        }),
     ]
 }
+
+/// A field, JSON texts of values of its type, and of values of other types.
+type FieldCase = (&'static str, &'static [&'static str], &'static [&'static str]);
+
+/// The common chat fields whose types both readers check (the last, read for the
+/// reservation, is left out of the extra members `arb_chat_body` adds).
+const CHAT_FIELDS: [FieldCase; 13] = [
+    ("temperature", &["0.7", "1", "0", "-0.5", "2E+0"], &["\"0.7\"", "true", "[1]", "{}"]),
+    ("top_p", &["0.9", "1"], &["\"1\"", "false"]),
+    ("presence_penalty", &["-1.5", "0"], &["\"x\"", "[]"]),
+    ("frequency_penalty", &["0.25", "2"], &["{\"a\":1}", "true"]),
+    ("seed", &["42", "0", "-7", "18446744073709551615"], &["4.5", "\"42\"", "1e3", "99999999999999999999999"]),
+    ("top_logprobs", &["5", "0"], &["5.0", "\"5\"", "true"]),
+    ("logprobs", &["true", "false"], &["1", "\"true\""]),
+    ("parallel_tool_calls", &["false", "true"], &["0", "\"no\""]),
+    ("user", &["\"u-1\"", "\"\\u00e9\"", "\"\""], &["7", "[\"u\"]", "{}"]),
+    ("stop", &["\"\\n\"", "[\"a\",\"b\"]", "[]"], &["5", "[1]", "[\"a\",null]", "{}"]),
+    ("logit_bias", &["{\"50256\":-100}", "{}"], &["[]", "\"x\"", "1"]),
+    (
+        "response_format",
+        &["{\"type\":\"text\"}", "{\"type\":\"json_schema\",\"json_schema\":{}}"],
+        &["\"json\"", "[]", "true"],
+    ),
+    ("max_completion_tokens", &["16", "0"], &["16.5", "-1", "\"16\""]),
+];
 
 fn arb_stream_options() -> impl Strategy<Value = Option<Value>> {
     prop::option::of(prop_oneof![
@@ -424,7 +460,7 @@ proptest! {
         prop_assert_eq!(p.stream, body.stream);
         prop_assert_eq!(p.client_wants_usage, wants_usage);
         prop_assert_eq!(p.n, body.n);
-        prop_assert_eq!(p.max_output, body.max_output);
+        prop_assert_eq!(p.max_output(), body.max_output);
 
         let input_bytes = Bytes::from(body.text.clone());
         let out = p.rewrite(&input_bytes, &upstream);
@@ -469,6 +505,148 @@ proptest! {
                 .map_err(|e| TestCaseError::fail(format!("stream_options text {replaced:?}: {e}")))?;
             prop_assert_eq!(&v, &output["stream_options"]);
         }
+    }
+}
+
+/// `body` with the member `field: value` in place of (or in addition to) its own.
+fn with_member(body: &str, field: &str, value: &str) -> String {
+    let mut v: Map<String, Value> = serde_json::from_str(body).unwrap();
+    v.remove(field);
+    let text = Value::Object(v).to_string();
+    let open = if text == "{}" { "" } else { "," };
+    format!("{}{open}{}:{value}}}", &text[..text.len() - 1], serde_json::to_string(field).unwrap())
+}
+
+/// A refusal's `param`.
+fn refused_param(endpoint: Endpoint, body: &str) -> Result<String, TestCaseError> {
+    match parse(endpoint, &Bytes::copy_from_slice(body.as_bytes())) {
+        Err(tollgate::error::ApiError::InvalidParam { param, .. }) => Ok(param),
+        other => Err(TestCaseError::fail(format!("expected a refusal naming a field, got {other:?}\n{body}"))),
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(256))]
+
+    /// A common field of the right type (or `null`) is accepted and forwarded untouched; of
+    /// another type, refused by both readers with the field named.
+    #[test]
+    fn common_fields_are_type_checked_by_both_readers(
+        body in arb_chat_body(),
+        field in prop::sample::select(CHAT_FIELDS.to_vec()),
+        pick in any::<prop::sample::Index>(),
+    ) {
+        let (name, good, bad) = field;
+        let ok = with_member(&body.text, name, good[pick.index(good.len())]);
+        check_same_as_full_parse(Endpoint::Chat, &Bytes::from(ok.clone()), "up")?;
+        prop_assert!(parse(Endpoint::Chat, &Bytes::from(ok.clone())).is_ok(), "{}", ok);
+        let refused = with_member(&body.text, name, bad[pick.index(bad.len())]);
+        check_same_as_full_parse(Endpoint::Chat, &Bytes::from(refused.clone()), "up")?;
+        prop_assert_eq!(refused_param(Endpoint::Chat, &refused)?, name);
+    }
+
+    /// A message that is not an object, or whose `role` or `content` is missing or of another
+    /// type, is refused by both readers, naming the message's field.
+    #[test]
+    fn mistyped_messages_are_refused_naming_the_message(
+        body in arb_chat_body(),
+        at in any::<prop::sample::Index>(),
+        fault in 0u8..6,
+    ) {
+        let v: Value = serde_json::from_str(&body.text).unwrap();
+        let mut messages = v["messages"].as_array().unwrap().clone();
+        let i = at.index(messages.len());
+        let m = &mut messages[i];
+        let param = match fault {
+            0 => {
+                *m = json!("hi");
+                format!("messages[{i}]")
+            }
+            1 => {
+                m.as_object_mut().unwrap().remove("role");
+                format!("messages[{i}].role")
+            }
+            2 => {
+                m["role"] = json!(1);
+                format!("messages[{i}].role")
+            }
+            3 => {
+                m["content"] = json!(42);
+                format!("messages[{i}].content")
+            }
+            4 => {
+                m["content"] = json!({"text": "x"});
+                format!("messages[{i}].content")
+            }
+            _ => {
+                m["role"] = json!("user");
+                m.as_object_mut().unwrap().remove("content");
+                format!("messages[{i}].content")
+            }
+        };
+        let refused = with_member(&body.text, "messages", &Value::Array(messages.clone()).to_string());
+        check_same_as_full_parse(Endpoint::Chat, &Bytes::from(refused.clone()), "up")?;
+        prop_assert_eq!(refused_param(Endpoint::Chat, &refused)?, param);
+
+        // An assistant's or a tool's message may leave `content` out; any message's may be null.
+        messages[i] = json!({"role": if fault % 2 == 0 { "assistant" } else { "tool" }});
+        if fault > 3 {
+            messages[i]["content"] = Value::Null;
+        }
+        let ok = with_member(&body.text, "messages", &Value::Array(messages).to_string());
+        check_same_as_full_parse(Endpoint::Chat, &Bytes::from(ok.clone()), "up")?;
+        prop_assert!(parse(Endpoint::Chat, &Bytes::from(ok.clone())).is_ok(), "{}", ok);
+    }
+
+    /// `prompt` and `input`: a string, or an array of strings, of token ids or of token-id
+    /// arrays; anything else is refused naming the field, and so are the endpoints' other
+    /// common fields of the wrong type.
+    #[test]
+    fn prompts_and_inputs_are_type_checked(
+        text in prop::collection::vec("\\PC{0,6}", 0..4),
+        tokens in prop::collection::vec(0u32..200_000, 0..4),
+        lists in prop::collection::vec(prop::collection::vec(0u32..200_000, 0..3), 0..3),
+        bad in prop_oneof![
+            Just(json!([1, "a"])), Just(json!(["a", ["b"]])), Just(json!([[1], 2])), Just(json!([1.5])),
+            Just(json!([[1, "a"]])), Just(json!([null])), Just(json!({"a": 1})), Just(json!(7)),
+        ],
+    ) {
+        for (endpoint, field, model) in [(Endpoint::Completions, "prompt", "gpt-3.5-turbo-instruct"), (Endpoint::Embeddings, "input", "text-embedding-3-small")] {
+            for good in [json!(text.concat()), json!(text), json!(tokens), json!(lists)] {
+                let body = json!({"model": model, field: good}).to_string();
+                prop_assert!(parse(endpoint, &Bytes::from(body.clone())).is_ok(), "{}", body);
+            }
+            let body = json!({"model": model, field: bad}).to_string();
+            prop_assert_eq!(refused_param(endpoint, &body)?, field);
+        }
+        let completion = |extra: Value| {
+            let mut b = json!({"model": "m", "prompt": "x"});
+            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            b.to_string()
+        };
+        for (field, ok, wrong) in [
+            ("logprobs", json!(3), json!(true)),
+            ("echo", json!(true), json!(1)),
+            ("best_of", json!(2), json!(2.5)),
+            ("suffix", json!("s"), json!(5)),
+            ("stop", json!(["a"]), json!([1])),
+            ("temperature", json!(0.5), json!("hot")),
+        ] {
+            prop_assert!(parse(Endpoint::Completions, &Bytes::from(completion(json!({field: ok})))).is_ok(), "{}", field);
+            prop_assert_eq!(refused_param(Endpoint::Completions, &completion(json!({field: wrong})))?, field);
+        }
+        let embedding = |extra: Value| {
+            let mut b = json!({"model": "m", "input": "x"});
+            b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            b.to_string()
+        };
+        for (field, ok, wrong) in [("dimensions", json!(256), json!("256")), ("encoding_format", json!("float"), json!(1)), ("user", json!("u"), json!(["u"]))] {
+            prop_assert!(parse(Endpoint::Embeddings, &Bytes::from(embedding(json!({field: ok})))).is_ok(), "{}", field);
+            prop_assert_eq!(refused_param(Endpoint::Embeddings, &embedding(json!({field: wrong})))?, field);
+        }
+        // Fields of another endpoint, or unknown ones, pass through unchecked.
+        let unchecked = embedding(json!({"temperature": "x", "echo": 3, "custom": [1]}));
+        prop_assert!(parse(Endpoint::Embeddings, &Bytes::from(unchecked.clone())).is_ok(), "{}", unchecked);
     }
 }
 

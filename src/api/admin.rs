@@ -329,13 +329,15 @@ async fn patch_key(
         key.name = name.to_string();
     }
     apply_budget_fields(&mut key.budget, &obj, &["name", "team", "revoked"])?;
-    app.ledger.backend().update_key(&key).await.map_err(ledger_error)?;
-    match obj.get("revoked") {
-        Some(Value::Bool(true)) => {
-            app.ledger.backend().revoke_key(&key.id, now_ms()).await.map_err(ledger_error)?;
-        }
-        None | Some(Value::Null) => {}
+    // Every field is checked before anything is written: a refused patch changes nothing.
+    let revoke = match obj.get("revoked") {
+        Some(Value::Bool(true)) => true,
+        None | Some(Value::Null) => false,
         Some(_) => return Err(ApiError::param("revoked", "Only 'revoked': true is accepted; a revoked key stays revoked.")),
+    };
+    app.ledger.backend().update_key(&key).await.map_err(ledger_error)?;
+    if revoke {
+        app.ledger.backend().revoke_key(&key.id, now_ms()).await.map_err(ledger_error)?;
     }
     refresh(&app).await?;
     let key = find_key(&app, &id).await?;

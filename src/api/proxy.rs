@@ -180,9 +180,9 @@ async fn handle(
             format!("The model `{}` does not serve {} requests.", asked.name, endpoint.name()),
         ));
     }
-    if let Some(max) = parsed.max_output {
-        if asked.kind == crate::pricing::ModelKind::Chat && max > asked.max_output_tokens {
-            let param = parsed.max_output_field;
+    if asked.kind == crate::pricing::ModelKind::Chat {
+        // Each of `max_tokens` and `max_completion_tokens` is checked, as the upstream checks each.
+        if let Some((param, max)) = parsed.output_limit_over(asked.max_output_tokens) {
             return Err(ApiError::param(
                 param,
                 format!(
@@ -233,13 +233,7 @@ async fn handle(
         Err(refusal) => {
             app.budgets.settle(admission.reservation, NanoUsd::ZERO);
             return Err(ApiError::RateLimited {
-                message: format!(
-                    "Rate limit reached for this {}: {} {}. Retry after {} s.",
-                    refusal.scope.label(),
-                    refusal.limit,
-                    refusal.what,
-                    refusal.retry_after_s
-                ),
+                message: rate_limit_message(&refusal),
                 retry_after_s: refusal.retry_after_s,
             });
         }
@@ -355,6 +349,16 @@ where
     }
 }
 
+fn rate_limit_message(refusal: &crate::budget::RateRefusal) -> String {
+    format!(
+        "Rate limit reached for this {}: {} {}. Retry after {} s.",
+        refusal.scope.label(),
+        refusal.limit,
+        refusal.what,
+        refusal.retry_after_s
+    )
+}
+
 fn dry_run_answer(
     app: &AppState,
     budgets: &[crate::budget::Applicable],
@@ -364,6 +368,18 @@ fn dry_run_answer(
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Response {
+    // The rate limits as the request would meet them (checked, no slot taken).
+    let admitted = admitted.and_then(|a| {
+        let rate_tokens =
+            if budgets.iter().any(|b| b.spec.tpm.is_some()) { counter.exact(&a.model) } else { a.prompt_tokens };
+        match app.rates.check(budgets, rate_tokens, now.timestamp_millis()) {
+            Ok(()) => Ok(a),
+            Err(refusal) => {
+                app.budgets.settle(a.reservation, NanoUsd::ZERO);
+                Err((rate_limit_message(&refusal), None))
+            }
+        }
+    });
     let (decision, served, reason, max_cost, estimated) = match admitted {
         Ok(a) => {
             let exact = counter.exact(&a.model);
@@ -489,8 +505,25 @@ impl Forward {
                 let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
                 return forwarded_error(error, headers, settled.cost);
             }
+            // The client's response waits for the upstream's first body bytes, so a 200
+            // whose body is not SSE can still be answered with a 502 (SPEC §4); they go out
+            // with the headers.
+            let mut upstream = upstream;
+            let first = match first_sse_bytes(&mut upstream).await {
+                Ok(first) => first,
+                Err(error) => {
+                    tracing::warn!(request_id = %meter.request_id, model = %served.name, code = %error.code(), "stream's body is not SSE");
+                    let settled = meter.settle(Outcome {
+                        status: error.status().as_u16(),
+                        model: &served,
+                        reported: None,
+                        produced: None,
+                    });
+                    return forwarded_error(error, headers, settled.cost);
+                }
+            };
             app.metrics.observe_overhead(before_upstream);
-            return relay_stream(meter, served, upstream, parsed.client_wants_usage, headers);
+            return relay_stream(meter, served, upstream, first, parsed.client_wants_usage, headers);
         }
         whole_response(meter, served, upstream, headers, before_upstream).await
     }
@@ -514,6 +547,8 @@ async fn whole_response(
             tracing::warn!(model = %served.name, error = %e, "upstream body failed");
             let error = match e {
                 ReadError::Body(crate::upstream::BodyError::Idle) => ApiError::UpstreamTimeout,
+                // A 200 whose body was cut off is a body that is not JSON (SPEC §4).
+                ReadError::Body(_) if status.is_success() => ApiError::InvalidUpstreamResponse,
                 ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
                 ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
             };
@@ -611,17 +646,65 @@ fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
     response
 }
 
+/// Reads a stream's body until it can tell whether it starts like SSE (usually its first
+/// chunk): what it read, for the pump to go on from. A body that starts with anything but an
+/// SSE field (`data`, `event`, `id`, `retry`), a `:` comment or a blank line, or that ends or
+/// fails first, is refused with a 502 before the client sees a 200 (one that falls silent
+/// for `idle_timeout_ms` first, with a 504).
+async fn first_sse_bytes(upstream: &mut UpstreamResponse) -> Result<Bytes, ApiError> {
+    let mut read = Bytes::new();
+    loop {
+        let chunk = match upstream.next_chunk().await {
+            Some(Ok(chunk)) => chunk,
+            Some(Err(crate::upstream::BodyError::Idle)) => return Err(ApiError::UpstreamTimeout),
+            Some(Err(_)) | None => return Err(ApiError::InvalidUpstreamResponse),
+        };
+        // Usually the first chunk decides, and is handed on as it is; joining is for the
+        // rare start split inside its first few bytes.
+        read = if read.is_empty() { chunk } else { [read, chunk].concat().into() };
+        match starts_like_sse(&read) {
+            Some(true) => return Ok(read),
+            Some(false) => return Err(ApiError::InvalidUpstreamResponse),
+            None => {}
+        }
+    }
+}
+
+/// Whether `bytes`, the start of a body, start like an SSE stream (`None`: too few to tell).
+fn starts_like_sse(bytes: &[u8]) -> Option<bool> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    const FIELDS: [&[u8]; 4] = [b"data", b"event", b"id", b"retry"];
+    if bytes.len() < BOM.len() && BOM.starts_with(bytes) {
+        return None;
+    }
+    let bytes = bytes.strip_prefix(BOM).unwrap_or(bytes);
+    match bytes.iter().position(|&b| matches!(b, b':' | b'\r' | b'\n')) {
+        // A comment or a blank line, or a field's name.
+        Some(0) => Some(true),
+        Some(end) => Some(FIELDS.contains(&&bytes[..end])),
+        None if bytes.is_empty() || FIELDS.iter().any(|f| f.starts_with(bytes)) => None,
+        None => Some(false),
+    }
+}
+
 /// Starts relaying a stream: the response goes out at once with the upstream's status; its
-/// body runs the pump, which reads the upstream, forwards each event as it completes, and
-/// settles.
-fn relay_stream(meter: Meter, served: Arc<Model>, mut upstream: UpstreamResponse, client_wants_usage: bool, mut headers: HeaderMap) -> Response {
+/// body runs the pump, which forwards `first` (the body's first bytes, read already), then
+/// reads the upstream, forwards each event as it completes, and settles.
+fn relay_stream(
+    meter: Meter,
+    served: Arc<Model>,
+    mut upstream: UpstreamResponse,
+    first: Bytes,
+    client_wants_usage: bool,
+    mut headers: HeaderMap,
+) -> Response {
     // The pump needs no upstream header: free them rather than hold them for the stream's life.
     upstream.headers = HeaderMap::new();
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(STREAM_BUFFER);
     let app = meter.app.clone();
     let drain = std::time::Duration::from_millis(app.config.disconnect_drain_ms);
     let status = upstream.status;
-    let pump = Detachable::new(&app.tracker, pump(meter, served, upstream, client_wants_usage, tx, drain));
+    let pump = Detachable::new(&app.tracker, pump(meter, served, upstream, first, client_wants_usage, tx, drain));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -710,6 +793,7 @@ async fn pump(
     meter: Meter,
     served: Arc<Model>,
     mut upstream: UpstreamResponse,
+    first: Bytes,
     client_wants_usage: bool,
     tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
     drain: std::time::Duration,
@@ -720,6 +804,7 @@ async fn pump(
     let mut gone_at: Option<Instant> = None;
     let mut done_event: Option<Bytes> = None;
     let mut failure: Option<String> = None;
+    let mut first = Some(first);
     loop {
         if let Some(at) = gone_at {
             if at.elapsed() > drain {
@@ -727,7 +812,11 @@ async fn pump(
                 break;
             }
         }
-        let (events, at_end) = match upstream.next_chunk().await {
+        let next = match first.take() {
+            Some(first) => Some(Ok(first)),
+            None => upstream.next_chunk().await,
+        };
+        let (events, at_end) = match next {
             // End of body: a final event may still be waiting on its line ending.
             None => match parser.finish() {
                 Ok(events) => (events, true),
@@ -821,6 +910,52 @@ mod tests {
         }
         assert_eq!(metered_endpoint(&Method::GET, "/v1/chat/completions"), None);
         assert_eq!(metered_endpoint(&Method::PUT, "/v1/embeddings"), None);
+    }
+
+    #[test]
+    fn an_sse_start_is_a_field_a_comment_or_a_blank_line() {
+        for sse in [
+            &b"data: {}"[..],
+            b"data:x",
+            b"data\n",
+            b"event: x\r\n",
+            b"id: 1",
+            b"retry: 5",
+            b": hi",
+            b"\n",
+            b"\r\n",
+            b"\xEF\xBB\xBFdata: x",
+        ] {
+            assert_eq!(starts_like_sse(sse), Some(true), "{sse:?}");
+        }
+        for not in [
+            &b"{\"id\":1}"[..],
+            b"<html>",
+            b"HTTP/1.1",
+            b"dat x",
+            b"datum: x",
+            b"data_x: 1",
+            b"ids:",
+            b" data: x",
+            b"\xEF\xBB\xBF{",
+        ] {
+            assert_eq!(starts_like_sse(not), Some(false), "{not:?}");
+        }
+        for undecided in [
+            &b""[..],
+            b"d",
+            b"dat",
+            b"data",
+            b"ev",
+            b"i",
+            b"retr",
+            b"\xEF",
+            b"\xEF\xBB",
+            b"\xEF\xBB\xBF",
+            b"\xEF\xBB\xBFda",
+        ] {
+            assert_eq!(starts_like_sse(undecided), None, "{undecided:?}");
+        }
     }
 
     #[test]

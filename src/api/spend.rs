@@ -5,14 +5,14 @@ use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::admin::ledger_error;
 use crate::auth;
 use crate::error::ApiError;
-use crate::ledger::{GroupBy, LogFilter, RequestRecord, SpendFilter, SpendTotals};
+use crate::ledger::{GroupBy, LogFilter, RequestRecord, SpendFilter, SpendGroup, SpendTotals};
 use crate::server::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -33,13 +33,43 @@ async fn viewer(app: &AppState, headers: &HeaderMap) -> Result<Viewer, ApiError>
     Ok(Viewer::Key(caller.key.id.clone()))
 }
 
-/// Parses a time bound: RFC 3339, a date (`2026-11-01`, midnight UTC), or Unix seconds.
-pub fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
+/// Which end of a time range a bound is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edge {
+    /// `from`: inclusive.
+    From,
+    /// `to`: exclusive; a date names its whole day, so it ends at the next midnight.
+    To,
+}
+
+impl Edge {
+    fn field(self) -> &'static str {
+        match self {
+            Edge::From => "from",
+            Edge::To => "to",
+        }
+    }
+}
+
+/// Parses a time bound, Unix ms: RFC 3339 (`2026-11-01T04:00:00Z`), a date and time without
+/// a zone (read as UTC), a date (`2026-11-01`: from its midnight UTC, or — for `to` — up to
+/// the next, so the day is included), or Unix seconds.
+pub fn parse_time(edge: Edge, text: &str) -> Result<i64, ApiError> {
+    let field = edge.field();
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.timestamp_millis());
     }
+    for format in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(text, format) {
+            return Ok(Utc.from_utc_datetime(&t).timestamp_millis());
+        }
+    }
     if let Ok(d) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+        let day = match edge {
+            Edge::From => Some(d),
+            Edge::To => d.succ_opt(),
+        };
+        if let Some(t) = day.and_then(|d| d.and_hms_opt(0, 0, 0)) {
             return Ok(Utc.from_utc_datetime(&t).timestamp_millis());
         }
     }
@@ -48,8 +78,14 @@ pub fn parse_time(field: &str, text: &str) -> Result<i64, ApiError> {
             return Ok(t.timestamp_millis());
         }
     }
-    Err(ApiError::param(field, format!("'{field}' must be an RFC 3339 time, a date (YYYY-MM-DD) or Unix seconds.")))
+    Err(ApiError::param(
+        field,
+        format!("'{field}' must be an RFC 3339 time, a date and time in UTC, a date (YYYY-MM-DD) or Unix seconds."),
+    ))
 }
+
+/// Grouping when the query names none: by team and model (the CLI's default too).
+pub const DEFAULT_GROUP_BY: &str = "team,model";
 
 pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, ApiError> {
     let mut out = Vec::new();
@@ -130,8 +166,8 @@ async fn spend(State(app): State<AppState>, headers: HeaderMap, query: Result<Qu
     let viewer = viewer(&app, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::param("query", e.body_text()))?;
     let mut filter = SpendFilter {
-        from_ms: q.from.as_deref().filter(|s| !s.is_empty()).map(|s| parse_time("from", s)).transpose()?,
-        to_ms: q.to.as_deref().filter(|s| !s.is_empty()).map(|s| parse_time("to", s)).transpose()?,
+        from_ms: q.from.as_deref().filter(|s| !s.is_empty()).map(|s| parse_time(Edge::From, s)).transpose()?,
+        to_ms: q.to.as_deref().filter(|s| !s.is_empty()).map(|s| parse_time(Edge::To, s)).transpose()?,
         team: q.team.filter(|s| !s.is_empty()),
         key_id: q.key.filter(|s| !s.is_empty()),
         model: q.model.filter(|s| !s.is_empty()),
@@ -142,7 +178,7 @@ async fn spend(State(app): State<AppState>, headers: HeaderMap, query: Result<Qu
         }
         filter.key_id = Some(id.clone());
     }
-    let group_by = parse_group_by(q.group_by.as_deref().unwrap_or(""))?;
+    let group_by = parse_group_by(q.group_by.as_deref().unwrap_or(DEFAULT_GROUP_BY))?;
     let csv = match q.format.as_deref() {
         None | Some("") | Some("json") => false,
         Some("csv") => true,
@@ -174,6 +210,14 @@ async fn spend(State(app): State<AppState>, headers: HeaderMap, query: Result<Qu
         }
         return Ok(([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response());
     }
+    let queried_ms = app.clock.now().timestamp_millis();
+    Ok(Json(spend_json(&filter, queried_ms, &total, &groups)).into_response())
+}
+
+/// A spend answer in JSON (the API's and the CLI's `spend --json`): the range as RFC 3339
+/// (all time when open: from the Unix epoch to `queried_ms`, when the query ran), the total
+/// and the groups.
+pub fn spend_json(filter: &SpendFilter, queried_ms: i64, total: &SpendTotals, groups: &[SpendGroup]) -> Value {
     let groups: Vec<Value> = groups
         .iter()
         .map(|g| {
@@ -185,13 +229,12 @@ async fn spend(State(app): State<AppState>, headers: HeaderMap, query: Result<Qu
             Value::Object(m)
         })
         .collect();
-    Ok(Json(json!({
-        "from": filter.from_ms.map_or(Value::Null, rfc3339),
-        "to": filter.to_ms.map_or(Value::Null, rfc3339),
-        "total": totals_json(&total),
+    json!({
+        "from": rfc3339(filter.from_ms.unwrap_or(0)),
+        "to": rfc3339(filter.to_ms.unwrap_or(queried_ms)),
+        "total": totals_json(total),
         "groups": groups,
-    }))
-    .into_response())
+    })
 }
 
 fn csv_field(s: &str) -> String {

@@ -133,6 +133,16 @@ impl<'a> Skim<'a> {
         }
     }
 
+    /// Passes a number or `null`; any other value (and a number left to the full reader:
+    /// an exponent, too many digits) is `None`.
+    pub fn number_or_null(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'n' => self.literal(b"null"),
+            b'0'..=b'9' | b'-' => self.number().map(drop),
+            _ => None,
+        }
+    }
+
     /// Passes `true`, `false` or `null` (`Some(None)`); any other value is `None`.
     pub fn boolean(&mut self) -> Option<Option<bool>> {
         match self.peek()? {

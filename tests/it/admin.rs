@@ -148,3 +148,50 @@ async fn a_key_revoked_with_the_cli_fails_as_soon_as_the_command_returns() {
     cli(&config, &["teams", "delete", "t"]).await;
     assert_eq!(app.chat(&secret, &body).await.status(), 401, "key of a deleted team still served");
 }
+
+#[tokio::test]
+async fn a_refused_patch_changes_nothing() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    app.create_team("t", json!({"limit_usd": 10})).await;
+    let (id, secret) = app.create_key("t", json!({})).await;
+
+    // Every field is checked before anything is written: a bad `revoked` after a good
+    // `limit_usd` leaves the key as it was.
+    let path = format!("/admin/keys/{id}");
+    for patch in [
+        json!({"limit_usd": 5, "revoked": false}),
+        json!({"limit_usd": 5, "revoked": "yes"}),
+        json!({"limit_usd": 5, "name": "bad/name"}),
+        json!({"limit_usd": 5, "period": "hourly"}),
+        json!({"name": "renamed", "team": "other"}),
+    ] {
+        let (status, v) = app.admin(Method::PATCH, &path, Some(patch.clone())).await;
+        assert_eq!(status, 400, "{patch} -> {v}");
+        let (_, key) = app.admin(Method::GET, &path, None).await;
+        assert_eq!(
+            (&key["limit_usd"], &key["name"], &key["revoked"]),
+            (&Value::Null, &json!("test"), &json!(false)),
+            "{patch} -> {key}"
+        );
+    }
+    assert_eq!(app.chat(&secret, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
+
+    // The same for teams.
+    for patch in [
+        json!({"limit_usd": 5, "period": "hourly"}),
+        json!({"limit_usd": 5, "name": "other"}),
+        json!({"limit_usd": 5, "x": 1}),
+    ] {
+        let (status, v) = app.admin(Method::PATCH, "/admin/teams/t", Some(patch.clone())).await;
+        assert_eq!(status, 400, "{patch} -> {v}");
+        let (_, team) = app.admin(Method::GET, "/admin/teams/t", None).await;
+        assert_eq!(team["limit_usd"], 10.0, "{patch} -> {team}");
+    }
+
+    // A valid patch with `revoked: true` applies its other fields and revokes.
+    let (status, v) = app.admin(Method::PATCH, &path, Some(json!({"limit_usd": 5, "revoked": true}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!((&v["limit_usd"], &v["revoked"]), (&json!(5.0), &json!(true)), "{v}");
+    assert_eq!(app.chat(&secret, &chat_body("gpt-4o-mini", "x")).await.status(), 401);
+}

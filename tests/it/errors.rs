@@ -69,11 +69,43 @@ async fn bad_bodies_are_400_with_the_field_named() {
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000}), "max_tokens"),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "n": 10_000}), "n"),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), "stream"),
+        // Both output limits are checked against the model's, whichever the reservation reads.
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 100, "max_tokens": 1_000_000}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100, "max_completion_tokens": 1_000_000}),
+            "max_completion_tokens",
+        ),
+        // The common fields' types, whether or not tollgate reads the field.
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}),
+            "temperature",
+        ),
+        (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stop": [1]}), "stop"),
+        (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "user": 7}), "user"),
+        (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "logprobs": "yes"}), "logprobs"),
+        (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "system", "content": "x"}, {"content": "y"}]}),
+            "messages[1].role",
+        ),
+        (json!({"model": "gpt-4o", "messages": ["hi"]}), "messages[0]"),
     ];
     for (body, param) in cases {
         let (status, v) = error_of(app.chat(&key, &body).await).await;
         assert_eq!(status, 400, "{body} -> {v}");
         assert_eq!(v["error"]["param"], param, "{body} -> {v}");
+    }
+    for (path, body, param) in [
+        ("/v1/completions", json!({"model": "gpt-4o", "prompt": [1, "a"]}), "prompt"),
+        ("/v1/completions", json!({"model": "gpt-4o", "prompt": "x", "echo": 1}), "echo"),
+        ("/v1/embeddings", json!({"model": "text-embedding-3-small", "input": [[1], "x"]}), "input"),
+        ("/v1/embeddings", json!({"model": "text-embedding-3-small", "input": "x", "dimensions": "8"}), "dimensions"),
+    ] {
+        let (status, v) = error_of(app.post(path, &key, &body).await).await;
+        assert_eq!((status, &v["error"]["param"]), (400, &json!(param)), "{path} {body} -> {v}");
     }
     let dup = br#"{"model":"gpt-4o","model":"gpt-4o-mini","messages":[{"role":"user","content":"x"}]}"#;
     let (status, _) = error_of(send(dup).await.unwrap()).await;

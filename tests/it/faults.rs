@@ -808,6 +808,8 @@ async fn upstream_reset_mid_body_of_a_non_stream_answer_is_502_and_recorded() {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(status, 502, "{v}");
     assert_eq!(v["error"]["type"], "upstream_error", "{v}");
+    // A 200 whose body is cut off mid-JSON is a body that is not JSON (SPEC §4).
+    assert_eq!(v["error"]["code"], "invalid_upstream_response", "{v}");
     assert!(!v.to_string().contains("Hel\""), "no partial body leaks: {v}");
     let r = settled_record(&app, &id).await;
     assert_eq!(r["status"], 502, "{r}");

@@ -229,6 +229,72 @@ async fn spend_groups_by_team_model_and_day_and_keys_see_only_their_own() {
 }
 
 #[tokio::test]
+async fn spend_ranges_take_whole_days_and_utc_times_and_open_ranges_are_all_time() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let at = |s: &str| chrono::DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&chrono::Utc);
+    app.clock.set(at("2026-12-07T10:00:00Z"));
+    assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
+    app.wait_records(1).await;
+    let app = &app;
+    let spend = move |query: &'static str| async move {
+        let resp = app.http.get(app.url(&format!("/spend{query}"))).bearer_auth(MASTER).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+        resp.json::<Value>().await.unwrap()
+    };
+
+    // A date as `to` includes its whole day: from = to = today finds today's request.
+    let v = spend("?from=2026-12-07&to=2026-12-07").await;
+    assert_eq!(v["total"]["requests"], 1, "{v}");
+    assert_eq!(
+        (v["from"].as_str(), v["to"].as_str()),
+        (Some("2026-12-07T00:00:00Z"), Some("2026-12-08T00:00:00Z")),
+        "{v}"
+    );
+    assert_eq!(spend("?to=2026-12-06").await["total"]["requests"], 0);
+    // A date and time without a zone is UTC.
+    let v = spend("?from=2026-12-07T04:00:00&to=2026-12-07T10:00:01").await;
+    assert_eq!(v["total"]["requests"], 1, "{v}");
+    assert_eq!(v["from"], "2026-12-07T04:00:00Z", "{v}");
+    assert_eq!(spend("?to=2026-12-07T09:59:59").await["total"]["requests"], 0);
+    assert_eq!(spend("?from=2026-12-07%2010:00:01").await["total"]["requests"], 0);
+
+    // An open range is all time, up to the query's time; groups default to team and model.
+    let v = spend("").await;
+    assert_eq!(
+        (v["from"].as_str(), v["to"].as_str()),
+        (Some("1970-01-01T00:00:00Z"), Some("2026-12-07T10:00:00Z")),
+        "{v}"
+    );
+    assert_eq!(
+        v["groups"],
+        json!([{"team": "t", "model": "gpt-4o-mini", "requests": 1, "input_tokens": 10,
+        "cached_input_tokens": 0, "output_tokens": 5, "cost_usd": v["total"]["cost_usd"]}]),
+        "{v}"
+    );
+    // An empty group_by asks for the total alone.
+    assert_eq!(spend("?group_by=").await["groups"], json!([]));
+
+    // The CLI's `spend --json` answers in the same shape.
+    let db = app.dir.path().join("tollgate.db");
+    let config = app.dir.path().join("cli.toml");
+    std::fs::write(&config, config_text(db.to_str().unwrap(), &up.url(), DEFAULT_MODELS)).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--config")
+        .arg(&config)
+        .args(["spend", "--json", "--from", "2026-12-07", "--to", "2026-12-07"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let api = spend("?from=2026-12-07&to=2026-12-07").await;
+    assert_eq!(cli, api, "the CLI and the API agree");
+}
+
+#[tokio::test]
 async fn spend_logs_paginate_newest_first() {
     let up = FakeUpstream::start().await;
     let app = TestApp::start(&up, DEFAULT_MODELS).await;

@@ -273,3 +273,35 @@ provider = "up"
     assert_eq!(estimates[0], estimates[1], "the alias is priced on gpt-3.5-turbo's own count");
     assert_eq!(up.hits(), 0);
 }
+
+#[tokio::test]
+async fn dry_run_reports_a_rate_limit_refusal_without_taking_a_slot() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    app.create_team("t", json!({})).await;
+    let (_, key) = app.create_key("t", json!({"rpm": 1})).await;
+    let dry = || {
+        let b = chat_body("gpt-4o-mini", "hi");
+        app.http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-tollgate-dry-run", "true")
+            .json(&b)
+            .send()
+    };
+    // Dry runs take no slot from the window: the real request after them is admitted.
+    for _ in 0..3 {
+        let v: Value = dry().await.unwrap().json().await.unwrap();
+        assert_eq!(v["decision"], "serve", "{v}");
+    }
+    assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "hi")).await.status(), 200);
+
+    // Now the window is full: the dry run says what the real request meets.
+    let v: Value = dry().await.unwrap().json().await.unwrap();
+    assert_eq!(v["decision"], "refuse", "{v}");
+    assert_eq!(v["served_model"], Value::Null, "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains("Rate limit") && reason.contains("requests per minute"), "{v}");
+    assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "hi")).await.status(), 429);
+    assert_eq!(up.hits(), 1);
+}

@@ -196,3 +196,72 @@ async fn stream_that_is_not_sse_is_a_502() {
     assert_eq!(v["error"]["code"], "invalid_upstream_response");
     assert_eq!(app.logs().await[0]["status"], 502);
 }
+
+#[tokio::test]
+async fn stream_labelled_sse_whose_body_is_not_sse_is_a_502_and_recorded() {
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let not_sse: [&[&'static str]; 4] = [
+        &[r#"{"id":"chatcmpl-x","object":"chat.completion","choices":[]}"#],
+        &["<html>oops</html>"],
+        // Undecided after the first chunk, decided by the second.
+        &["da", "ta_x: 1\n\n"],
+        // Ends before anything at all.
+        &[],
+    ];
+    for (i, chunks) in not_sse.iter().enumerate() {
+        let sent = chunks.iter().map(|c| (Duration::from_millis(10), Bytes::from_static(c.as_bytes()))).collect();
+        up.reply(Reply { chunks: sent, ..Reply::new(200, "text/event-stream", "") });
+        let resp = app.chat(&key, &stream_body("gpt-4o-mini", None)).await;
+        assert_eq!(resp.status(), 502, "{chunks:?}");
+        assert_eq!(resp.headers()["x-tollgate-model"], "gpt-4o-mini");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "invalid_upstream_response", "{v}");
+        let logs = app.wait_records(i + 1).await;
+        assert_eq!(logs[0]["status"], 502, "{:?}", logs[0]);
+        assert_eq!(logs[0]["cost_usd"], 0.0, "{:?}", logs[0]);
+    }
+
+    // SSE that starts with a comment, a blank line or a field split across chunks is SSE.
+    let events = [
+        vec![": keep-alive\n\n".to_string()],
+        vec!["\n".to_string()],
+        vec!["\u{feff}da".to_string(), "ta".to_string()],
+    ];
+    for start in events {
+        let mut reply = Reply::chat_sse(&["Hel", "lo"], Some((20, 0, 2)), true);
+        let first = std::mem::take(&mut reply.chunks[0].1);
+        let mut chunks: Vec<(Duration, Bytes)> =
+            start.iter().map(|c| (Duration::ZERO, Bytes::from(c.clone()))).collect();
+        let joined = start.concat();
+        // The rest of the first event after the split-off start of its field name.
+        let rest = if joined.ends_with("data") { first.slice(4..) } else { first };
+        chunks.push((Duration::ZERO, rest));
+        reply.chunks.splice(0..1, chunks);
+        up.reply(reply);
+        let resp = app.chat(&key, &stream_body("gpt-4o-mini", None)).await;
+        assert_eq!(resp.status(), 200, "{start:?}");
+        let text = resp.text().await.unwrap();
+        assert!(text.starts_with(&joined), "{start:?}: {text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{start:?}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_is_answered_when_its_first_event_arrives_not_later() {
+    let up = FakeUpstream::start().await;
+    // The first event at once, the next after a second.
+    let mut reply = Reply::chat_sse(&["a", "b"], Some((20, 0, 2)), true);
+    reply.chunks[1].0 = Duration::from_millis(1000);
+    up.reply(reply);
+    let app = TestApp::start(&up, DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let started = std::time::Instant::now();
+    let resp = app.chat(&key, &stream_body("gpt-4o-mini", None)).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    assert!(started.elapsed() < Duration::from_millis(800), "headers and first event took {:?}", started.elapsed());
+}
