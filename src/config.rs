@@ -240,6 +240,8 @@ pub struct Config {
     pub journal_dir: std::path::PathBuf,
     /// A journal segment takes appends until it is this long; then a new one starts.
     pub journal_segment_bytes: u64,
+    /// At SIGTERM, how long in-flight requests get to finish before they are cut (and
+    /// still recorded); 0 cuts at once.
     pub shutdown_grace_ms: u64,
     pub master_key: Option<Secret>,
     /// Largest request body accepted, in bytes.

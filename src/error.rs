@@ -64,6 +64,9 @@ pub enum ApiError {
     /// (`on_ledger_error = "reject"`); the record is written once the database recovers.
     #[error("The spend ledger could not record this request in time; the answer is withheld. The request was charged and will be recorded when the ledger recovers.")]
     LedgerNotDurable,
+    /// 503: the server is shutting down and its grace period ended before the answer did.
+    #[error("The server is shutting down; the request was cut off.")]
+    ShuttingDown,
     /// 500: a bug or an unexpected failure; the detail is logged, not shown.
     #[error("Internal error.")]
     Internal,
@@ -88,7 +91,7 @@ impl ApiError {
             ApiError::BudgetExceeded { .. } | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { .. } | ApiError::InvalidUpstreamResponse => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::LedgerUnavailable | ApiError::LedgerNotDurable => {
+            ApiError::LedgerUnavailable | ApiError::LedgerNotDurable | ApiError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -116,6 +119,7 @@ impl ApiError {
             ApiError::InvalidUpstreamResponse => ("upstream_error", s("invalid_upstream_response")),
             ApiError::UpstreamTimeout => ("upstream_error", s("upstream_timeout")),
             ApiError::LedgerUnavailable | ApiError::LedgerNotDurable => ("server_error", s("ledger_unavailable")),
+            ApiError::ShuttingDown => ("server_error", s("shutting_down")),
             ApiError::Internal => ("server_error", s("internal_error")),
         }
     }

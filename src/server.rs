@@ -46,6 +46,10 @@ pub struct Inner {
     pub clock: Clock,
     /// Forwarding and stream tasks; shutdown waits for them.
     pub tracker: TaskTracker,
+    /// Cancelled when shutdown's grace period runs out: the workers close every connection,
+    /// and forwarding and stream pumps stop reading their upstreams, then settle and record
+    /// what they have (see `api::proxy`).
+    pub cut: CancellationToken,
 }
 
 impl Deref for AppState {
@@ -117,6 +121,10 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Gateway 
     }
 }
 
+/// Longest shutdown waits, once the grace period is over and in-flight requests are cut,
+/// for them to settle (estimating usage from the text they saw takes milliseconds).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Called with the bound address once the server is ready to serve.
 pub type OnReady = Box<dyn FnOnce(std::net::SocketAddr) + Send>;
 
@@ -129,8 +137,9 @@ pub struct RunOptions {
 }
 
 /// Opens the ledger and serves on `listener` until `shutdown` resolves, then drains:
-/// stops accepting, lets in-flight requests finish for up to `shutdown_grace_ms`, flushes
-/// the ledger and returns.
+/// stops accepting, lets in-flight requests finish for up to `shutdown_grace_ms`, cuts
+/// those still running (their connections closed, their upstream requests dropped, each
+/// settled and recorded on what it had), flushes the ledger and returns.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -172,6 +181,7 @@ pub async fn run(
         metrics: Metrics::default(),
         clock,
         tracker: TaskTracker::new(),
+        cut: CancellationToken::new(),
     }));
 
     let stop_polling = CancellationToken::new();
@@ -220,17 +230,25 @@ pub async fn run(
     // Stop accepting at once: the listener closes here.
     drop(listener);
     tracing::info!("shutting down: draining in-flight requests");
-    let grace = Duration::from_millis(config.shutdown_grace_ms);
-    let deadline = tokio::time::Instant::now() + grace;
-    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
-        tracing::warn!("grace period over; closing remaining connections");
-    }
+    // The grace period covers the connections still open and the forwarding that clients
+    // which hung up left behind (tracked tasks, e.g. a stream drained for its usage).
     state.tracker.close();
-    // Metering of requests still in flight (e.g. draining a disconnected stream) gets the
-    // rest of the grace period, and at least a moment to write what it has.
-    let settle_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
-    if tokio::time::timeout_at(settle_deadline, state.tracker.wait()).await.is_err() {
-        tracing::warn!("some requests were still being metered at shutdown");
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let drained = tokio::time::timeout(grace, async {
+        graceful.shutdown().await;
+        state.tracker.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("grace period over; cutting the requests still in flight");
+        // Every connection closes, and every request still in flight stops waiting on its
+        // upstream, settles on what it has and journals its record: no I/O, so this takes
+        // milliseconds. The bound is a backstop, not a wait: a request not settled by then
+        // keeps its journal entry, which the next start marks interrupted.
+        state.cut.cancel();
+        if tokio::time::timeout(SETTLE_TIMEOUT, state.tracker.wait()).await.is_err() {
+            tracing::error!("some requests were not settled in time; the next start marks them interrupted");
+        }
     }
     stop_polling.cancel();
     let _ = poller.await;
@@ -274,6 +292,19 @@ pub fn worker_index() -> usize {
 /// Marks this thread as server worker `index`.
 pub(crate) fn set_worker_index(index: usize) {
     WORKER.with(|w| w.set(index));
+}
+
+thread_local! {
+    /// On a server worker, its own child of `AppState::cut`.
+    static WORKER_CUT: std::cell::RefCell<Option<Arc<CancellationToken>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Shutdown's cut (`AppState::cut`) as the current thread should wait on it: on a server
+/// worker, a child token of the worker's own. A token's waiters sit behind a lock of its
+/// own, and every request waits on the cut: on one token shared by all workers, that lock
+/// would bounce between cores on every request.
+pub(crate) fn cut_token(state: &AppState) -> Arc<CancellationToken> {
+    WORKER_CUT.with(|cut| cut.borrow().clone()).unwrap_or_else(|| Arc::new(state.cut.clone()))
 }
 
 type Handover = (std::net::TcpStream, hyper_util::server::graceful::Watcher);
@@ -384,6 +415,8 @@ async fn serve_handed_over(
     stop: CancellationToken,
 ) {
     tokio::spawn(keep_a_timer_near(stop.clone()));
+    let cut = Arc::new(gateway.state.cut.child_token());
+    WORKER_CUT.with(|worker| *worker.borrow_mut() = Some(cut.clone()));
     loop {
         let (stream, watcher) = tokio::select! {
             next = handed.recv() => match next {
@@ -396,16 +429,26 @@ async fn serve_handed_over(
         let Ok(stream) = TcpStream::from_std(stream) else { continue };
         let service = gateway.clone();
         let builder = builder.clone();
+        let cut = cut.clone();
         tokio::spawn(async move {
-            // hyper's header timer starts with the first byte: a connection that
-            // sends nothing at all is closed after the same timeout.
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
+            let serve = async move {
+                // hyper's header timer starts with the first byte: a connection that
+                // sends nothing at all is closed after the same timeout.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                let _ = watcher.watch(conn).await;
+            };
+            // Once shutdown's grace period is over the connection is dropped, closing its
+            // socket; a request it was serving goes on in a tracked task (`Detachable`),
+            // which sees the same cut and settles.
+            tokio::select! {
+                () = serve => {}
+                () = cut.cancelled() => {}
             }
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            let _ = watcher.watch(conn).await;
         });
     }
 }

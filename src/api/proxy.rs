@@ -3,7 +3,9 @@
 //!
 //! Forwarding runs inside the client's connection but is not cancelled with it: a client
 //! that hangs up leaves the upstream call and its metering to finish in a task the server
-//! tracks (see [`Detachable`]), and SIGTERM waits for it.
+//! tracks (see [`Detachable`]), and SIGTERM waits for it — up to `shutdown_grace_ms`. Past
+//! that the server cancels `AppState::cut`: every wait on an upstream here ends (see
+//! [`unless_cut`]), and the request is settled on what it saw, as a cut-off.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -442,6 +444,14 @@ impl Forward {
             tracing::warn!(request_id = %meter.request_id, error = %e, "journal entry not durable; serving anyway (on_ledger_error = serve)");
         }
         let app = meter.app.clone();
+        if crate::server::cut_token(&app).is_cancelled() {
+            // Shutdown's grace period ended before this request left: it is never forwarded,
+            // so it is refused like any other, with no record.
+            meter.abandon(&model);
+            let error = ApiError::ShuttingDown;
+            app.metrics.record_refusal(&error.code());
+            return error.into_response();
+        }
         let path = parsed.endpoint.upstream_path();
         // The serving model, then its fallback deployments (allowed ones only).
         let mut deployments = vec![model.clone()];
@@ -462,7 +472,10 @@ impl Forward {
         for (i, deployment) in deployments.into_iter().enumerate() {
             let upstream_body = parsed.rewrite(&body, &deployment.upstream_model);
             let sent = Instant::now();
-            let result = app.upstreams.send(&deployment.provider, path, upstream_body).await;
+            let Some(result) = unless_cut(&app, app.upstreams.send(&deployment.provider, path, upstream_body)).await
+            else {
+                return cut_off(meter, &deployment, model_headers(&deployment, downgraded_from.as_deref()));
+            };
             app.metrics.observe_upstream(&deployment.name, sent.elapsed());
             match result {
                 Ok(resp) if retryable(resp.status) && i + 1 < count => {
@@ -500,7 +513,9 @@ impl Forward {
         if parsed.stream && upstream.status.is_success() {
             if !is_sse {
                 let mut upstream = upstream;
-                let _ = upstream.read_all(app.config.max_response_bytes).await;
+                if unless_cut(&app, upstream.read_all(app.config.max_response_bytes)).await.is_none() {
+                    return cut_off(meter, &served, headers);
+                }
                 let error = ApiError::InvalidUpstreamResponse;
                 let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
                 return forwarded_error(error, headers, settled.cost);
@@ -509,7 +524,10 @@ impl Forward {
             // whose body is not SSE can still be answered with a 502 (SPEC §4); they go out
             // with the headers.
             let mut upstream = upstream;
-            let first = match first_sse_bytes(&mut upstream).await {
+            let Some(first) = unless_cut(&app, first_sse_bytes(&mut upstream)).await else {
+                return cut_off(meter, &served, headers);
+            };
+            let first = match first {
                 Ok(first) => first,
                 Err(error) => {
                     tracing::warn!(request_id = %meter.request_id, model = %served.name, code = %error.code(), "stream's body is not SSE");
@@ -539,7 +557,9 @@ async fn whole_response(
 ) -> Response {
     let app = meter.app.clone();
     let status = upstream.status;
-    let read = upstream.read_all(app.config.max_response_bytes).await;
+    let Some(read) = unless_cut(&app, upstream.read_all(app.config.max_response_bytes)).await else {
+        return cut_off(meter, &served, headers);
+    };
     let after_upstream = Instant::now();
     let body = match read {
         Ok(b) => b,
@@ -626,6 +646,29 @@ fn insert_cost(headers: &mut HeaderMap, cost: NanoUsd) {
     if let Ok(v) = HeaderValue::from_str(&cost.to_string()) {
         headers.insert(COST_USD, v);
     }
+}
+
+/// `fut`, unless shutdown's grace period ends first (`None`: `fut` is dropped, and with it
+/// the upstream request it was waiting on).
+async fn unless_cut<F: Future>(app: &AppState, fut: F) -> Option<F::Output> {
+    let cut = crate::server::cut_token(app);
+    tokio::select! {
+        biased;
+        out = fut => Some(out),
+        () = cut.cancelled() => None,
+    }
+}
+
+/// Settles a non-streamed request cut by shutdown while it waited on `served`, and the 503
+/// its client gets if its connection is still open. As with a client that hangs up, the
+/// request is charged for what the upstream was seen to do: its prompt (counted locally,
+/// `estimated`), no output (none reached tollgate).
+fn cut_off(meter: Meter, served: &Arc<Model>, headers: HeaderMap) -> Response {
+    tracing::warn!(request_id = %meter.request_id, model = %served.name, "grace period over; request cut");
+    let error = ApiError::ShuttingDown;
+    let produced = Some(Produced { text: "", overflow_bytes: 0 });
+    let settled = meter.settle(Outcome { status: error.status().as_u16(), model: served, reported: None, produced });
+    forwarded_error(error, headers, settled.cost)
 }
 
 /// The error answer to a request that went upstream: OpenAI's envelope, with the headers
@@ -787,8 +830,9 @@ fn push_without_null_usage(out: &mut BytesMut, raw: &[u8]) {
 /// Reads the upstream stream to its end, forwarding events to the client while it listens:
 /// the events that arrived in one upstream read leave in one write, at once. `[DONE]` is held
 /// back until the record is durable. If the client goes away, reading continues (for at most
-/// `drain`) to learn the usage; if the upstream stops early, the client's stream is cut off
-/// too, without `[DONE]`.
+/// `drain`) to learn the usage; if the upstream stops early, or shutdown's grace period ends
+/// (`AppState::cut`), the client's stream is cut off too, without `[DONE]`, and charged by
+/// estimate from what was read.
 async fn pump(
     meter: Meter,
     served: Arc<Model>,
@@ -814,7 +858,13 @@ async fn pump(
         }
         let next = match first.take() {
             Some(first) => Some(Ok(first)),
-            None => upstream.next_chunk().await,
+            None => match unless_cut(&meter.app, upstream.next_chunk()).await {
+                Some(next) => next,
+                None => {
+                    failure = Some("grace period over at shutdown; stream cut".into());
+                    break;
+                }
+            },
         };
         let (events, at_end) = match next {
             // End of body: a final event may still be waiting on its line ending.

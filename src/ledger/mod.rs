@@ -385,7 +385,8 @@ const MAX_BATCH: usize = 1024;
 
 impl Ledger {
     /// Starts the writer on `tracker`. Once `stop` is cancelled (or every handle is dropped)
-    /// it refuses new records, writes everything queued, and exits: waiting on the tracker
+    /// it refuses new records, writes everything queued — and the records of slots still
+    /// claimed, if they come within [`STRAGGLER_WAIT`] — and exits: waiting on the tracker
     /// then is a flush.
     /// `sync_timeout` bounds how long [`Ledger::sync`] waits.
     pub fn start(
@@ -522,7 +523,20 @@ async fn writer(
     let mut total = 0u64;
     loop {
         let received = if closing {
-            rx.recv_many(&mut jobs, MAX_BATCH).await
+            // What was queued before the stop comes at once; past that, only a request that
+            // has not settled still holds a slot (the server waits for them all before it
+            // stops the ledger, so one that overran even the cut at shutdown). Its journal
+            // entry is on disk: the next start marks it interrupted. Waiting for it longer
+            // would let one stuck request hold up the exit.
+            match tokio::time::timeout(STRAGGLER_WAIT, rx.recv_many(&mut jobs, MAX_BATCH)).await {
+                Ok(n) => n,
+                Err(_) => {
+                    tracing::error!(
+                        "a request still unsettled at shutdown holds a ledger slot; leaving it to the journal"
+                    );
+                    0
+                }
+            }
         } else {
             tokio::select! {
                 n = rx.recv_many(&mut jobs, MAX_BATCH) => n,
@@ -630,6 +644,10 @@ async fn write_batch(backend: &Backend, jobs: &[(Op, &RequestRecord)]) -> Result
 
 /// How long the writer keeps retrying a failing database once shutdown has begun.
 const SHUTDOWN_RETRY: Duration = Duration::from_secs(10);
+
+/// How long the writer, once stopped, waits for a record from a request that has not
+/// settled yet (see the writer).
+const STRAGGLER_WAIT: Duration = Duration::from_secs(1);
 
 /// Current time in Unix milliseconds.
 pub fn now_ms() -> i64 {

@@ -10,4 +10,5 @@ mod hostile;
 mod postgres;
 mod proxy;
 mod routing;
+mod shutdown;
 mod streaming;
