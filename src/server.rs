@@ -234,19 +234,31 @@ pub async fn run(
     // which hung up left behind (tracked tasks, e.g. a stream drained for its usage).
     state.tracker.close();
     let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let mut connections = std::pin::pin!(graceful.shutdown());
+    let mut closed = false;
     let drained = tokio::time::timeout(grace, async {
-        graceful.shutdown().await;
+        (&mut connections).await;
+        closed = true;
         state.tracker.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!("grace period over; cutting the requests still in flight");
-        // Every connection closes, and every request still in flight stops waiting on its
-        // upstream, settles on what it has and journals its record: no I/O, so this takes
-        // milliseconds. The bound is a backstop, not a wait: a request not settled by then
-        // keeps its journal entry, which the next start marks interrupted.
+        // Every request still in flight stops waiting on its upstream, settles on what it
+        // has and journals its record (no I/O: milliseconds), and answers a 503 or ends its
+        // stream cut off; its connection then closes. The bound is a backstop, not a wait:
+        // a request not settled by then keeps its journal entry, which the next start marks
+        // interrupted, and the connections still open (a client that reads nothing) close
+        // when the workers stop.
         state.cut.cancel();
-        if tokio::time::timeout(SETTLE_TIMEOUT, state.tracker.wait()).await.is_err() {
+        let settled = tokio::time::timeout(SETTLE_TIMEOUT, async {
+            if !closed {
+                connections.await;
+            }
+            state.tracker.wait().await;
+        })
+        .await;
+        if settled.is_err() {
             tracing::error!("some requests were not settled in time; the next start marks them interrupted");
         }
     }
@@ -416,7 +428,7 @@ async fn serve_handed_over(
 ) {
     tokio::spawn(keep_a_timer_near(stop.clone()));
     let cut = Arc::new(gateway.state.cut.child_token());
-    WORKER_CUT.with(|worker| *worker.borrow_mut() = Some(cut.clone()));
+    WORKER_CUT.with(|worker| *worker.borrow_mut() = Some(cut));
     loop {
         let (stream, watcher) = tokio::select! {
             next = handed.recv() => match next {
@@ -429,26 +441,16 @@ async fn serve_handed_over(
         let Ok(stream) = TcpStream::from_std(stream) else { continue };
         let service = gateway.clone();
         let builder = builder.clone();
-        let cut = cut.clone();
         tokio::spawn(async move {
-            let serve = async move {
-                // hyper's header timer starts with the first byte: a connection that
-                // sends nothing at all is closed after the same timeout.
-                let mut first = [0u8; 1];
-                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-                    Ok(Ok(n)) if n > 0 => {}
-                    _ => return,
-                }
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                let _ = watcher.watch(conn).await;
-            };
-            // Once shutdown's grace period is over the connection is dropped, closing its
-            // socket; a request it was serving goes on in a tracked task (`Detachable`),
-            // which sees the same cut and settles.
-            tokio::select! {
-                () = serve => {}
-                () = cut.cancelled() => {}
+            // hyper's header timer starts with the first byte: a connection that
+            // sends nothing at all is closed after the same timeout.
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
             }
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let _ = watcher.watch(conn).await;
         });
     }
 }
