@@ -46,9 +46,10 @@ pub struct Inner {
     pub clock: Clock,
     /// Forwarding and stream tasks; shutdown waits for them.
     pub tracker: TaskTracker,
-    /// Cancelled when shutdown's grace period runs out: the workers close every connection,
-    /// and forwarding and stream pumps stop reading their upstreams, then settle and record
-    /// what they have (see `api::proxy`).
+    /// Cancelled when shutdown's grace period runs out: forwarding and stream pumps stop
+    /// reading their upstreams, settle and record what they have, and answer a 503 or cut
+    /// their stream off (see `api::proxy`); connections close once answered, and the rest
+    /// when the workers stop. Workers wait on child tokens of their own (`cut_token`).
     pub cut: CancellationToken,
 }
 
