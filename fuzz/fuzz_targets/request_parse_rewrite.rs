@@ -18,8 +18,8 @@ fuzz_target!(|data: &[u8]| {
                 if let Some(chat) = p.plain_chat {
                     let full = parse_full(endpoint, &body).expect("a skimmed body parses in full");
                     assert_eq!(
-                        (&p.model, p.stream, p.client_wants_usage, p.max_output, p.max_output_field, p.n, p.needs),
-                        (&full.model, full.stream, full.client_wants_usage, full.max_output, full.max_output_field, full.n, full.needs)
+                        (&p.model, p.stream, p.client_wants_usage, p.max_completion_tokens, p.max_tokens, p.n, p.needs),
+                        (&full.model, full.stream, full.client_wants_usage, full.max_completion_tokens, full.max_tokens, full.n, full.needs)
                     );
                     assert_eq!(p.prompt.value(), full.prompt.value());
                     for model in ["gpt-4o", "gpt-3.5-turbo-0301"] {
@@ -35,7 +35,10 @@ fuzz_target!(|data: &[u8]| {
                         assert_eq!(v["stream_options"]["include_usage"], true);
                     }
                     let again = parse(endpoint, &out).expect("rewritten body parses");
-                    assert_eq!((again.stream, again.n, again.max_output), (p.stream, p.n, p.max_output));
+                    assert_eq!(
+                        (again.stream, again.n, again.max_completion_tokens, again.max_tokens),
+                        (p.stream, p.n, p.max_completion_tokens, p.max_tokens)
+                    );
                 }
             }
         }
