@@ -18,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use serde_json::json;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::{TaskTracker, TaskTrackerToken};
 
 use crate::auth;
@@ -444,7 +445,9 @@ impl Forward {
             tracing::warn!(request_id = %meter.request_id, error = %e, "journal entry not durable; serving anyway (on_ledger_error = serve)");
         }
         let app = meter.app.clone();
-        if crate::server::cut_token(&app).is_cancelled() {
+        // Shutdown's cut, as this worker waits on it (see `unless_cut`).
+        let cut = crate::server::cut_token(&app);
+        if cut.is_cancelled() {
             // Shutdown's grace period ended before this request left: it is never forwarded,
             // so it is refused like any other, with no record.
             meter.abandon(&model);
@@ -472,7 +475,7 @@ impl Forward {
         for (i, deployment) in deployments.into_iter().enumerate() {
             let upstream_body = parsed.rewrite(&body, &deployment.upstream_model);
             let sent = Instant::now();
-            let Some(result) = unless_cut(&app, app.upstreams.send(&deployment.provider, path, upstream_body)).await
+            let Some(result) = unless_cut(&cut, app.upstreams.send(&deployment.provider, path, upstream_body)).await
             else {
                 return cut_off(meter, &deployment, model_headers(&deployment, downgraded_from.as_deref()));
             };
@@ -504,46 +507,36 @@ impl Forward {
                 },
                 other => other,
             };
-            let status = error.status().as_u16();
-            let settled = meter.settle(Outcome { status, model: &model, reported: None, produced: None });
-            return forwarded_error(error, model_headers(&model, downgraded_from.as_deref()), settled.cost);
+            return failed(meter, &model, error, model_headers(&model, downgraded_from.as_deref()));
         };
         let headers = model_headers(&served, downgraded_from.as_deref());
         let is_sse = upstream.content_type().starts_with("text/event-stream");
         if parsed.stream && upstream.status.is_success() {
             if !is_sse {
                 let mut upstream = upstream;
-                if unless_cut(&app, upstream.read_all(app.config.max_response_bytes)).await.is_none() {
+                if unless_cut(&cut, upstream.read_all(app.config.max_response_bytes)).await.is_none() {
                     return cut_off(meter, &served, headers);
                 }
-                let error = ApiError::InvalidUpstreamResponse;
-                let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
-                return forwarded_error(error, headers, settled.cost);
+                return failed(meter, &served, ApiError::InvalidUpstreamResponse, headers);
             }
             // The client's response waits for the upstream's first body bytes, so a 200
             // whose body is not SSE can still be answered with a 502 (SPEC §4); they go out
             // with the headers.
             let mut upstream = upstream;
-            let Some(first) = unless_cut(&app, first_sse_bytes(&mut upstream)).await else {
+            let Some(first) = unless_cut(&cut, first_sse_bytes(&mut upstream)).await else {
                 return cut_off(meter, &served, headers);
             };
             let first = match first {
                 Ok(first) => first,
                 Err(error) => {
                     tracing::warn!(request_id = %meter.request_id, model = %served.name, code = %error.code(), "stream's body is not SSE");
-                    let settled = meter.settle(Outcome {
-                        status: error.status().as_u16(),
-                        model: &served,
-                        reported: None,
-                        produced: None,
-                    });
-                    return forwarded_error(error, headers, settled.cost);
+                    return failed(meter, &served, error, headers);
                 }
             };
             app.metrics.observe_overhead(before_upstream);
             return relay_stream(meter, served, upstream, first, parsed.client_wants_usage, headers);
         }
-        whole_response(meter, served, upstream, headers, before_upstream).await
+        whole_response(meter, served, upstream, headers, before_upstream, &cut).await
     }
 }
 
@@ -554,10 +547,11 @@ async fn whole_response(
     mut upstream: UpstreamResponse,
     mut headers: HeaderMap,
     before_upstream: std::time::Duration,
+    cut: &CancellationToken,
 ) -> Response {
     let app = meter.app.clone();
     let status = upstream.status;
-    let Some(read) = unless_cut(&app, upstream.read_all(app.config.max_response_bytes)).await else {
+    let Some(read) = unless_cut(cut, upstream.read_all(app.config.max_response_bytes)).await else {
         return cut_off(meter, &served, headers);
     };
     let after_upstream = Instant::now();
@@ -572,16 +566,13 @@ async fn whole_response(
                 ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
                 ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
             };
-            let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
-            return forwarded_error(error, headers, settled.cost);
+            return failed(meter, &served, error, headers);
         }
     };
     let answer = usage::read_answer(&body);
     if status.is_success() {
         let Some((reported, text)) = answer else {
-            let error = ApiError::InvalidUpstreamResponse;
-            let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported: None, produced: None });
-            return forwarded_error(error, headers, settled.cost);
+            return failed(meter, &served, ApiError::InvalidUpstreamResponse, headers);
         };
         let settled = meter
             .settle(Outcome {
@@ -649,9 +640,9 @@ fn insert_cost(headers: &mut HeaderMap, cost: NanoUsd) {
 }
 
 /// `fut`, unless shutdown's grace period ends first (`None`: `fut` is dropped, and with it
-/// the upstream request it was waiting on).
-async fn unless_cut<F: Future>(app: &AppState, fut: F) -> Option<F::Output> {
-    let cut = crate::server::cut_token(app);
+/// the upstream request it was waiting on). `cut` is the worker's token, taken once per
+/// request or stream (`server::cut_token`).
+async fn unless_cut<F: Future>(cut: &CancellationToken, fut: F) -> Option<F::Output> {
     tokio::select! {
         biased;
         out = fut => Some(out),
@@ -668,6 +659,13 @@ fn cut_off(meter: Meter, served: &Arc<Model>, headers: HeaderMap) -> Response {
     let error = ApiError::ShuttingDown;
     let produced = Some(Produced { text: "", overflow_bytes: 0 });
     let settled = meter.settle(Outcome { status: error.status().as_u16(), model: served, reported: None, produced });
+    forwarded_error(error, headers, settled.cost)
+}
+
+/// Settles a request that went upstream to `served` and failed with `error`, before any
+/// usage was reported or output seen (it costs nothing), and answers with the error.
+fn failed(meter: Meter, served: &Arc<Model>, error: ApiError, headers: HeaderMap) -> Response {
+    let settled = meter.settle(Outcome { status: error.status().as_u16(), model: served, reported: None, produced: None });
     forwarded_error(error, headers, settled.cost)
 }
 
@@ -849,6 +847,7 @@ async fn pump(
     let mut done_event: Option<Bytes> = None;
     let mut failure: Option<String> = None;
     let mut first = Some(first);
+    let cut = crate::server::cut_token(&meter.app);
     loop {
         if let Some(at) = gone_at {
             if at.elapsed() > drain {
@@ -858,7 +857,7 @@ async fn pump(
         }
         let next = match first.take() {
             Some(first) => Some(Ok(first)),
-            None => match unless_cut(&meter.app, upstream.next_chunk()).await {
+            None => match unless_cut(&cut, upstream.next_chunk()).await {
                 Some(next) => next,
                 None => {
                     failure = Some("grace period over at shutdown; stream cut".into());
