@@ -239,6 +239,12 @@ pub struct BudgetBook {
     accounts: Mutex<HashMap<Scope, Account>>,
 }
 
+/// What is left of `limit` once `used` is taken: never negative (spend can pass the limit,
+/// when a request costs more than it reserved).
+fn left_of(limit: NanoUsd, used: NanoUsd) -> NanoUsd {
+    limit.saturating_sub(used).max(NanoUsd::ZERO)
+}
+
 impl BudgetBook {
     /// Whether `scope`'s account is loaded for the period starting at `period_start`.
     pub fn is_loaded(&self, scope: &Scope, period_start: i64) -> bool {
@@ -281,7 +287,7 @@ impl BudgetBook {
         BudgetStatus {
             spent,
             reserved,
-            remaining: applicable.spec.limit.map(|l| l.saturating_sub(spent + reserved).max(NanoUsd::ZERO)),
+            remaining: applicable.spec.limit.map(|l| left_of(l, spent + reserved)),
             resets_at_ms: applicable.spec.period.reset(now),
         }
     }
@@ -321,10 +327,7 @@ impl BudgetBook {
                 if used + amount > limit {
                     let retry_after_s =
                         b.spec.period.reset(now).map(|at| ((at - now.timestamp_millis()).max(0) as u64).div_ceil(1000));
-                    // Spend can pass the limit (a request costs more than reserved): what
-                    // remains is then 0, as `remaining_usd` says, never a negative amount.
-                    let remaining = limit.saturating_sub(used).max(NanoUsd::ZERO);
-                    return Err(Refusal { scope: b.scope.clone(), remaining, retry_after_s });
+                    return Err(Refusal { scope: b.scope.clone(), remaining: left_of(limit, used), retry_after_s });
                 }
             }
         }
@@ -435,7 +438,7 @@ impl RateLimiter {
     /// Admits a request charging `tokens` (its prompt estimate) to every limited scope, or
     /// refuses it without charging any.
     pub fn admit(&self, budgets: &[Applicable], tokens: u64, now_ms: i64) -> Result<RateTicket, RateRefusal> {
-        let limited: Vec<&Applicable> = budgets.iter().filter(|b| b.spec.rpm.is_some() || b.spec.tpm.is_some()).collect();
+        let limited = Self::limited(budgets);
         if limited.is_empty() {
             return Ok(RateTicket { entries: Vec::new(), tokens });
         }
@@ -454,13 +457,17 @@ impl RateLimiter {
     /// Whether [`admit`](Self::admit) would admit a request charging `tokens` now, without
     /// taking a slot (a dry run).
     pub fn check(&self, budgets: &[Applicable], tokens: u64, now_ms: i64) -> Result<(), RateRefusal> {
-        let limited: Vec<&Applicable> =
-            budgets.iter().filter(|b| b.spec.rpm.is_some() || b.spec.tpm.is_some()).collect();
+        let limited = Self::limited(budgets);
         if limited.is_empty() {
             return Ok(());
         }
         let mut windows = self.windows.lock().unwrap_or_else(|e| e.into_inner());
         Self::room(&mut windows, &limited, tokens, now_ms)
+    }
+
+    /// The budgets with an rpm or tpm limit.
+    fn limited(budgets: &[Applicable]) -> Vec<&Applicable> {
+        budgets.iter().filter(|b| b.spec.rpm.is_some() || b.spec.tpm.is_some()).collect()
     }
 
     /// Whether every limited scope's window has room for one more request of `tokens`.
