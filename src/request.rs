@@ -358,8 +358,19 @@ fn check_type(endpoint: Endpoint, key: &str, value: &Value) -> Result<(), ApiErr
     if fits {
         return Ok(());
     }
-    let expected = kind.expected();
-    Err(ApiError::param(key, format!("Invalid type for '{key}': expected {expected}, got {}.", type_name(value))))
+    Err(wrong_type(key.to_owned(), kind.expected(), value))
+}
+
+/// A 400 for `param` holding `value` where `expected` belongs.
+fn wrong_type(param: String, expected: &str, value: &Value) -> ApiError {
+    let message = format!("Invalid type for '{param}': expected {expected}, got {}.", type_name(value));
+    ApiError::param(param, message)
+}
+
+/// A 400 for a required `param` that is missing.
+fn missing(param: String) -> ApiError {
+    let message = format!("'{param}' is a required property.");
+    ApiError::param(param, message)
 }
 
 /// Reads chat `messages` in one pass: whether a content part is an image (`vision`), and
@@ -369,9 +380,7 @@ fn check_type(endpoint: Endpoint, key: &str, value: &Value) -> Result<(), ApiErr
 fn read_messages(messages: &[Value], vision: &mut bool) -> Result<(), ApiError> {
     for (i, message) in messages.iter().enumerate() {
         let Value::Object(fields) = message else {
-            let param = format!("messages[{i}]");
-            let message = format!("Invalid type for '{param}': expected an object, got {}.", type_name(message));
-            return Err(ApiError::param(param, message));
+            return Err(wrong_type(format!("messages[{i}]"), "an object", message));
         };
         // A message has a few fields: passing them is cheaper than hashing two names.
         let (mut role, mut content) = (None, None);
@@ -384,15 +393,8 @@ fn read_messages(messages: &[Value], vision: &mut bool) -> Result<(), ApiError> 
         }
         let role = match role {
             Some(Value::String(role)) => role.as_str(),
-            None => {
-                let param = format!("messages[{i}].role");
-                return Err(ApiError::param(&param, format!("'{param}' is a required property.")));
-            }
-            Some(other) => {
-                let param = format!("messages[{i}].role");
-                let message = format!("Invalid type for '{param}': expected a string, got {}.", type_name(other));
-                return Err(ApiError::param(param, message));
-            }
+            None => return Err(missing(format!("messages[{i}].role"))),
+            Some(other) => return Err(wrong_type(format!("messages[{i}].role"), "a string", other)),
         };
         match content {
             Some(Value::Array(parts)) => {
@@ -400,17 +402,9 @@ fn read_messages(messages: &[Value], vision: &mut bool) -> Result<(), ApiError> 
             }
             Some(Value::String(_) | Value::Null) => {}
             None if matches!(role, "assistant" | "tool") => {}
-            None => {
-                let param = format!("messages[{i}].content");
-                return Err(ApiError::param(&param, format!("'{param}' is a required property.")));
-            }
+            None => return Err(missing(format!("messages[{i}].content"))),
             Some(other) => {
-                let param = format!("messages[{i}].content");
-                let message = format!(
-                    "Invalid type for '{param}': expected a string, an array of content parts or null, got {}.",
-                    type_name(other)
-                );
-                return Err(ApiError::param(param, message));
+                return Err(wrong_type(format!("messages[{i}].content"), "a string, an array of content parts or null", other))
             }
         }
     }
