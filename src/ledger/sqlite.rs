@@ -153,15 +153,7 @@ impl Rows {
     }
 
     fn open(&self) -> Result<RecordConn, LedgerError> {
-        use rusqlite::OpenFlags;
-        let conn = rusqlite::Connection::open_with_flags(
-            &self.file,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        conn.busy_timeout(self.busy_timeout)?;
-        // As sqlx's connections are set up in `connect` (WAL mode is the file's, set by them;
-        // these are each connection's own).
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let conn = open_connection(&self.file, self.busy_timeout)?;
         conn.pragma_update(None, "foreign_keys", true)?;
         // A batch of several statements runs in one transaction, so each statement keeps a
         // statement journal (the pages it changes, as they were) and SQLite spills one past
@@ -251,17 +243,8 @@ impl Checkpointer {
 
     fn run(file: &Path, busy_timeout: Duration, stopped: &std::sync::mpsc::Receiver<()>) {
         lowest_priority();
-        let opened = rusqlite::Connection::open_with_flags(
-            file,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .and_then(|conn| {
-            conn.busy_timeout(busy_timeout)?;
-            // A checkpoint syncs the WAL and the database file as this setting says.
-            conn.pragma_update(None, "synchronous", "NORMAL")?;
-            Ok(conn)
-        });
-        let conn = match opened {
+        // A checkpoint syncs the WAL and the database file as `synchronous` says.
+        let conn = match open_connection(file, busy_timeout) {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "checkpointer cannot open the database; the record connection checkpoints past its backstop");
@@ -296,6 +279,17 @@ fn lowest_priority() {
             tracing::debug!(error = %std::io::Error::last_os_error(), "checkpointer keeps its priority");
         }
     }
+}
+
+/// A rusqlite connection to the ledger's file, set up as sqlx's connections are in
+/// `connect` (WAL mode is the file's, set by them; these are each connection's own).
+fn open_connection(file: &Path, busy_timeout: Duration) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let conn =
+        rusqlite::Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
 }
 
 /// Runs the upsert of `chunk.len()` rows (a power of two), preparing it on first use.
