@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::ledger::LedgerHealth;
-use crate::metering::usage::Usage;
+use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -9,7 +9,19 @@ use std::ops::{Add, AddAssign, Sub};
 
 use serde::Deserialize;
 
-use crate::metering::usage::Usage;
+
+/// Token usage as an upstream reported it (units: tokens). `cached_input_tokens` is a part of
+/// `input_tokens`, never more than it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Prompt tokens (`prompt_tokens` / `input_tokens`), cached ones included.
+    pub input_tokens: u64,
+    /// The part of `input_tokens` served from the prompt cache (billed at the cached price).
+    pub cached_input_tokens: u64,
+    /// Generated tokens (`completion_tokens` / `output_tokens`), reasoning tokens included; 0 for
+    /// embeddings.
+    pub output_tokens: u64,
+}
 
 /// An amount of money in nano-dollars (1e-9 USD).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -42,7 +42,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{RequestRecord, UsageSource};
-use crate::metering::usage::Usage;
+use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
 
 /// A segment takes appends until it is this long, unless configured otherwise.

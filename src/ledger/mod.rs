@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::{BudgetSpec, Period};
-use crate::metering::usage::Usage;
+use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
 
 pub use postgres::PostgresBackend;

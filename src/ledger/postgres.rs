@@ -13,7 +13,7 @@ use super::{
     RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow, UsageSource,
 };
 use crate::budget::BudgetSpec;
-use crate::metering::usage::Usage;
+use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");

@@ -20,7 +20,7 @@ use crate::config::Model;
 use crate::ledger::{LedgerError, NotJournaled, Pin, RequestRecord, Slot, UsageSource};
 use crate::pricing::NanoUsd;
 use crate::server::AppState;
-use usage::Usage;
+use crate::pricing::Usage;
 
 /// Everything needed to settle one forwarded request.
 pub struct Meter {

@@ -28,18 +28,7 @@ use serde_json::Value;
 /// embeddings batch of 2,048 inputs of 8,191 tokens, is under 2% of it.
 pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000;
 
-/// Token usage as an upstream reported it (units: tokens). `cached_input_tokens` is a part of
-/// `input_tokens`, never more than it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Usage {
-    /// Prompt tokens (`prompt_tokens` / `input_tokens`), cached ones included.
-    pub input_tokens: u64,
-    /// The part of `input_tokens` served from the prompt cache (billed at the cached price).
-    pub cached_input_tokens: u64,
-    /// Generated tokens (`completion_tokens` / `output_tokens`), reasoning tokens included; 0 for
-    /// embeddings.
-    pub output_tokens: u64,
-}
+pub use crate::pricing::Usage;
 
 /// Usage from a response body or stream chunk: chat/completions shape (`usage.prompt_tokens`,
 /// `usage.completion_tokens`, `usage.prompt_tokens_details.cached_tokens`), embeddings
