@@ -255,11 +255,7 @@ async fn streams(target: Target, n: usize, connect_concurrency: usize, timeout: 
             }
         });
     }
-    let finished = tokio::time::timeout(timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await
-    .is_ok();
+    let finished = tokio::time::timeout(timeout, async { while tasks.join_next().await.is_some() {} }).await.is_ok();
     if !finished {
         tasks.abort_all();
     }

@@ -264,9 +264,8 @@ fn respond(content_type: &'static str, body: Body) -> Response<Body> {
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {
-    let body = format!(
-        r#"{{"error":{{"message":"{message}","type":"invalid_request_error","param":null,"code":null}}}}"#
-    );
+    let body =
+        format!(r#"{{"error":{{"message":"{message}","type":"invalid_request_error","param":null,"code":null}}}}"#);
     let mut response = respond("application/json", Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = status;
     response

@@ -195,7 +195,12 @@ impl Loose {
     /// most once, only if the room is needed).
     pub fn new(bound: NanoUsd, compute: impl Fn() -> NanoUsd + Send + Sync + 'static) -> Arc<Loose> {
         static NEXT: AtomicU64 = AtomicU64::new(1);
-        Arc::new(Loose { id: NEXT.fetch_add(1, Ordering::Relaxed), bound, exact: OnceLock::new(), compute: Box::new(compute) })
+        Arc::new(Loose {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            bound,
+            exact: OnceLock::new(),
+            compute: Box::new(compute),
+        })
     }
 
     fn exact(&self) -> NanoUsd {
@@ -369,7 +374,8 @@ impl BudgetBook {
             for (l, exact) in loose.iter().zip(&exact) {
                 // Present only while the reservation is held and not yet tightened.
                 if account.loose.remove(&l.id).is_some() {
-                    account.reserved = account.reserved.saturating_sub(l.bound.saturating_sub(*exact)).max(NanoUsd::ZERO);
+                    account.reserved =
+                        account.reserved.saturating_sub(l.bound.saturating_sub(*exact)).max(NanoUsd::ZERO);
                 }
             }
         }
@@ -382,7 +388,9 @@ impl BudgetBook {
             if let Some(account) = accounts.get_mut(&scope) {
                 let held = match &reservation.loose {
                     // Still loose here: the bound-priced amount is held; else the exact one.
-                    Some(l) if account.loose.remove(&l.id).is_none() => l.exact.get().copied().unwrap_or(reservation.amount),
+                    Some(l) if account.loose.remove(&l.id).is_none() => {
+                        l.exact.get().copied().unwrap_or(reservation.amount)
+                    }
                     _ => reservation.amount,
                 };
                 account.reserved = account.reserved.saturating_sub(held).max(NanoUsd::ZERO);
@@ -483,14 +491,24 @@ impl RateLimiter {
             if let Some(rpm) = b.spec.rpm {
                 if w.events.len() as u64 >= rpm {
                     let oldest = w.events.front().map_or(now_ms, |e| e.0);
-                    return Err(RateRefusal { scope: b.scope.clone(), what: "requests per minute", limit: rpm, retry_after_s: retry_after(oldest, now_ms) });
+                    return Err(RateRefusal {
+                        scope: b.scope.clone(),
+                        what: "requests per minute",
+                        limit: rpm,
+                        retry_after_s: retry_after(oldest, now_ms),
+                    });
                 }
             }
             if let Some(tpm) = b.spec.tpm {
                 // A request is admitted while the window has room; one request may overshoot.
                 if w.tokens >= tpm || (w.tokens > 0 && w.tokens + tokens > tpm) {
                     let retry = w.time_until_room(tpm.saturating_sub(tokens), now_ms);
-                    return Err(RateRefusal { scope: b.scope.clone(), what: "tokens per minute", limit: tpm, retry_after_s: retry });
+                    return Err(RateRefusal {
+                        scope: b.scope.clone(),
+                        what: "tokens per minute",
+                        limit: tpm,
+                        retry_after_s: retry,
+                    });
                 }
             }
         }
@@ -568,7 +586,10 @@ mod tests {
         assert_eq!(Period::Monthly.start(now), at("2026-11-01T00:00:00Z").timestamp_millis());
         assert_eq!(Period::Monthly.reset(now), Some(at("2026-12-01T00:00:00Z").timestamp_millis()));
         assert_eq!(Period::Weekly.reset(now), Some(at("2026-11-30T00:00:00Z").timestamp_millis()));
-        assert_eq!(Period::Monthly.reset(at("2026-12-15T00:00:00Z")), Some(at("2027-01-01T00:00:00Z").timestamp_millis()));
+        assert_eq!(
+            Period::Monthly.reset(at("2026-12-15T00:00:00Z")),
+            Some(at("2027-01-01T00:00:00Z").timestamp_millis())
+        );
         assert_eq!(Period::Total.reset(now), None);
     }
 
@@ -646,10 +667,8 @@ mod tests {
     #[test]
     fn rpm_counts_a_trailing_minute() {
         let rl = RateLimiter::default();
-        let budgets = [Applicable {
-            scope: Scope::Key("k".into()),
-            spec: BudgetSpec { rpm: Some(2), ..Default::default() },
-        }];
+        let budgets =
+            [Applicable { scope: Scope::Key("k".into()), spec: BudgetSpec { rpm: Some(2), ..Default::default() } }];
         rl.admit(&budgets, 1, 1_000).unwrap();
         // A check takes no slot.
         rl.check(&budgets, 1, 1_500).unwrap();
@@ -664,10 +683,8 @@ mod tests {
     #[test]
     fn tpm_uses_corrected_counts() {
         let rl = RateLimiter::default();
-        let budgets = [Applicable {
-            scope: Scope::Key("k".into()),
-            spec: BudgetSpec { tpm: Some(100), ..Default::default() },
-        }];
+        let budgets =
+            [Applicable { scope: Scope::Key("k".into()), spec: BudgetSpec { tpm: Some(100), ..Default::default() } }];
         let t = rl.admit(&budgets, 10, 1_000).unwrap();
         rl.correct(t, 100);
         assert!(rl.admit(&budgets, 10, 2_000).is_err());

@@ -398,7 +398,8 @@ impl RawConfig {
         if !listen_ok(&self.listen) {
             problems.push(format!("listen: {:?} is not an address like 127.0.0.1:4000 or localhost:4000", self.listen));
         }
-        if !(self.database_url.starts_with("sqlite:") || self.database_url.starts_with("postgres://")
+        if !(self.database_url.starts_with("sqlite:")
+            || self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://"))
         {
             problems.push("database_url must start with sqlite: or postgres://".to_string());
@@ -553,8 +554,7 @@ impl RawConfig {
             };
             // Outside the catalog, and not configured: a common size of today's chat models.
             // Only the worst case a request reserves and the `max_tokens` check use them.
-            let context_window =
-                m.context_window.or(entry.map(|e| e.context_window)).unwrap_or(DEFAULT_CONTEXT_WINDOW);
+            let context_window = m.context_window.or(entry.map(|e| e.context_window)).unwrap_or(DEFAULT_CONTEXT_WINDOW);
             let max_output_tokens =
                 m.max_output_tokens.or(entry.map(|e| e.max_output_tokens)).unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS);
             if context_window == 0 {
@@ -573,7 +573,11 @@ impl RawConfig {
                     name: m.name,
                     provider,
                     upstream_model,
-                    price: Price { input_per_mtok: input, cached_input_per_mtok: cached_input, output_per_mtok: output },
+                    price: Price {
+                        input_per_mtok: input,
+                        cached_input_per_mtok: cached_input,
+                        output_per_mtok: output,
+                    },
                     context_window,
                     max_output_tokens,
                     kind,
@@ -616,7 +620,8 @@ impl RawConfig {
             }
             for to in &list {
                 if !models.contains_key(to) {
-                    problems.push(format!("routing.fallbacks: {to:?} (fallback of {from:?}) is not a configured model"));
+                    problems
+                        .push(format!("routing.fallbacks: {to:?} (fallback of {from:?}) is not a configured model"));
                 }
             }
             fallbacks.insert(from, list);

@@ -101,7 +101,9 @@ impl ApiError {
     fn type_and_code(&self) -> (&'static str, Option<String>) {
         let s = |c: &str| Some(c.to_string());
         match self {
-            ApiError::InvalidApiKey(_) | ApiError::AdminUnauthorized(_) => ("invalid_request_error", s("invalid_api_key")),
+            ApiError::InvalidApiKey(_) | ApiError::AdminUnauthorized(_) => {
+                ("invalid_request_error", s("invalid_api_key"))
+            }
             ApiError::ModelNotFound(_) => ("invalid_request_error", s("model_not_found")),
             ApiError::ModelNotAllowed(_) => ("permission_error", s("model_not_allowed")),
             ApiError::InvalidJson(_) => ("invalid_request_error", s("invalid_json")),

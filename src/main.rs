@@ -289,10 +289,26 @@ async fn dispatch(cli: Cli) -> Result<()> {
                 let data: Vec<_> = page.records.iter().map(record_json).collect();
                 println!("{}", serde_json::to_string_pretty(&json!({"data": data, "next_before": page.next_before}))?);
             } else {
-                println!("{:<34} {:<20} {:<12} {:<16} {:>8} {:>8} {:>14} {:<9} {:>6}", "request_id", "time", "team", "served_model", "input", "output", "cost_usd", "usage", "status");
+                println!(
+                    "{:<34} {:<20} {:<12} {:<16} {:>8} {:>8} {:>14} {:<9} {:>6}",
+                    "request_id", "time", "team", "served_model", "input", "output", "cost_usd", "usage", "status"
+                );
                 for r in &page.records {
-                    let time = chrono::DateTime::from_timestamp_millis(r.time_ms).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_default();
-                    println!("{:<34} {:<20} {:<12} {:<16} {:>8} {:>8} {:>14} {:<9} {:>6}", r.request_id, time, r.team, r.served_model, r.usage.input_tokens, r.usage.output_tokens, r.cost.to_string(), r.usage_source.as_str(), r.status);
+                    let time = chrono::DateTime::from_timestamp_millis(r.time_ms)
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<34} {:<20} {:<12} {:<16} {:>8} {:>8} {:>14} {:<9} {:>6}",
+                        r.request_id,
+                        time,
+                        r.team,
+                        r.served_model,
+                        r.usage.input_tokens,
+                        r.usage.output_tokens,
+                        r.cost.to_string(),
+                        r.usage_source.as_str(),
+                        r.status
+                    );
                 }
             }
             Ok(())
@@ -369,7 +385,12 @@ async fn keys(cmd: KeysCommand, config: &Config) -> Result<()> {
             let (row, secret) = new_key(&team, &name, spec);
             db.create_key(&row).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&json!({"id": row.id, "key": secret, "team": row.team, "name": row.name}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &json!({"id": row.id, "key": secret, "team": row.team, "name": row.name})
+                    )?
+                );
             } else {
                 println!("created key {} for team {team} (name {name})", row.id);
                 println!("key: {secret}");
@@ -390,7 +411,15 @@ async fn keys(cmd: KeysCommand, config: &Config) -> Result<()> {
                 println!("{:<22} {:<20} {:<16} {:<10} {:<20} state", "id", "team", "name", "prefix", "budget");
                 for k in keys {
                     let state = if k.revoked_ms.is_some() { "revoked" } else { "active" };
-                    println!("{:<22} {:<20} {:<16} {:<10} {:<20} {}", k.id, k.team, k.name, k.prefix, fmt_limit(&k.budget), state);
+                    println!(
+                        "{:<22} {:<20} {:<16} {:<10} {:<20} {}",
+                        k.id,
+                        k.team,
+                        k.name,
+                        k.prefix,
+                        fmt_limit(&k.budget),
+                        state
+                    );
                 }
             }
         }
@@ -427,13 +456,24 @@ async fn spend(args: SpendArgs, config: &Config) -> Result<()> {
         for g in &groups {
             let labels: String = g.labels.iter().map(|(_, l)| format!("{l:<22}")).collect();
             let t = &g.totals;
-            println!("{labels}{:>9} {:>12} {:>12} {:>12} {:>16}", t.requests, t.input_tokens, t.cached_input_tokens, t.output_tokens, t.cost.to_string());
+            println!(
+                "{labels}{:>9} {:>12} {:>12} {:>12} {:>16}",
+                t.requests,
+                t.input_tokens,
+                t.cached_input_tokens,
+                t.output_tokens,
+                t.cost.to_string()
+            );
         }
         let pad = " ".repeat(22 * group_by.len().saturating_sub(1));
         let label = if group_by.is_empty() { String::new() } else { format!("{:<22}", "TOTAL") };
         println!(
             "{label}{pad}{:>9} {:>12} {:>12} {:>12} {:>16}",
-            total.requests, total.input_tokens, total.cached_input_tokens, total.output_tokens, total.cost.to_string()
+            total.requests,
+            total.input_tokens,
+            total.cached_input_tokens,
+            total.output_tokens,
+            total.cost.to_string()
         );
     }
     db.close().await;

@@ -15,8 +15,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::ledger::LedgerHealth;
-use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
+use crate::pricing::Usage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -93,16 +93,33 @@ impl Default for Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register("requests", "Requests forwarded upstream, by model, team and status", requests.clone());
         let tokens = Family::<TokenLabels, Counter>::default();
-        registry.register("tokens", "Tokens metered, by model, team and kind (input, cached_input, output)", tokens.clone());
+        registry.register(
+            "tokens",
+            "Tokens metered, by model, team and kind (input, cached_input, output)",
+            tokens.clone(),
+        );
         let cost = Family::<CostLabels, Counter<f64, AtomicU64>>::default();
         registry.register("cost_usd", "Cost in USD, by model and team", cost.clone());
         let refused = Family::<CodeLabels, Counter>::default();
-        registry.register("refused_requests", "Requests answered with an error before or instead of forwarding, by code", refused.clone());
-        let upstream_latency =
-            Family::<ModelLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 18)));
-        registry.register("upstream_latency_seconds", "Time until the upstream's response headers", upstream_latency.clone());
+        registry.register(
+            "refused_requests",
+            "Requests answered with an error before or instead of forwarding, by code",
+            refused.clone(),
+        );
+        let upstream_latency = Family::<ModelLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 18))
+        });
+        registry.register(
+            "upstream_latency_seconds",
+            "Time until the upstream's response headers",
+            upstream_latency.clone(),
+        );
         let overhead = Histogram::new(exponential_buckets(0.000_01, 2.0, 20));
-        registry.register("gateway_overhead_seconds", "Time tollgate adds to a request outside the upstream call", overhead.clone());
+        registry.register(
+            "gateway_overhead_seconds",
+            "Time tollgate adds to a request outside the upstream call",
+            overhead.clone(),
+        );
         let ledger_written = Gauge::default();
         registry.register("ledger_records_written", "Request records committed since start", ledger_written.clone());
         let ledger_queued = Gauge::default();
@@ -148,8 +165,10 @@ impl Metrics {
                     counter.inc();
                 }
                 None => {
-                    let counter =
-                        self.requests.get_or_create(&RequestLabels { model: model.into(), team: team.into(), status }).clone();
+                    let counter = self
+                        .requests
+                        .get_or_create(&RequestLabels { model: model.into(), team: team.into(), status })
+                        .clone();
                     counter.inc();
                     h.requests.push((status, counter));
                 }
@@ -159,13 +178,17 @@ impl Metrics {
                 if n > 0 {
                     handle
                         .get_or_insert_with(|| {
-                            self.tokens.get_or_create(&TokenLabels { model: model.into(), team: team.into(), kind }).clone()
+                            self.tokens
+                                .get_or_create(&TokenLabels { model: model.into(), team: team.into(), kind })
+                                .clone()
                         })
                         .inc_by(n);
                 }
             }
             h.cost
-                .get_or_insert_with(|| self.cost.get_or_create(&CostLabels { model: model.into(), team: team.into() }).clone())
+                .get_or_insert_with(|| {
+                    self.cost.get_or_create(&CostLabels { model: model.into(), team: team.into() }).clone()
+                })
                 .inc_by(cost.as_usd());
         });
     }
@@ -178,7 +201,9 @@ impl Metrics {
         // Keyed by model alone: the team slot is left empty.
         self.with_handles(model, "", |h| {
             h.upstream_latency
-                .get_or_insert_with(|| self.upstream_latency.get_or_create(&ModelLabels { model: model.into() }).clone())
+                .get_or_insert_with(|| {
+                    self.upstream_latency.get_or_create(&ModelLabels { model: model.into() }).clone()
+                })
                 .observe(elapsed.as_secs_f64());
         });
     }

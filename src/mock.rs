@@ -31,7 +31,8 @@ pub async fn respond(path: &str, body: Bytes, idle_timeout: Duration) -> Result<
     };
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static(content_type));
-    let chunks: Vec<Result<Bytes, crate::upstream::BodyError>> = chunks.into_iter().map(|c| Ok(Bytes::from(c))).collect();
+    let chunks: Vec<Result<Bytes, crate::upstream::BodyError>> =
+        chunks.into_iter().map(|c| Ok(Bytes::from(c))).collect();
     Ok(UpstreamResponse { status, headers, body: Box::pin(futures::stream::iter(chunks)), idle_timeout })
 }
 
@@ -284,14 +285,19 @@ mod tests {
     #[test]
     fn max_tokens_caps_the_answer_in_tokens_and_says_length() {
         for max in [0u64, 1, 3, 5] {
-            let body = answer(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": max}), false);
+            let body =
+                answer(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": max}), false);
             let usage = &body[0]["usage"];
             let text = body[0]["choices"][0]["message"]["content"].as_str().unwrap();
             assert!(usage["completion_tokens"].as_u64().unwrap() <= max, "max {max}: {usage}");
-            assert_eq!(tokens::count_text(Encoding::for_model("gpt-4o-mini"), text), usage["completion_tokens"].as_u64().unwrap());
+            assert_eq!(
+                tokens::count_text(Encoding::for_model("gpt-4o-mini"), text),
+                usage["completion_tokens"].as_u64().unwrap()
+            );
             assert_eq!(body[0]["choices"][0]["finish_reason"], "length", "max {max}");
         }
-        let whole = answer(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 1000}), false);
+        let whole =
+            answer(json!({"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 1000}), false);
         assert_eq!(whole[0]["choices"][0]["finish_reason"], "stop");
     }
 
@@ -305,6 +311,9 @@ mod tests {
         let usage = &events.last().unwrap()["usage"];
         assert_eq!(finish, ["length"]);
         assert!(usage["completion_tokens"].as_u64().unwrap() <= 4);
-        assert_eq!(tokens::count_text(Encoding::for_model("gpt-4o-mini"), &text), usage["completion_tokens"].as_u64().unwrap());
+        assert_eq!(
+            tokens::count_text(Encoding::for_model("gpt-4o-mini"), &text),
+            usage["completion_tokens"].as_u64().unwrap()
+        );
     }
 }

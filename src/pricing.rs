@@ -9,7 +9,6 @@ use std::ops::{Add, AddAssign, Sub};
 
 use serde::Deserialize;
 
-
 /// Token usage as an upstream reported it (units: tokens). `cached_input_tokens` is a part of
 /// `input_tokens`, never more than it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -131,9 +130,8 @@ impl Price {
     /// (cached tokens are never more expensive than uncached ones, so none are assumed).
     pub fn worst_case(&self, input_tokens: u64, output_tokens: u64) -> NanoUsd {
         let input = self.input_per_mtok.max(self.cached_input_per_mtok);
-        Price { input_per_mtok: input, cached_input_per_mtok: input, output_per_mtok: self.output_per_mtok }.cost(
-            &Usage { input_tokens, cached_input_tokens: 0, output_tokens },
-        )
+        Price { input_per_mtok: input, cached_input_per_mtok: input, output_per_mtok: self.output_per_mtok }
+            .cost(&Usage { input_tokens, cached_input_tokens: 0, output_tokens })
     }
 }
 
@@ -201,29 +199,164 @@ const D: i64 = 1_000_000_000;
 /// Current OpenAI prices (USD per 1M tokens, cross-checked against OpenAI's announcements;
 /// see `shared/oracle/README.md`). A model without a cached price bills cached tokens at input.
 pub static CATALOG: &[CatalogEntry] = &[
-    entry!("gpt-4o-mini", 150 * D / 1000, 75 * D / 1000, 600 * D / 1000, 128_000, 16_384, ModelKind::Chat, Capabilities::ALL),
-    entry!("gpt-4o-mini-2024-07-18", 150 * D / 1000, 75 * D / 1000, 600 * D / 1000, 128_000, 16_384, ModelKind::Chat, Capabilities::ALL),
+    entry!(
+        "gpt-4o-mini",
+        150 * D / 1000,
+        75 * D / 1000,
+        600 * D / 1000,
+        128_000,
+        16_384,
+        ModelKind::Chat,
+        Capabilities::ALL
+    ),
+    entry!(
+        "gpt-4o-mini-2024-07-18",
+        150 * D / 1000,
+        75 * D / 1000,
+        600 * D / 1000,
+        128_000,
+        16_384,
+        ModelKind::Chat,
+        Capabilities::ALL
+    ),
     entry!("gpt-4o", 2_500 * D / 1000, 1_250 * D / 1000, 10 * D, 128_000, 16_384, ModelKind::Chat, Capabilities::ALL),
-    entry!("gpt-4o-2024-08-06", 2_500 * D / 1000, 1_250 * D / 1000, 10 * D, 128_000, 16_384, ModelKind::Chat, Capabilities::ALL),
-    entry!("gpt-4o-2024-11-20", 2_500 * D / 1000, 1_250 * D / 1000, 10 * D, 128_000, 16_384, ModelKind::Chat, Capabilities::ALL),
+    entry!(
+        "gpt-4o-2024-08-06",
+        2_500 * D / 1000,
+        1_250 * D / 1000,
+        10 * D,
+        128_000,
+        16_384,
+        ModelKind::Chat,
+        Capabilities::ALL
+    ),
+    entry!(
+        "gpt-4o-2024-11-20",
+        2_500 * D / 1000,
+        1_250 * D / 1000,
+        10 * D,
+        128_000,
+        16_384,
+        ModelKind::Chat,
+        Capabilities::ALL
+    ),
     entry!("gpt-4o-2024-05-13", 5 * D, 5 * D, 15 * D, 128_000, 4_096, ModelKind::Chat, Capabilities::TOOLS_VISION),
     entry!("gpt-4-turbo", 10 * D, 10 * D, 30 * D, 128_000, 4_096, ModelKind::Chat, Capabilities::TOOLS_VISION),
-    entry!("gpt-4-turbo-2024-04-09", 10 * D, 10 * D, 30 * D, 128_000, 4_096, ModelKind::Chat, Capabilities::TOOLS_VISION),
+    entry!(
+        "gpt-4-turbo-2024-04-09",
+        10 * D,
+        10 * D,
+        30 * D,
+        128_000,
+        4_096,
+        ModelKind::Chat,
+        Capabilities::TOOLS_VISION
+    ),
     entry!("gpt-4", 30 * D, 30 * D, 60 * D, 8_192, 4_096, ModelKind::Chat, Capabilities::TOOLS),
     entry!("gpt-4-0613", 30 * D, 30 * D, 60 * D, 8_192, 4_096, ModelKind::Chat, Capabilities::TOOLS),
-    entry!("gpt-3.5-turbo", 500 * D / 1000, 500 * D / 1000, 1_500 * D / 1000, 16_385, 4_096, ModelKind::Chat, Capabilities::TOOLS),
-    entry!("gpt-3.5-turbo-0125", 500 * D / 1000, 500 * D / 1000, 1_500 * D / 1000, 16_385, 4_096, ModelKind::Chat, Capabilities::TOOLS),
+    entry!(
+        "gpt-3.5-turbo",
+        500 * D / 1000,
+        500 * D / 1000,
+        1_500 * D / 1000,
+        16_385,
+        4_096,
+        ModelKind::Chat,
+        Capabilities::TOOLS
+    ),
+    entry!(
+        "gpt-3.5-turbo-0125",
+        500 * D / 1000,
+        500 * D / 1000,
+        1_500 * D / 1000,
+        16_385,
+        4_096,
+        ModelKind::Chat,
+        Capabilities::TOOLS
+    ),
     entry!("o1", 15 * D, 7_500 * D / 1000, 60 * D, 200_000, 100_000, ModelKind::Chat, Capabilities::ALL),
     entry!("o1-2024-12-17", 15 * D, 7_500 * D / 1000, 60 * D, 200_000, 100_000, ModelKind::Chat, Capabilities::ALL),
-    entry!("o1-mini", 1_100 * D / 1000, 550 * D / 1000, 4_400 * D / 1000, 128_000, 65_536, ModelKind::Chat, Capabilities::NONE),
-    entry!("o3-mini", 1_100 * D / 1000, 550 * D / 1000, 4_400 * D / 1000, 200_000, 100_000, ModelKind::Chat, Capabilities::TOOLS_SCHEMA),
-    entry!("o3-mini-2025-01-31", 1_100 * D / 1000, 550 * D / 1000, 4_400 * D / 1000, 200_000, 100_000, ModelKind::Chat, Capabilities::TOOLS_SCHEMA),
+    entry!(
+        "o1-mini",
+        1_100 * D / 1000,
+        550 * D / 1000,
+        4_400 * D / 1000,
+        128_000,
+        65_536,
+        ModelKind::Chat,
+        Capabilities::NONE
+    ),
+    entry!(
+        "o3-mini",
+        1_100 * D / 1000,
+        550 * D / 1000,
+        4_400 * D / 1000,
+        200_000,
+        100_000,
+        ModelKind::Chat,
+        Capabilities::TOOLS_SCHEMA
+    ),
+    entry!(
+        "o3-mini-2025-01-31",
+        1_100 * D / 1000,
+        550 * D / 1000,
+        4_400 * D / 1000,
+        200_000,
+        100_000,
+        ModelKind::Chat,
+        Capabilities::TOOLS_SCHEMA
+    ),
     entry!("gpt-4.1", 2 * D, 500 * D / 1000, 8 * D, 1_047_576, 32_768, ModelKind::Chat, Capabilities::ALL),
-    entry!("gpt-4.1-mini", 400 * D / 1000, 100 * D / 1000, 1_600 * D / 1000, 1_047_576, 32_768, ModelKind::Chat, Capabilities::ALL),
-    entry!("gpt-4.1-nano", 100 * D / 1000, 25 * D / 1000, 400 * D / 1000, 1_047_576, 32_768, ModelKind::Chat, Capabilities::ALL),
-    entry!("text-embedding-3-small", 20 * D / 1000, 20 * D / 1000, 0, 8_191, 0, ModelKind::Embedding, Capabilities::NONE),
-    entry!("text-embedding-3-large", 130 * D / 1000, 130 * D / 1000, 0, 8_191, 0, ModelKind::Embedding, Capabilities::NONE),
-    entry!("text-embedding-ada-002", 100 * D / 1000, 100 * D / 1000, 0, 8_191, 0, ModelKind::Embedding, Capabilities::NONE),
+    entry!(
+        "gpt-4.1-mini",
+        400 * D / 1000,
+        100 * D / 1000,
+        1_600 * D / 1000,
+        1_047_576,
+        32_768,
+        ModelKind::Chat,
+        Capabilities::ALL
+    ),
+    entry!(
+        "gpt-4.1-nano",
+        100 * D / 1000,
+        25 * D / 1000,
+        400 * D / 1000,
+        1_047_576,
+        32_768,
+        ModelKind::Chat,
+        Capabilities::ALL
+    ),
+    entry!(
+        "text-embedding-3-small",
+        20 * D / 1000,
+        20 * D / 1000,
+        0,
+        8_191,
+        0,
+        ModelKind::Embedding,
+        Capabilities::NONE
+    ),
+    entry!(
+        "text-embedding-3-large",
+        130 * D / 1000,
+        130 * D / 1000,
+        0,
+        8_191,
+        0,
+        ModelKind::Embedding,
+        Capabilities::NONE
+    ),
+    entry!(
+        "text-embedding-ada-002",
+        100 * D / 1000,
+        100 * D / 1000,
+        0,
+        8_191,
+        0,
+        ModelKind::Embedding,
+        Capabilities::NONE
+    ),
 ];
 
 /// The catalog entry for an upstream model name, if it has one.
@@ -267,7 +400,11 @@ mod tests {
         assert_eq!(p.cost(&usage(0, 0, 0)), NanoUsd(0));
         // A custom price of $0.0001 / 1M (0.1 nano-dollar a token): 7 input + 3 output
         // tokens = 1.0 nano exactly, 8 + 3 = 1.1 -> 2, rounded up once, not per component.
-        let tiny = Price { input_per_mtok: NanoUsd(100_000), cached_input_per_mtok: NanoUsd(100_000), output_per_mtok: NanoUsd(100_000) };
+        let tiny = Price {
+            input_per_mtok: NanoUsd(100_000),
+            cached_input_per_mtok: NanoUsd(100_000),
+            output_per_mtok: NanoUsd(100_000),
+        };
         assert_eq!(tiny.cost(&usage(7, 0, 3)), NanoUsd(1));
         assert_eq!(tiny.cost(&usage(8, 0, 3)), NanoUsd(2));
         assert_eq!(tiny.cost(&usage(1, 0, 1)), NanoUsd(1));

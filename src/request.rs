@@ -404,7 +404,11 @@ fn read_messages(messages: &[Value], vision: &mut bool) -> Result<(), ApiError> 
             None if matches!(role, "assistant" | "tool") => {}
             None => return Err(missing(format!("messages[{i}].content"))),
             Some(other) => {
-                return Err(wrong_type(format!("messages[{i}].content"), "a string, an array of content parts or null", other))
+                return Err(wrong_type(
+                    format!("messages[{i}].content"),
+                    "a string, an array of content parts or null",
+                    other,
+                ))
             }
         }
     }
@@ -666,21 +670,31 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
     let stream_options_span = top.stream_options.map(|raw| span_of(body, raw));
     let noted = top.noted;
     let value = Value::Object(top.map);
-    let close = body.iter().rposition(|&b| b == b'}').ok_or_else(|| ApiError::InvalidJson("The body must be a JSON object.".into()))?;
+    let close = body
+        .iter()
+        .rposition(|&b| b == b'}')
+        .ok_or_else(|| ApiError::InvalidJson("The body must be a JSON object.".into()))?;
 
     let model = match noted.model {
         Some(Value::String(m)) if !m.is_empty() => m,
         Some(Value::String(_)) | None | Some(Value::Null) => {
             return Err(ApiError::param("model", "You must provide a model parameter."))
         }
-        Some(other) => return Err(ApiError::param("model", format!("Invalid type for 'model': expected a string, got {other}."))),
+        Some(other) => {
+            return Err(ApiError::param("model", format!("Invalid type for 'model': expected a string, got {other}.")))
+        }
     };
     let model_span = model_span.ok_or_else(|| ApiError::param("model", "You must provide a model parameter."))?;
 
     let stream = match &noted.stream {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(ApiError::param("stream", format!("Invalid type for 'stream': expected a boolean, got {other}."))),
+        Some(other) => {
+            return Err(ApiError::param(
+                "stream",
+                format!("Invalid type for 'stream': expected a boolean, got {other}."),
+            ))
+        }
     };
     if stream && endpoint == Endpoint::Embeddings {
         return Err(ApiError::param("stream", "Embeddings cannot be streamed."));
@@ -690,9 +704,13 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(ApiError::param("stream_options.include_usage", "Invalid type: expected a boolean.")),
+            Some(_) => {
+                return Err(ApiError::param("stream_options.include_usage", "Invalid type: expected a boolean."))
+            }
         },
-        Some(_) => return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object.")),
+        Some(_) => {
+            return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object."))
+        }
     };
     let max_completion_tokens = optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")?;
     let max_tokens = optional_u64(noted.max_tokens.as_ref(), "max_tokens")?;
@@ -703,19 +721,25 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
     match endpoint {
         Endpoint::Chat => match noted.messages {
             Some(Shape::Array) => {}
-            Some(Shape::EmptyArray) => return Err(ApiError::param("messages", "'messages' must contain at least one message.")),
+            Some(Shape::EmptyArray) => {
+                return Err(ApiError::param("messages", "'messages' must contain at least one message."))
+            }
             None => return Err(ApiError::param("messages", "'messages' is a required property.")),
             Some(_) => return Err(ApiError::param("messages", "Invalid type for 'messages': expected an array.")),
         },
         Endpoint::Completions => match noted.prompt {
             Some(Shape::String | Shape::Array | Shape::EmptyArray) => {}
             None => return Err(ApiError::param("prompt", "'prompt' is a required property.")),
-            Some(Shape::Other) => return Err(ApiError::param("prompt", "Invalid type for 'prompt': expected a string or an array.")),
+            Some(Shape::Other) => {
+                return Err(ApiError::param("prompt", "Invalid type for 'prompt': expected a string or an array."))
+            }
         },
         Endpoint::Embeddings => match noted.input {
             Some(Shape::String | Shape::Array | Shape::EmptyArray) => {}
             None => return Err(ApiError::param("input", "'input' is a required property.")),
-            Some(Shape::Other) => return Err(ApiError::param("input", "Invalid type for 'input': expected a string or an array.")),
+            Some(Shape::Other) => {
+                return Err(ApiError::param("input", "Invalid type for 'input': expected a string or an array."))
+            }
         },
     }
     if let Some(e) = noted.mistyped {
@@ -763,7 +787,9 @@ impl ParsedRequest {
             edits.push((self.model_span.0, self.model_span.1, quoted));
         }
         if self.stream && !self.client_wants_usage {
-            let options = |(start, end): (usize, usize)| serde_json::from_slice::<serde_json::Map<String, Value>>(&body[start..end]).ok();
+            let options = |(start, end): (usize, usize)| {
+                serde_json::from_slice::<serde_json::Map<String, Value>>(&body[start..end]).ok()
+            };
             match self.stream_options_span.map(|span| (span, options(span))) {
                 Some(((start, end), Some(mut options))) => {
                     options.insert("include_usage".into(), Value::Bool(true));
@@ -928,11 +954,23 @@ mod tests {
     #[test]
     fn not_json_is_invalid_json() {
         for body in ["", "nope", "[1,2]", "{\"model\":", "\"str\"", "{\"a\":\"\\ud800\"}x"] {
-            assert!(matches!(parse(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes())), Err(ApiError::InvalidJson(_))), "{body}");
+            assert!(
+                matches!(
+                    parse(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes())),
+                    Err(ApiError::InvalidJson(_))
+                ),
+                "{body}"
+            );
         }
-        assert!(matches!(parse(Endpoint::Chat, &Bytes::from_static(b"{\"model\":\"\xff\"}")), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(
+            parse(Endpoint::Chat, &Bytes::from_static(b"{\"model\":\"\xff\"}")),
+            Err(ApiError::InvalidJson(_))
+        ));
         let deep = "[".repeat(10_000);
-        assert!(matches!(parse(Endpoint::Chat, &Bytes::from(format!("{{\"model\":{deep}"))), Err(ApiError::InvalidJson(_))));
+        assert!(matches!(
+            parse(Endpoint::Chat, &Bytes::from(format!("{{\"model\":{deep}"))),
+            Err(ApiError::InvalidJson(_))
+        ));
     }
 
     #[test]
@@ -946,7 +984,10 @@ mod tests {
             let p = parse_chat(body).unwrap();
             assert!(p.plain_chat.is_some(), "{body}");
             let full = parse_full(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes())).unwrap();
-            assert_eq!((p.stream, p.client_wants_usage, p.n, p.needs), (full.stream, full.client_wants_usage, full.n, full.needs));
+            assert_eq!(
+                (p.stream, p.client_wants_usage, p.n, p.needs),
+                (full.stream, full.client_wants_usage, full.n, full.needs)
+            );
         }
         let chat = parse_chat(skimmed[0]).unwrap().plain_chat.unwrap();
         assert_eq!(chat, PlainChat { messages: 2, names: 1, text_bytes: 6 + 15 + 4 + 3 + 2 });

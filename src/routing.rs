@@ -126,7 +126,13 @@ pub fn max_output(request: &ParsedRequest, model: &Model) -> u64 {
 }
 
 /// Why a candidate cannot serve the request, if it cannot.
-fn unfit(request: &ParsedRequest, caller: &Caller, asked: &Model, m: &Model, counter: &mut PromptCounter) -> Option<String> {
+fn unfit(
+    request: &ParsedRequest,
+    caller: &Caller,
+    asked: &Model,
+    m: &Model,
+    counter: &mut PromptCounter,
+) -> Option<String> {
     if !caller.allows(&m.name) {
         return Some(format!("{} is not allowed for this key or team", m.name));
     }
@@ -217,7 +223,8 @@ pub fn admit(
         }
     }
     // Past the threshold the asked model goes last: used only if no cheaper one can serve.
-    let order: Vec<usize> = if past_threshold { (1..chain.len()).chain([0]).collect() } else { (0..chain.len()).collect() };
+    let order: Vec<usize> =
+        if past_threshold { (1..chain.len()).chain([0]).collect() } else { (0..chain.len()).collect() };
     let mut reasons = Vec::new();
     let mut last_refusal = None;
     if past_threshold {
@@ -239,7 +246,15 @@ pub fn admit(
                     (Decision::Serve, true) => "within budget".to_string(),
                     _ => reasons.join("; "),
                 };
-                return Ok(Admission { model: m.clone(), decision, reason, reservation, prompt_tokens, prompt_exact: exact, max_cost });
+                return Ok(Admission {
+                    model: m.clone(),
+                    decision,
+                    reason,
+                    reservation,
+                    prompt_tokens,
+                    prompt_exact: exact,
+                    max_cost,
+                });
             }
             Err((cost, refusal)) => {
                 reasons.push(format!(
@@ -278,7 +293,8 @@ fn reserve(
     }
     let prompt = request.prompt.clone();
     let (kind, upstream, price) = (request.endpoint.prompt_kind(), m.upstream_model.clone(), m.price);
-    let loose = Loose::new(bound_cost, move || price.worst_case(tokens::prompt_tokens(kind, &upstream, prompt.value()), out));
+    let loose =
+        Loose::new(bound_cost, move || price.worst_case(tokens::prompt_tokens(kind, &upstream, prompt.value()), out));
     if let Ok(r) = book.reserve(budgets, bound_cost, now, Some(loose)) {
         return Ok((r, bound, false, bound_cost));
     }

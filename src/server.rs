@@ -151,7 +151,8 @@ pub async fn run(
     let config = Arc::new(config);
     let backend =
         Backend::connect_with(&config.database_url, Duration::from_millis(config.sqlite_busy_timeout_ms)).await?;
-    let (journal, (replayed, torn, interrupted)) = crate::ledger::recover(&backend, &config.journal_dir, config.journal_segment_bytes).await?;
+    let (journal, (replayed, torn, interrupted)) =
+        crate::ledger::recover(&backend, &config.journal_dir, config.journal_segment_bytes).await?;
     if replayed > 0 || torn > 0 {
         tracing::info!(replayed, torn, "records left in the journal by the last run are in the ledger");
     }
@@ -160,15 +161,14 @@ pub async fn run(
     }
     let ledger_tasks = TaskTracker::new();
     let ledger_stop = CancellationToken::new();
-    let ledger =
-        Ledger::start(
-            backend.clone(),
-            journal,
-            config.ledger_queue_capacity,
-            Duration::from_millis(config.ledger_ack_timeout_ms),
-            &ledger_tasks,
-            ledger_stop.clone(),
-        );
+    let ledger = Ledger::start(
+        backend.clone(),
+        journal,
+        config.ledger_queue_capacity,
+        Duration::from_millis(config.ledger_ack_timeout_ms),
+        &ledger_tasks,
+        ledger_stop.clone(),
+    );
     let directory = Directory::default();
     directory.refresh(&backend, true).await?;
     let workers = config.workers;
@@ -345,7 +345,8 @@ impl WorkerPool {
         let (mut senders, mut threads) = (Vec::new(), Vec::new());
         for index in 0..workers {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let runtime = tokio::runtime::Builder::new_current_thread().event_interval(EVENT_INTERVAL).enable_all().build()?;
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().event_interval(EVENT_INTERVAL).enable_all().build()?;
             let (gateway, builder, stop) = (gateway.clone(), builder.clone(), stop.clone());
             let thread = std::thread::Builder::new().name(format!("tollgate-worker-{index}")).spawn(move || {
                 set_worker_index(index);

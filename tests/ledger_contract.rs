@@ -4,7 +4,9 @@
 //! `TOLLGATE_REQUIRE_POSTGRES=1` (CI), where an unreachable database fails them.
 
 use tollgate::budget::{BudgetSpec, Period};
-use tollgate::ledger::{Backend, GroupBy, KeyRow, LedgerError, LogFilter, RequestRecord, SpendFilter, TeamRow, UsageSource};
+use tollgate::ledger::{
+    Backend, GroupBy, KeyRow, LedgerError, LogFilter, RequestRecord, SpendFilter, TeamRow, UsageSource,
+};
 use tollgate::metering::usage::Usage;
 use tollgate::pricing::NanoUsd;
 
@@ -42,7 +44,14 @@ const T0: i64 = 1_795_000_000_000; // 2026-11-18
 
 async fn contract(db: Backend) {
     // Teams.
-    let budget = BudgetSpec { limit: Some(NanoUsd(5_000_000_000)), period: Period::Weekly, downgrade_at: Some(0.8), models: vec!["gpt-4o".into()], rpm: Some(10), tpm: None };
+    let budget = BudgetSpec {
+        limit: Some(NanoUsd(5_000_000_000)),
+        period: Period::Weekly,
+        downgrade_at: Some(0.8),
+        models: vec!["gpt-4o".into()],
+        rpm: Some(10),
+        tpm: None,
+    };
     db.create_team(&TeamRow { name: "search".into(), budget: budget.clone(), created_ms: T0 }).await.unwrap();
     db.create_team(&TeamRow { name: "growth".into(), budget: BudgetSpec::default(), created_ms: T0 }).await.unwrap();
     let dup = db.create_team(&TeamRow { name: "search".into(), budget: BudgetSpec::default(), created_ms: T0 }).await;
@@ -87,7 +96,8 @@ async fn contract(db: Backend) {
     assert_eq!(db.spent_since(true, k, 0).await.unwrap(), NanoUsd(1000));
     assert_eq!(db.spent_since(false, "search", T0 + DAY).await.unwrap(), NanoUsd(300));
 
-    let (total, groups) = db.spend(&SpendFilter::default(), &[GroupBy::Team, GroupBy::Model, GroupBy::Day]).await.unwrap();
+    let (total, groups) =
+        db.spend(&SpendFilter::default(), &[GroupBy::Team, GroupBy::Model, GroupBy::Day]).await.unwrap();
     assert_eq!(total.requests, 3);
     assert_eq!(total.cost, NanoUsd(1050));
     assert_eq!(total.input_tokens, 300);
@@ -101,7 +111,12 @@ async fn contract(db: Backend) {
             vec!["search".to_string(), "gpt-4o-mini".into(), "2026-11-19".into()],
         ]
     );
-    let filtered = SpendFilter { from_ms: Some(T0 + DAY), to_ms: Some(T0 + 2 * DAY), team: Some("search".into()), ..Default::default() };
+    let filtered = SpendFilter {
+        from_ms: Some(T0 + DAY),
+        to_ms: Some(T0 + 2 * DAY),
+        team: Some("search".into()),
+        ..Default::default()
+    };
     let (total, _) = db.spend(&filtered, &[]).await.unwrap();
     assert_eq!((total.requests, total.cost), (1, NanoUsd(300)));
     // A time range alone (found through the request ids, which begin with their time):
@@ -264,7 +279,9 @@ async fn the_checkpointer_moves_record_batches_into_the_database_file() {
     let empty = size();
     for batch in 0..4u64 {
         let records: Vec<RequestRecord> = (0..500)
-            .map(|i| record(batch * 1000 + i, T0 + (batch * 1000 + i) as i64, "k", "t", "gpt-4o", 1, UsageSource::Reported))
+            .map(|i| {
+                record(batch * 1000 + i, T0 + (batch * 1000 + i) as i64, "k", "t", "gpt-4o", 1, UsageSource::Reported)
+            })
             .collect();
         db.insert_records(&records).await.unwrap();
     }
@@ -272,7 +289,11 @@ async fn the_checkpointer_moves_record_batches_into_the_database_file() {
     assert!(wal > 100 * 4096, "the batches went to the WAL ({wal} bytes)");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while size() < empty + 64 * 1024 {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint within 5 s: the database file is {} bytes, as created ({empty})", size());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint within 5 s: the database file is {} bytes, as created ({empty})",
+            size()
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(db.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 2000);
@@ -305,9 +326,8 @@ async fn admin_writes_beside_a_busy_writer() {
         tokio::spawn(async move {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let batch: Vec<RequestRecord> = (0..20)
-                    .map(|j| record(j, T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported))
-                    .collect();
+                let batch: Vec<RequestRecord> =
+                    (0..20).map(|j| record(j, T0 + i, "k", "t", "gpt-4o", 1, UsageSource::Reported)).collect();
                 server.insert_records(&batch).await.unwrap();
                 i += 1;
             }

@@ -56,8 +56,8 @@ fn check_parse(endpoint: Endpoint, body: &[u8], upstream_model: &str) -> Result<
                 prop_assert_eq!(&v["stream_options"]["include_usage"], &json!(true));
             }
             // The rewritten body parses again, to the same request.
-            let again = parse(endpoint, &out)
-                .map_err(|e| TestCaseError::fail(format!("rewritten body is refused: {e:?}")))?;
+            let again =
+                parse(endpoint, &out).map_err(|e| TestCaseError::fail(format!("rewritten body is refused: {e:?}")))?;
             prop_assert_eq!(again.stream, p.stream);
             prop_assert_eq!((again.max_tokens, again.max_completion_tokens), (p.max_tokens, p.max_completion_tokens));
             prop_assert_eq!(again.n, p.n);
@@ -204,18 +204,20 @@ fn json_string_text(s: &str, escape_all: bool) -> String {
 fn arb_message() -> impl Strategy<Value = Value> {
     let text = prop_oneof!["\\PC{0,24}", "[a-z ]{0,40}", Just("<|endoftext|>".to_string())];
     let role = prop_oneof![Just("system"), Just("developer"), Just("user"), Just("assistant"), Just("tool")];
-    (role, text.clone(), prop::option::of("[a-z_]{1,8}"), any::<bool>(), text).prop_map(|(role, content, name, parts, extra)| {
-        let mut m = json!({"role": role});
-        m["content"] = if parts {
-            json!([{"type": "text", "text": content}, {"type": "text", "text": extra}])
-        } else {
-            json!(content)
-        };
-        if let Some(name) = name {
-            m["name"] = json!(name);
-        }
-        m
-    })
+    (role, text.clone(), prop::option::of("[a-z_]{1,8}"), any::<bool>(), text).prop_map(
+        |(role, content, name, parts, extra)| {
+            let mut m = json!({"role": role});
+            m["content"] = if parts {
+                json!([{"type": "text", "text": content}, {"type": "text", "text": extra}])
+            } else {
+                json!(content)
+            };
+            if let Some(name) = name {
+                m["name"] = json!(name);
+            }
+            m
+        },
+    )
 }
 
 /// Other top-level members a client may send (passed through untouched).
@@ -671,7 +673,12 @@ fn feed(max: usize, input: &[u8], cuts: &[usize]) -> Result<(Vec<SseEvent>, Opti
             }
         }
         // Memory stays bounded: one event in the making (plus the chunk that overflowed it).
-        prop_assert!(p.pending().len() <= max + piece.len() + 3, "pending {} > limit {max} + chunk {}", p.pending().len(), piece.len());
+        prop_assert!(
+            p.pending().len() <= max + piece.len() + 3,
+            "pending {} > limit {max} + chunk {}",
+            p.pending().len(),
+            piece.len()
+        );
     }
     if error.is_none() {
         match p.finish() {
@@ -1095,8 +1102,9 @@ fn arb_schema() -> impl Strategy<Value = Value> {
     ];
     leaf.prop_recursive(3, 16, 3, |inner| {
         prop_oneof![
-            prop::collection::btree_map("[a-z]{1,6}", inner.clone(), 0..3)
-                .prop_map(|props| json!({"type": "object", "properties": props, "required": props.keys().collect::<Vec<_>>()})),
+            prop::collection::btree_map("[a-z]{1,6}", inner.clone(), 0..3).prop_map(
+                |props| json!({"type": "object", "properties": props, "required": props.keys().collect::<Vec<_>>()})
+            ),
             inner.prop_map(|items| json!({"type": "array", "items": items})),
         ]
     })
@@ -1194,17 +1202,63 @@ fn env(name: &str) -> Option<String> {
 /// A TOML-ish line: keys the config knows with values of any type.
 fn arb_config_line() -> impl Strategy<Value = String> {
     let key = prop::sample::select(vec![
-        "listen", "database_url", "master_key", "max_body_bytes", "max_response_bytes", "shutdown_grace_ms",
-        "header_read_timeout_ms", "body_read_timeout_ms", "on_ledger_error", "ledger_queue_capacity",
-        "name", "kind", "provider", "base_url", "api_key", "upstream_model", "input_per_mtok",
-        "cached_input_per_mtok", "output_per_mtok", "context_window", "max_output_tokens",
-        "connect_timeout_ms", "first_byte_timeout_ms", "idle_timeout_ms", "downgrade", "fallbacks", "nope",
+        "listen",
+        "database_url",
+        "master_key",
+        "max_body_bytes",
+        "max_response_bytes",
+        "shutdown_grace_ms",
+        "header_read_timeout_ms",
+        "body_read_timeout_ms",
+        "on_ledger_error",
+        "ledger_queue_capacity",
+        "name",
+        "kind",
+        "provider",
+        "base_url",
+        "api_key",
+        "upstream_model",
+        "input_per_mtok",
+        "cached_input_per_mtok",
+        "output_per_mtok",
+        "context_window",
+        "max_output_tokens",
+        "connect_timeout_ms",
+        "first_byte_timeout_ms",
+        "idle_timeout_ms",
+        "downgrade",
+        "fallbacks",
+        "nope",
     ]);
     let value = prop::sample::select(vec![
-        "0", "-1", "1e400", "nan", "inf", "-inf", "18446744073709551615", "9223372036854775807", "1.5",
-        "\"\"", "\"mock\"", "\"openai\"", "\"${MISSING}\"", "\"${WEIRD}\"", "\"${\"", "\"$${X}\"", "\"${}\"",
-        "\"serve\"", "\"reject\"", "true", "[]", "{}", "{ \"a\" = \"b\" }", "{ \"gpt-4o\" = [\"gpt-4o\"] }",
-        "\"gpt-4o\"", "\"sqlite::memory:\"", "\"postgres://x\"", "1979-05-27T07:32:00Z",
+        "0",
+        "-1",
+        "1e400",
+        "nan",
+        "inf",
+        "-inf",
+        "18446744073709551615",
+        "9223372036854775807",
+        "1.5",
+        "\"\"",
+        "\"mock\"",
+        "\"openai\"",
+        "\"${MISSING}\"",
+        "\"${WEIRD}\"",
+        "\"${\"",
+        "\"$${X}\"",
+        "\"${}\"",
+        "\"serve\"",
+        "\"reject\"",
+        "true",
+        "[]",
+        "{}",
+        "{ \"a\" = \"b\" }",
+        "{ \"gpt-4o\" = [\"gpt-4o\"] }",
+        "\"gpt-4o\"",
+        "\"sqlite::memory:\"",
+        "\"postgres://x\"",
+        "1979-05-27T07:32:00Z",
     ]);
     prop_oneof![
         4 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),

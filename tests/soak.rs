@@ -276,7 +276,9 @@ async fn one(http: &reqwest::Client, base: &str, key: &str, kind: Kind, n: usize
                 .map_err(err)?;
             expect(r.status().as_u16(), 400, "bad JSON")
         }
-        Kind::UnknownModel => expect(post(key, chat_body("gpt-9", "x")).await.map_err(err)?.status().as_u16(), 404, "unknown model"),
+        Kind::UnknownModel => {
+            expect(post(key, chat_body("gpt-9", "x")).await.map_err(err)?.status().as_u16(), 404, "unknown model")
+        }
         Kind::BadKey => {
             let wrong = format!("tg-{:0>40}", n);
             expect(post(&wrong, chat_body("gpt-4o-mini", "x")).await.map_err(err)?.status().as_u16(), 401, "bad key")
@@ -326,11 +328,23 @@ async fn soak_memory_settles_under_mixed_traffic() {
     let pid = server.pid();
 
     let (status, v) = {
-        let r = http.post(format!("{base}/admin/teams")).bearer_auth(MASTER).json(&json!({"name": "soak"})).send().await.unwrap();
+        let r = http
+            .post(format!("{base}/admin/teams"))
+            .bearer_auth(MASTER)
+            .json(&json!({"name": "soak"}))
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
     };
     assert_eq!(status, 201, "{v}");
-    let r = http.post(format!("{base}/admin/keys")).bearer_auth(MASTER).json(&json!({"team": "soak", "name": "soak"})).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/admin/keys"))
+        .bearer_auth(MASTER)
+        .json(&json!({"team": "soak", "name": "soak"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 201);
     let key = r.json::<Value>().await.unwrap()["key"].as_str().unwrap().to_string();
 
@@ -411,7 +425,12 @@ async fn soak_memory_settles_under_mixed_traffic() {
     );
     eprintln!("soak: series {:?}", samples.iter().map(|s| (s * 10.0).round() / 10.0).collect::<Vec<_>>());
     let failures = failures.lock().unwrap().clone();
-    assert!(failures.is_empty(), "{} of {sent} requests went wrong, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} requests went wrong, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
     assert!(sent > 100, "only {sent} requests in {secs} s");
 
     // Memory settles.
@@ -425,7 +444,13 @@ async fn soak_memory_settles_under_mixed_traffic() {
     // Still healthy, still serving.
     let r = http.get(format!("{base}/health/ready")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let r = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&chat_body("gpt-4o-mini", "json")).send().await.unwrap();
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_body("gpt-4o-mini", "json"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{}", server.log_tail());
 
     // Every forwarded request has its ledger record, settled.
@@ -438,7 +463,11 @@ async fn soak_memory_settles_under_mixed_traffic() {
         if records.len() >= hits && settled == records.len() {
             break records;
         }
-        assert!(Instant::now() < deadline, "ledger: {} records ({settled} settled) for {hits} forwarded requests", records.len());
+        assert!(
+            Instant::now() < deadline,
+            "ledger: {} records ({settled} settled) for {hits} forwarded requests",
+            records.len()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(records.len(), hits, "one ledger record per forwarded request");

@@ -55,7 +55,10 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::param(field, format!("'{field}' must be 1-128 characters of letters, digits, '-', '_', '.', '@' or space.")))
+        Err(ApiError::param(
+            field,
+            format!("'{field}' must be 1-128 characters of letters, digits, '-', '_', '.', '@' or space."),
+        ))
     }
 }
 
@@ -172,7 +175,10 @@ fn key_json(key: &KeyRow) -> Map<String, Value> {
 
 async fn find_team(app: &AppState, name: &str) -> Result<TeamRow, ApiError> {
     let teams = app.ledger.backend().load_teams().await.map_err(ledger_error)?;
-    teams.into_iter().find(|t| t.name == name).ok_or_else(|| ApiError::NotFound(format!("Team {name:?} does not exist.")))
+    teams
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| ApiError::NotFound(format!("Team {name:?} does not exist.")))
 }
 
 async fn find_key(app: &AppState, id: &str) -> Result<KeyRow, ApiError> {
@@ -212,7 +218,11 @@ async fn create_team(State(app): State<AppState>, headers: HeaderMap, body: Byte
     Ok((StatusCode::CREATED, Json(Value::Object(m))).into_response())
 }
 
-async fn get_team(State(app): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn get_team(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     require_master(&app, &headers)?;
     let team = find_team(&app, &name).await?;
     let mut m = team_json(&team);
@@ -240,7 +250,11 @@ async fn patch_team(
     Ok(Json(Value::Object(m)).into_response())
 }
 
-async fn delete_team(State(app): State<AppState>, headers: HeaderMap, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn delete_team(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     require_master(&app, &headers)?;
     app.ledger.backend().delete_team(&name, now_ms()).await.map_err(ledger_error)?;
     refresh(&app).await?;
@@ -303,7 +317,11 @@ pub fn new_key(team: &str, name: &str, budget: BudgetSpec) -> (KeyRow, String) {
     (row, secret)
 }
 
-async fn get_key(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_key(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require_master(&app, &headers)?;
     let key = find_key(&app, &id).await?;
     let mut m = key_json(&key);
@@ -333,7 +351,9 @@ async fn patch_key(
     let revoke = match obj.get("revoked") {
         Some(Value::Bool(true)) => true,
         None | Some(Value::Null) => false,
-        Some(_) => return Err(ApiError::param("revoked", "Only 'revoked': true is accepted; a revoked key stays revoked.")),
+        Some(_) => {
+            return Err(ApiError::param("revoked", "Only 'revoked': true is accepted; a revoked key stays revoked."))
+        }
     };
     app.ledger.backend().update_key(&key).await.map_err(ledger_error)?;
     if revoke {
@@ -346,7 +366,11 @@ async fn patch_key(
     Ok(Json(Value::Object(m)).into_response())
 }
 
-async fn revoke_key(State(app): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn revoke_key(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require_master(&app, &headers)?;
     app.ledger.backend().revoke_key(&id, now_ms()).await.map_err(ledger_error)?;
     refresh(&app).await?;

@@ -10,10 +10,7 @@ use serde_json::json;
 use crate::server::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
+    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready)).route("/metrics", get(metrics))
 }
 
 async fn live() -> Json<serde_json::Value> {

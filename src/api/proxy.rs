@@ -113,7 +113,8 @@ const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn read_body(mut body: Body, limit: usize, headers: &HeaderMap) -> Result<Bytes, ApiError> {
     use http_body_util::BodyExt;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared.filter(|&n| n > limit as u64) {
         if n - limit as u64 <= DRAIN_BYTES {
             tokio::spawn(drain(body, n));
@@ -150,10 +151,7 @@ async fn drain(mut body: Body, at_most: u64) {
 }
 
 fn dry_run_asked(headers: &HeaderMap) -> bool {
-    headers
-        .get(DRY_RUN)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+    headers.get(DRY_RUN).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
 async fn handle(
@@ -172,7 +170,8 @@ async fn handle(
         .await
         .map_err(|_| ApiError::BodyTimeout)??;
     let parsed = request::parse(endpoint, &body)?;
-    let asked = app.config.models.get(&parsed.model).cloned().ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
+    let asked =
+        app.config.models.get(&parsed.model).cloned().ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
     if !caller.allows(&asked.name) {
         return Err(ApiError::ModelNotAllowed(asked.name.clone()));
     }
@@ -483,7 +482,8 @@ impl Forward {
             match result {
                 Ok(resp) if retryable(resp.status) && i + 1 < count => {
                     tracing::warn!(model = %deployment.name, status = resp.status.as_u16(), "upstream failed; trying fallback");
-                    last_failure = Some(ApiError::Upstream { status: Some(resp.status.as_u16()), message: String::new() });
+                    last_failure =
+                        Some(ApiError::Upstream { status: Some(resp.status.as_u16()), message: String::new() });
                 }
                 Ok(resp) => {
                     last_response = Some((deployment, resp));
@@ -563,8 +563,12 @@ async fn whole_response(
                 ReadError::Body(crate::upstream::BodyError::Idle) => ApiError::UpstreamTimeout,
                 // A 200 whose body was cut off is a body that is not JSON (SPEC §4).
                 ReadError::Body(_) if status.is_success() => ApiError::InvalidUpstreamResponse,
-                ReadError::Body(_) => ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() },
-                ReadError::TooLarge => ApiError::Upstream { status: None, message: "The upstream response was too large.".into() },
+                ReadError::Body(_) => {
+                    ApiError::Upstream { status: None, message: "The upstream connection failed mid-response.".into() }
+                }
+                ReadError::TooLarge => {
+                    ApiError::Upstream { status: None, message: "The upstream response was too large.".into() }
+                }
             };
             return failed(meter, &served, error, headers);
         }
@@ -574,13 +578,12 @@ async fn whole_response(
         let Some((reported, text)) = answer else {
             return failed(meter, &served, ApiError::InvalidUpstreamResponse, headers);
         };
-        let settled = meter
-            .settle(Outcome {
-                status: status.as_u16(),
-                model: &served,
-                reported,
-                produced: Some(Produced { text: &text, overflow_bytes: 0 }),
-            });
+        let settled = meter.settle(Outcome {
+            status: status.as_u16(),
+            model: &served,
+            reported,
+            produced: Some(Produced { text: &text, overflow_bytes: 0 }),
+        });
         if let Err(failed) = settled.durable {
             if app.config.on_ledger_error == OnLedgerError::Reject {
                 // The client receives a 503: the record (which reaches the database from
@@ -605,7 +608,8 @@ async fn whole_response(
             status: Some(status.as_u16()),
             message: format!("The upstream failed with status {}.", status.as_u16()),
         };
-        let settled = meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None });
+        let settled =
+            meter.settle(Outcome { status: error.status().as_u16(), model: &served, reported, produced: None });
         let mut response = forwarded_error(error, headers, settled.cost);
         if let Some(retry) = upstream.headers.get(header::RETRY_AFTER) {
             response.headers_mut().insert(header::RETRY_AFTER, retry.clone());
@@ -614,7 +618,8 @@ async fn whole_response(
     }
     let settled = meter.settle(Outcome { status: status.as_u16(), model: &served, reported, produced: None });
     insert_cost(&mut headers, settled.cost);
-    let content_type = upstream.headers.get(header::CONTENT_TYPE).cloned().unwrap_or(HeaderValue::from_static("application/json"));
+    let content_type =
+        upstream.headers.get(header::CONTENT_TYPE).cloned().unwrap_or(HeaderValue::from_static("application/json"));
     headers.insert(header::CONTENT_TYPE, content_type);
     respond(status, headers, Body::from(body))
 }
@@ -665,7 +670,8 @@ fn cut_off(meter: Meter, served: &Arc<Model>, headers: HeaderMap) -> Response {
 /// Settles a request that went upstream to `served` and failed with `error`, before any
 /// usage was reported or output seen (it costs nothing), and answers with the error.
 fn failed(meter: Meter, served: &Arc<Model>, error: ApiError, headers: HeaderMap) -> Response {
-    let settled = meter.settle(Outcome { status: error.status().as_u16(), model: served, reported: None, produced: None });
+    let settled =
+        meter.settle(Outcome { status: error.status().as_u16(), model: served, reported: None, produced: None });
     forwarded_error(error, headers, settled.cost)
 }
 
@@ -776,7 +782,10 @@ struct Relay<F: Future<Output = ()> + Send + 'static> {
 impl<F: Future<Output = ()> + Send + 'static> futures::Stream for Relay<F> {
     type Item = Result<Bytes, std::io::Error>;
 
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
         use std::task::Poll;
         let this = &mut *self;
         if let Some(e) = this.held.take() {
@@ -921,13 +930,12 @@ async fn pump(
     }
     acc.finish();
     let app = meter.app.clone();
-    let settled = meter
-        .settle(Outcome {
-            status: upstream.status.as_u16(),
-            model: &served,
-            reported: acc.usage(),
-            produced: Some(Produced { text: acc.produced_text(), overflow_bytes: acc.overflow_bytes() }),
-        });
+    let settled = meter.settle(Outcome {
+        status: upstream.status.as_u16(),
+        model: &served,
+        reported: acc.usage(),
+        produced: Some(Produced { text: acc.produced_text(), overflow_bytes: acc.overflow_bytes() }),
+    });
     if client_gone {
         return;
     }
@@ -954,7 +962,14 @@ mod tests {
         assert_eq!(post("/chat/completions"), Some(Endpoint::Chat));
         assert_eq!(post("/v1/completions"), Some(Endpoint::Completions));
         assert_eq!(post("/embeddings"), Some(Endpoint::Embeddings));
-        for other in ["/v1/models", "/v1/v1/chat/completions", "/v1chat/completions", "/v1/chat/completions/", "/admin/keys", "/"] {
+        for other in [
+            "/v1/models",
+            "/v1/v1/chat/completions",
+            "/v1chat/completions",
+            "/v1/chat/completions/",
+            "/admin/keys",
+            "/",
+        ] {
             assert_eq!(post(other), None, "{other}");
         }
         assert_eq!(metered_endpoint(&Method::GET, "/v1/chat/completions"), None);

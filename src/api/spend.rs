@@ -96,7 +96,10 @@ pub fn parse_group_by(text: &str) -> Result<Vec<GroupBy>, ApiError> {
             "model" => GroupBy::Model,
             "day" => GroupBy::Day,
             other => {
-                return Err(ApiError::param("group_by", format!("Unknown group_by {other:?}: use team, key, model or day.")))
+                return Err(ApiError::param(
+                    "group_by",
+                    format!("Unknown group_by {other:?}: use team, key, model or day."),
+                ))
             }
         };
         if !out.contains(&g) {
@@ -162,7 +165,11 @@ struct SpendQuery {
     format: Option<String>,
 }
 
-async fn spend(State(app): State<AppState>, headers: HeaderMap, query: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn spend(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     let viewer = viewer(&app, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::param("query", e.body_text()))?;
     let mut filter = SpendFilter {
@@ -257,7 +264,11 @@ struct LogsQuery {
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
 
-async fn logs(State(app): State<AppState>, headers: HeaderMap, query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
+async fn logs(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
     let viewer = viewer(&app, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::param("query", e.body_text()))?;
     let limit = match q.limit.as_deref().filter(|s| !s.is_empty()) {

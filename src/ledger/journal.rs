@@ -42,8 +42,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::{RequestRecord, UsageSource};
-use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
+use crate::pricing::Usage;
 
 /// A segment takes appends until it is this long, unless configured otherwise.
 pub const SEGMENT_BYTES: u64 = 1024 * 1024;
@@ -589,7 +589,15 @@ impl Segment {
     /// append tries to start a real one.
     fn full_placeholder(number: u64, path: PathBuf) -> Segment {
         // Nothing of ours is at `path`: `keep` so that it is never removed.
-        Segment { number, path, file: None, map: None, capacity: 0, reserved: AtomicU64::new(0), keep: AtomicBool::new(true) }
+        Segment {
+            number,
+            path,
+            file: None,
+            map: None,
+            capacity: 0,
+            reserved: AtomicU64::new(0),
+            keep: AtomicBool::new(true),
+        }
     }
 
     /// Faults the mapping's pages in, writable, so appends do not (one fault per 4 KiB of
@@ -889,7 +897,8 @@ mod tests {
                     std::thread::spawn(move || {
                         (0..500)
                             .map(|i| {
-                                let line = encode(LineOp::Write, &record(&format!("t{t}-{i:03}"), UsageSource::Reported));
+                                let line =
+                                    encode(LineOp::Write, &record(&format!("t{t}-{i:03}"), UsageSource::Reported));
                                 journal.append(&line).unwrap()
                             })
                             .collect::<Vec<Pin>>()
@@ -909,7 +918,8 @@ mod tests {
         // Each thread's lines replay in the order it appended them.
         for t in 0..4 {
             let prefix = format!("t{t}-");
-            let mine: Vec<&str> = left.lines.iter().map(|(_, r)| r.request_id.as_str()).filter(|id| id.starts_with(&prefix)).collect();
+            let mine: Vec<&str> =
+                left.lines.iter().map(|(_, r)| r.request_id.as_str()).filter(|id| id.starts_with(&prefix)).collect();
             assert!(mine.windows(2).all(|w| w[0] < w[1]), "thread {t} out of order");
         }
     }

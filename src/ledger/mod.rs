@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::budget::{BudgetSpec, Period};
-use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
+use crate::pricing::Usage;
 
 pub use postgres::PostgresBackend;
 pub use sqlite::SqliteBackend;
@@ -95,7 +95,10 @@ fn request_id_with(time_ms: i64, random: u64) -> String {
     let time = time_ms.clamp(0, max_id_time()).unsigned_abs();
     let mut id = String::with_capacity(4 + ID_TIME_DIGITS + 16);
     id.push_str("req_");
-    let digits = (0..ID_TIME_DIGITS).rev().map(|i| (time >> (4 * i)) & 0xf).chain((0..16).rev().map(|i| (random >> (4 * i)) & 0xf));
+    let digits = (0..ID_TIME_DIGITS)
+        .rev()
+        .map(|i| (time >> (4 * i)) & 0xf)
+        .chain((0..16).rev().map(|i| (random >> (4 * i)) & 0xf));
     id.extend(digits.map(|d| char::from(HEX[d as usize])));
     id
 }
@@ -313,8 +316,8 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-use journal::{Journal, LineOp as Op};
 pub use journal::Pin;
+use journal::{Journal, LineOp as Op};
 
 struct WriteJob {
     op: Op,
@@ -1203,7 +1206,8 @@ pub(crate) const RECORD_COLUMNS: usize = 15;
 
 /// The head of every record insert: its columns, in the order [`record_columns`] gives
 /// their values.
-pub(crate) const INSERT_INTO: &str = "INSERT INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
+pub(crate) const INSERT_INTO: &str =
+    "INSERT INTO requests (request_id, time_ms, key_id, team, endpoint, model, served_model, \
     input_tokens, cached_input_tokens, output_tokens, cost_nano, usage_source, status, latency_ms, stream) ";
 
 /// One bound value of a record.

@@ -9,12 +9,13 @@ use sqlx::{PgPool, QueryBuilder, Row};
 
 use super::sqlite::{hash_from_hex, hash_to_hex};
 use super::{
-    from_i64, latest_per_request, pow2_split, record_columns, to_i64, Column, INSERT_INTO, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
-    RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow, UsageSource,
+    from_i64, latest_per_request, models_from_json, models_to_json, period_from_str, pow2_split, record_columns,
+    to_i64, Column, GroupBy, KeyRow, LedgerError, LogFilter, LogPage, RequestRecord, SpendFilter, SpendGroup,
+    SpendTotals, TeamRow, UsageSource, INSERT_INTO, RECORD_COLUMNS, UPSERT,
 };
 use crate::budget::BudgetSpec;
-use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
+use crate::pricing::Usage;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -26,8 +27,8 @@ pub struct PostgresBackend {
 impl PostgresBackend {
     /// `lock_timeout` bounds how long a statement waits for a row lock held elsewhere.
     pub async fn connect(url: &str, lock_timeout: Duration) -> Result<PostgresBackend, LedgerError> {
-        let options = PgConnectOptions::from_str(url)?
-            .options([("lock_timeout", format!("{}ms", lock_timeout.as_millis()))]);
+        let options =
+            PgConnectOptions::from_str(url)?.options([("lock_timeout", format!("{}ms", lock_timeout.as_millis()))]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .min_connections(1)
@@ -59,6 +60,3 @@ impl PostgresBackend {
 }
 
 super::row_mappers!(PgRow);
-
-
-

@@ -17,12 +17,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, SqlitePool};
 
 use super::{
-    from_i64, latest_per_request, pow2_split, record_columns, to_i64, Column, INSERT_INTO, RECORD_COLUMNS, UPSERT, models_from_json, models_to_json, period_from_str, GroupBy, KeyRow, LedgerError, LogFilter, LogPage,
-    RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow, UsageSource,
+    from_i64, latest_per_request, models_from_json, models_to_json, period_from_str, pow2_split, record_columns,
+    to_i64, Column, GroupBy, KeyRow, LedgerError, LogFilter, LogPage, RequestRecord, SpendFilter, SpendGroup,
+    SpendTotals, TeamRow, UsageSource, INSERT_INTO, RECORD_COLUMNS, UPSERT,
 };
 use crate::budget::BudgetSpec;
-use crate::pricing::Usage;
 use crate::pricing::NanoUsd;
+use crate::pricing::Usage;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -285,8 +286,10 @@ fn lowest_priority() {
 /// `connect` (WAL mode is the file's, set by them; these are each connection's own).
 fn open_connection(file: &Path, busy_timeout: Duration) -> rusqlite::Result<rusqlite::Connection> {
     use rusqlite::OpenFlags;
-    let conn =
-        rusqlite::Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    let conn = rusqlite::Connection::open_with_flags(
+        file,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
     conn.busy_timeout(busy_timeout)?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     Ok(conn)

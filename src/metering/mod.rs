@@ -19,8 +19,8 @@ use crate::budget::{RateTicket, Reservation};
 use crate::config::Model;
 use crate::ledger::{LedgerError, NotJournaled, Pin, RequestRecord, Slot, UsageSource};
 use crate::pricing::NanoUsd;
-use crate::server::AppState;
 use crate::pricing::Usage;
+use crate::server::AppState;
 
 /// Everything needed to settle one forwarded request.
 pub struct Meter {
@@ -53,7 +53,9 @@ impl LocalPrompt {
     fn count(&self, model: &str) -> u64 {
         match self {
             LocalPrompt::Exact(n) => *n,
-            LocalPrompt::Deferred(prompt, endpoint) => tokens::prompt_tokens(endpoint.prompt_kind(), model, prompt.value()),
+            LocalPrompt::Deferred(prompt, endpoint) => {
+                tokens::prompt_tokens(endpoint.prompt_kind(), model, prompt.value())
+            }
         }
     }
 }

@@ -161,9 +161,7 @@ impl SseParser {
     }
 
     fn parse_into(&mut self, events: &mut Vec<SseEvent>, at_eof: bool) -> Result<(), SseError> {
-        let too_large = SseError::EventTooLarge {
-            limit: self.max_event_bytes,
-        };
+        let too_large = SseError::EventTooLarge { limit: self.max_event_bytes };
         loop {
             let unscanned = &self.buf[self.scan..];
             let found = memchr::memchr2(b'\n', b'\r', unscanned);
@@ -201,7 +199,9 @@ impl SseParser {
             // The common event, one `data: …` line and then a blank one: taken whole, without
             // a search for the blank line's end or a look at the field's name.
             let data_line = line.strip_prefix(b"data: ");
-            if let (Some(value), None, None, Some(b'\n')) = (data_line, &self.data, &self.event, self.buf.get(next_line)) {
+            if let (Some(value), None, None, Some(b'\n')) =
+                (data_line, &self.data, &self.event, self.buf.get(next_line))
+            {
                 let end = next_line + 1;
                 if end > self.max_event_bytes {
                     return Err(too_large);
@@ -218,11 +218,7 @@ impl SseParser {
             }
             if line.is_empty() {
                 let raw = self.buf.split_to(next_line).freeze();
-                events.push(SseEvent {
-                    raw,
-                    data: self.data.take(),
-                    event: self.event.take(),
-                });
+                events.push(SseEvent { raw, data: self.data.take(), event: self.event.take() });
                 self.line_start = 0;
                 self.scan = 0;
             } else {
@@ -240,11 +236,7 @@ impl SseParser {
 }
 
 /// Applies one non-empty line (without its line end) to the event under construction.
-fn apply_line(
-    line: &[u8],
-    data: &mut Option<String>,
-    event: &mut Option<String>,
-) -> Result<(), SseError> {
+fn apply_line(line: &[u8], data: &mut Option<String>, event: &mut Option<String>) -> Result<(), SseError> {
     if line.first() == Some(&b':') {
         // A comment, typically a keep-alive; it stays in `raw` and carries nothing to parse.
         return Ok(());
@@ -342,10 +334,7 @@ mod tests {
     #[test]
     fn cr_at_chunk_end_waits_for_a_possible_lf() {
         let mut p = SseParser::new(LIMIT);
-        assert!(
-            p.push(b"data: a\r\n\r").unwrap().is_empty(),
-            "must not emit early"
-        );
+        assert!(p.push(b"data: a\r\n\r").unwrap().is_empty(), "must not emit early");
         let events = p.push(b"\ndata: b\r").unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(&events[0].raw[..], b"data: a\r\n\r\n");
@@ -526,20 +515,14 @@ mod tests {
     fn event_growing_past_the_limit_is_an_error() {
         let mut p = SseParser::new(16);
         assert!(p.push(b"data: 0123456").unwrap().is_empty());
-        assert_eq!(
-            p.push(b"789abc"),
-            Err(SseError::EventTooLarge { limit: 16 })
-        );
+        assert_eq!(p.push(b"789abc"), Err(SseError::EventTooLarge { limit: 16 }));
         assert_eq!(p.push(b"\n\n"), Err(SseError::EventTooLarge { limit: 16 }));
     }
 
     #[test]
     fn event_over_the_limit_in_one_chunk_is_an_error_too() {
         let mut p = SseParser::new(16);
-        assert_eq!(
-            p.push(b"data: 0123456789abcdef\n\n"),
-            Err(SseError::EventTooLarge { limit: 16 })
-        );
+        assert_eq!(p.push(b"data: 0123456789abcdef\n\n"), Err(SseError::EventTooLarge { limit: 16 }));
     }
 
     #[test]
@@ -572,7 +555,8 @@ mod tests {
 
     #[test]
     fn every_split_point_gives_the_same_events() {
-        let input: &[u8] = b"\xEF\xBB\xBF: hi\r\n\r\nevent: e\rdata: a\r\ndata:b\n\r\rdata: {\"x\":\"\\n\"}\r\n\r\n\ndata: tail";
+        let input: &[u8] =
+            b"\xEF\xBB\xBF: hi\r\n\r\nevent: e\rdata: a\r\ndata:b\n\r\rdata: {\"x\":\"\\n\"}\r\n\r\n\ndata: tail";
         let (whole, whole_pending) = parse_all(input);
         for i in 0..=input.len() {
             for j in i..=input.len() {
@@ -621,12 +605,7 @@ mod tests {
     }
 
     fn value() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "[^\r\n]{0,12}",
-            "[ a-z:{}\"\\\\]{0,12}",
-            Just(String::new()),
-            Just(" leading".to_owned()),
-        ]
+        prop_oneof!["[^\r\n]{0,12}", "[ a-z:{}\"\\\\]{0,12}", Just(String::new()), Just(" leading".to_owned()),]
     }
 
     fn line() -> impl Strategy<Value = Line> {
@@ -647,28 +626,17 @@ mod tests {
 
     /// An event: its lines, each with a line end and whether to omit the optional space.
     fn event() -> impl Strategy<Value = (Event, &'static str)> {
-        (
-            prop::collection::vec((line(), terminator(), any::<bool>()), 0..5),
-            terminator(),
-        )
+        (prop::collection::vec((line(), terminator(), any::<bool>()), 0..5), terminator())
     }
 
     /// Encodes `lines`, returning the expected `(data, event)` of the event they make.
-    fn encode_lines(
-        out: &mut Vec<u8>,
-        last_end: &mut &'static str,
-        lines: &Event,
-    ) -> (Option<String>, Option<String>) {
+    fn encode_lines(out: &mut Vec<u8>, last_end: &mut &'static str, lines: &Event) -> (Option<String>, Option<String>) {
         let (mut data, mut event): (Option<String>, Option<String>) = (None, None);
         for (line, end, tight) in lines {
             let field = |out: &mut Vec<u8>, name: &str, v: &str| {
                 out.extend_from_slice(name.as_bytes());
                 // Without the optional space a value that starts with one would lose it.
-                out.extend_from_slice(if *tight && !v.starts_with(' ') {
-                    b":"
-                } else {
-                    b": "
-                });
+                out.extend_from_slice(if *tight && !v.starts_with(' ') { b":" } else { b": " });
                 out.extend_from_slice(v.as_bytes());
             };
             match line {
@@ -769,10 +737,7 @@ mod tests {
     }
 
     /// Events up to the first error, then the error or the pending bytes.
-    fn collect_until_error(
-        input: &[u8],
-        cuts: &[usize],
-    ) -> (Vec<SseEvent>, Result<Vec<u8>, SseError>) {
+    fn collect_until_error(input: &[u8], cuts: &[usize]) -> (Vec<SseEvent>, Result<Vec<u8>, SseError>) {
         let mut p = SseParser::new(40);
         let mut events = Vec::new();
         let mut from = 0;

@@ -261,20 +261,11 @@ struct ToolConstants {
     func_end: i64,
 }
 
-const TOOLS_4O: ToolConstants = ToolConstants {
-    func_init: 7,
-    prop_init: 3,
-    prop_key: 3,
-    enum_init: -3,
-    enum_item: 3,
-    func_end: 12,
-};
+const TOOLS_4O: ToolConstants =
+    ToolConstants { func_init: 7, prop_init: 3, prop_key: 3, enum_init: -3, enum_item: 3, func_end: 12 };
 
 /// gpt-3.5-turbo and gpt-4 spend 3 more tokens opening each function.
-const TOOLS_LEGACY: ToolConstants = ToolConstants {
-    func_init: 10,
-    ..TOOLS_4O
-};
+const TOOLS_LEGACY: ToolConstants = ToolConstants { func_init: 10, ..TOOLS_4O };
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum ImageRule {
@@ -286,10 +277,7 @@ enum ImageRule {
 }
 
 /// gpt-4o's rule, also the fallback for models without a published one.
-const TILES_4O: ImageRule = ImageRule::Tiles {
-    base: 85,
-    per_tile: 170,
-};
+const TILES_4O: ImageRule = ImageRule::Tiles { base: 85, per_tile: 170 };
 
 /// The most tiles an image can cost: after scaling, the longest side is at most 2048 px (4 tiles)
 /// and the shortest at most 768 px (2 tiles).
@@ -299,11 +287,7 @@ const MAX_PATCHES: u64 = 1536;
 impl ImageRule {
     fn for_base_model(m: &str) -> ImageRule {
         // Order matters: the longest prefix of a family first, as in the oracle's table.
-        const PATCHES: [(&str, f64); 3] = [
-            ("gpt-4.1-mini", 1.62),
-            ("gpt-4.1-nano", 2.46),
-            ("o4-mini", 1.72),
-        ];
+        const PATCHES: [(&str, f64); 3] = [("gpt-4.1-mini", 1.62), ("gpt-4.1-nano", 2.46), ("o4-mini", 1.72)];
         const TILES: [(&str, u64, u64); 8] = [
             ("gpt-4o-mini", 2833, 5667),
             ("gpt-4o", 85, 170),
@@ -482,9 +466,7 @@ fn message_tokens<M: Measure>(m: &M, rules: &ModelRules, msg: &Map<String, Value
                     }
                 }
             }
-            Value::Object(function) if key == "function_call" => {
-                function_call_tokens(m, function, n)
-            }
+            Value::Object(function) if key == "function_call" => function_call_tokens(m, function, n),
             _ => {}
         }
     }
@@ -498,12 +480,7 @@ fn function_call_tokens<M: Measure>(m: &M, function: &Map<String, Value>, n: &mu
     }
 }
 
-fn content_part_tokens<M: Measure>(
-    m: &M,
-    rules: &ModelRules,
-    part: &Map<String, Value>,
-    n: &mut Tally,
-) {
+fn content_part_tokens<M: Measure>(m: &M, rules: &ModelRules, part: &Map<String, Value>, n: &mut Tally) {
     match part.get("type").and_then(Value::as_str) {
         Some("text") => {
             if let Some(Value::String(s)) = part.get("text") {
@@ -581,9 +558,7 @@ fn tools_tokens<M: Measure>(m: &M, rules: &ModelRules, body: &Map<String, Value>
             };
             let ty = match p.get("type") {
                 None => Cow::Borrowed(""),
-                Some(Value::Array(types)) => {
-                    Cow::Owned(types.iter().map(py_str).collect::<Vec<_>>().join("|"))
-                }
+                Some(Value::Array(types)) => Cow::Owned(types.iter().map(py_str).collect::<Vec<_>>().join("|")),
                 Some(ty) => py_str(ty),
             };
             n.add(m.joined(&[key, ":", &ty, ":", description]));
@@ -686,11 +661,7 @@ fn py_float_repr(x: f64) -> String {
     let n_digits = i64::try_from(digits.len()).unwrap_or(i64::MAX);
     if !(-3..=16).contains(&point) {
         let (first, rest) = digits.split_at(1.min(digits.len()));
-        let frac = if rest.is_empty() {
-            String::new()
-        } else {
-            format!(".{rest}")
-        };
+        let frac = if rest.is_empty() { String::new() } else { format!(".{rest}") };
         let exp_sign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{first}{frac}e{exp_sign}{:02}", exp.abs())
     } else if point <= 0 {
@@ -853,10 +824,7 @@ fn image_size_from_data_url(url: &str) -> Option<(u64, u64)> {
     // first ';' or ',', which must open ";base64,".
     let rest = url.strip_prefix("data:")?;
     let payload = rest[rest.find([';', ','])?..].strip_prefix(";base64,")?;
-    let end = payload
-        .char_indices()
-        .nth(MAX_B64_CHARS)
-        .map_or(payload.len(), |(i, _)| i);
+    let end = payload.char_indices().nth(MAX_B64_CHARS).map_or(payload.len(), |(i, _)| i);
     let b64 = &payload[..end];
     // Python's b64decode refuses a str with non-ASCII characters.
     if !b64.is_ascii() {
@@ -932,11 +900,7 @@ fn image_size_from_bytes(b: &[u8]) -> Option<(u64, u64)> {
     let be32 = |s: &[u8]| u64::from(u32::from_be_bytes([s[0], s[1], s[2], s[3]]));
     // Python's int.from_bytes(b[x:y], "little") on a slice that may be cut short (or empty).
     let le_prefix = |from: usize, to: usize| -> u64 {
-        b.get(from..to.min(b.len()))
-            .unwrap_or(&[])
-            .iter()
-            .rev()
-            .fold(0, |acc, &x| (acc << 8) | u64::from(x))
+        b.get(from..to.min(b.len())).unwrap_or(&[]).iter().rev().fold(0, |acc, &x| (acc << 8) | u64::from(x))
     };
     if b.starts_with(b"\x89PNG\r\n\x1a\n") {
         let ihdr = b.get(16..24)?;
@@ -998,10 +962,7 @@ mod tests {
     /// serializes read the same here with or without serde_json's `preserve_order`. Every image in
     /// it has a size the oracle can read and a model with a published rule: the cases where this
     /// module deliberately counts more are tested separately below.
-    const ORACLE_FIXTURE: &str = include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/token_oracle.json"
-    ));
+    const ORACLE_FIXTURE: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/token_oracle.json"));
 
     fn kind_of(name: &str) -> PromptKind {
         match name {
@@ -1024,9 +985,7 @@ mod tests {
             let got = prompt_tokens(kind, model, &case["body"]);
             let bound = prompt_tokens_upper_bound(kind, model, &case["body"]);
             if got != expected {
-                failures.push(format!(
-                    "#{i} {kind:?} {model}: got {got}, oracle {expected}"
-                ));
+                failures.push(format!("#{i} {kind:?} {model}: got {got}, oracle {expected}"));
             }
             assert!(bound >= got, "#{i} {model}: bound {bound} < exact {got}");
         }
@@ -1078,31 +1037,13 @@ mod tests {
             {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
             {"role": "user", "content": "What's the weather like in San Francisco?"},
         ]);
-        for (model, want) in [
-            ("gpt-3.5-turbo", 129),
-            ("gpt-4-0613", 129),
-            ("gpt-4o", 124),
-            ("gpt-4o-mini", 124),
-        ] {
+        for (model, want) in [("gpt-3.5-turbo", 129), ("gpt-4-0613", 129), ("gpt-4o", 124), ("gpt-4o-mini", 124)] {
             let body = json!({"model": model, "messages": messages});
-            assert_eq!(
-                prompt_tokens(PromptKind::Chat, model, &body),
-                want,
-                "{model}"
-            );
+            assert_eq!(prompt_tokens(PromptKind::Chat, model, &body), want, "{model}");
         }
-        for (model, want) in [
-            ("gpt-3.5-turbo", 105),
-            ("gpt-4", 105),
-            ("gpt-4o", 101),
-            ("gpt-4o-mini", 101),
-        ] {
+        for (model, want) in [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)] {
             let body = json!({"model": model, "messages": tool_messages, "tools": tools});
-            assert_eq!(
-                prompt_tokens(PromptKind::Chat, model, &body),
-                want,
-                "{model} with tools"
-            );
+            assert_eq!(prompt_tokens(PromptKind::Chat, model, &body), want, "{model} with tools");
         }
     }
 
@@ -1111,16 +1052,9 @@ mod tests {
         // tiktoken 0.14's len(enc.encode(s, disallowed_special=())).
         for (enc, mixed) in [(Encoding::O200kBase, 15), (Encoding::Cl100kBase, 16)] {
             assert_eq!(count_text(enc, "<|endoftext|>"), 7, "{enc:?}");
-            assert_eq!(
-                count_text(enc, "a<|endoftext|>b<|fim_prefix|>"),
-                mixed,
-                "{enc:?}"
-            );
+            assert_eq!(count_text(enc, "a<|endoftext|>b<|fim_prefix|>"), mixed, "{enc:?}");
             let text = "x <|endoftext|> y";
-            assert_eq!(
-                count_text(enc, text),
-                to_u64(enc.tokenizer().encode(text).len())
-            );
+            assert_eq!(count_text(enc, text), to_u64(enc.tokenizer().encode(text).len()));
         }
     }
 
@@ -1155,16 +1089,12 @@ mod tests {
 
     #[test]
     fn tool_constants_follow_the_model_family_including_fine_tunes() {
-        let body =
-            json!({"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]});
+        let body = json!({"messages": [], "tools": [{"type": "function", "function": {"name": "f"}}]});
         let gpt4 = prompt_tokens(PromptKind::Chat, "gpt-4", &body);
         let gpt4o = prompt_tokens(PromptKind::Chat, "gpt-4o", &body);
         assert_eq!(gpt4, gpt4o + 3, "func_init is 10 for gpt-4, 7 for gpt-4o");
         // The oracle would give a gpt-4 fine-tune gpt-4o's constants; its base model's are right.
-        assert_eq!(
-            prompt_tokens(PromptKind::Chat, "ft:gpt-4-0613:acme::x", &body),
-            gpt4
-        );
+        assert_eq!(prompt_tokens(PromptKind::Chat, "ft:gpt-4-0613:acme::x", &body), gpt4);
     }
 
     fn image_body(model: &str, url: &str, detail: &str) -> Value {
@@ -1215,10 +1145,7 @@ mod tests {
         let patches = ImageRule::for_base_model("gpt-4.1-mini");
         assert_eq!(patches.tokens(Some((1024, 1024)), false), 1659);
         assert_eq!(patches.tokens(Some((1800, 2400)), false), 2353);
-        assert_eq!(
-            ImageRule::for_base_model("o4-mini").tokens(Some((1, 100_000)), false),
-            0
-        );
+        assert_eq!(ImageRule::for_base_model("o4-mini").tokens(Some((1, 100_000)), false), 0);
     }
 
     #[test]
@@ -1229,10 +1156,7 @@ mod tests {
             for _ in 0..20_000 {
                 let w = 1 + rng.next() % (1 << rng.below(33));
                 let h = 1 + rng.next() % (1 << rng.below(33));
-                assert!(
-                    rule.tokens(Some((w, h)), false) <= worst,
-                    "{rule:?} {w}x{h}"
-                );
+                assert!(rule.tokens(Some((w, h)), false) <= worst, "{rule:?} {w}x{h}");
             }
         }
     }
@@ -1248,17 +1172,14 @@ mod tests {
             ("Q", None),
             ("QUJDR", None),
             ("QU\nJD\r\n", Some(b"ABC")),
-            ("QU=JD", Some(b"ABC")), // a pad after one char of a quad is ignored
+            ("QU=JD", Some(b"ABC")),   // a pad after one char of a quad is ignored
             ("QUI=QUJD", Some(b"AB")), // a complete pad sequence ends the input
         ];
         for (input, want) in cases {
             let got = py_b64decode_lenient(input.as_bytes(), usize::MAX);
             assert_eq!(got.as_deref(), want, "{input:?}");
         }
-        assert_eq!(
-            py_b64decode_lenient(b"QUJDQUJD", 4).as_deref(),
-            Some(&b"ABCA"[..])
-        );
+        assert_eq!(py_b64decode_lenient(b"QUJDQUJD", 4).as_deref(), Some(&b"ABCA"[..]));
     }
 
     #[test]
@@ -1268,10 +1189,7 @@ mod tests {
         let gif = b"GIF89a\x40\x01\xf0\x00";
         assert_eq!(image_size_from_bytes(gif), Some((320, 240)));
         // A WebP VP8X header cut short: Python's int.from_bytes reads what is there.
-        assert_eq!(
-            image_size_from_bytes(b"RIFF\0\0\0\0WEBPVP8X\0\0\0\0\0\0\0\0\0\0\0\0\x10"),
-            Some((1, 4097))
-        );
+        assert_eq!(image_size_from_bytes(b"RIFF\0\0\0\0WEBPVP8X\0\0\0\0\0\0\0\0\0\0\0\0\x10"), Some((1, 4097)));
         // A JPEG whose frame header lies beyond the 49,152 bytes the oracle decodes is unknown.
         let mut jpeg = vec![0xff, 0xd8];
         for _ in 0..2 {
@@ -1283,14 +1201,8 @@ mod tests {
         let url = format!("data:image/jpeg;base64,{}", b64(&jpeg));
         assert_eq!(image_size_from_data_url(&url), None);
         // Non-ASCII inside the base64 makes Python's b64decode raise.
-        assert_eq!(
-            image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA==é"),
-            None
-        );
-        assert_eq!(
-            image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA=="),
-            Some((320, 240))
-        );
+        assert_eq!(image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA==é"), None);
+        assert_eq!(image_size_from_data_url("data:image/gif;base64,R0lGODlhQAHwAA=="), Some((320, 240)));
     }
 
     #[test]
@@ -1317,10 +1229,7 @@ mod tests {
         let v = json!({"a": "é😀\"\\\n\u{1}\u{7f}~", "b": [1, 2.0, null, true]});
         let mut out = String::new();
         write_py_json(&v, &mut out);
-        assert_eq!(
-            out,
-            r#"{"a":"\u00e9\ud83d\ude00\"\\\n\u0001\u007f~","b":[1,2.0,null,true]}"#
-        );
+        assert_eq!(out, r#"{"a":"\u00e9\ud83d\ude00\"\\\n\u0001\u007f~","b":[1,2.0,null,true]}"#);
         let mut len = JsonLen(0);
         write_py_json(&v, &mut len);
         assert_eq!(len.0, to_u64(out.len()));
@@ -1344,22 +1253,11 @@ mod tests {
             (json!({"text": "x"}), 0),
         ] {
             let body = json!({"model": model, "prompt": prompt});
-            assert_eq!(
-                prompt_tokens(PromptKind::Completion, model, &body),
-                want,
-                "{prompt}"
-            );
+            assert_eq!(prompt_tokens(PromptKind::Completion, model, &body), want, "{prompt}");
             let body = json!({"model": model, "input": prompt});
-            assert_eq!(
-                prompt_tokens(PromptKind::Embedding, model, &body),
-                want,
-                "{prompt}"
-            );
+            assert_eq!(prompt_tokens(PromptKind::Embedding, model, &body), want, "{prompt}");
         }
-        assert_eq!(
-            prompt_tokens(PromptKind::Chat, "gpt-4o", &json!("not an object")),
-            0
-        );
+        assert_eq!(prompt_tokens(PromptKind::Chat, "gpt-4o", &json!("not an object")), 0);
         assert_eq!(prompt_tokens(PromptKind::Chat, "gpt-4o", &json!({})), 3);
     }
 
@@ -1386,9 +1284,7 @@ mod tests {
     fn random_base62(len: usize) -> String {
         const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         let mut rng = SplitMix64(62);
-        (0..len)
-            .map(|_| char::from(ALPHABET[(rng.below(62)) as usize]))
-            .collect()
+        (0..len).map(|_| char::from(ALPHABET[(rng.below(62)) as usize])).collect()
     }
 
     fn b64(bytes: &[u8]) -> String {
@@ -1403,20 +1299,15 @@ mod tests {
         let base62 = random_base62(MIB);
         // From `count_tokens.py --text-file F --encoding E` (tiktoken 0.14), F holding the same
         // string written by the same SplitMix64 in Python.
-        for (name, text, o200k, cl100k) in [
-            ("1 MiB of 'a'", &one_letter, 131_072, 131_072),
-            ("1 MiB of base62", &base62, 711_068, 750_395),
-        ] {
+        for (name, text, o200k, cl100k) in
+            [("1 MiB of 'a'", &one_letter, 131_072, 131_072), ("1 MiB of base62", &base62, 711_068, 750_395)]
+        {
             for (enc, want) in [(Encoding::O200kBase, o200k), (Encoding::Cl100kBase, cl100k)] {
                 let start = Instant::now();
                 assert_eq!(count_text(enc, text), want, "{name} {enc:?}");
                 // Generous for an unoptimized build on a shared machine; tiktoken's quadratic
                 // merge needs minutes here. Release builds take ~10 ms.
-                assert!(
-                    start.elapsed() < Duration::from_secs(20),
-                    "{name} {enc:?} took {:?}",
-                    start.elapsed()
-                );
+                assert!(start.elapsed() < Duration::from_secs(20), "{name} {enc:?} took {:?}", start.elapsed());
             }
         }
     }
@@ -1481,19 +1372,10 @@ mod tests {
                     Value::String(STRINGS[rng.below(STRINGS.len() as u64) as usize].to_string())
                 }
             }
-            5 => Value::Array(
-                (0..rng.below(5))
-                    .map(|_| random_value(rng, depth - 1))
-                    .collect(),
-            ),
+            5 => Value::Array((0..rng.below(5)).map(|_| random_value(rng, depth - 1)).collect()),
             _ => Value::Object(
                 (0..rng.below(6))
-                    .map(|_| {
-                        (
-                            KEYS[rng.below(KEYS.len() as u64) as usize].to_string(),
-                            random_value(rng, depth - 1),
-                        )
-                    })
+                    .map(|_| (KEYS[rng.below(KEYS.len() as u64) as usize].to_string(), random_value(rng, depth - 1)))
                     .collect(),
             ),
         }
@@ -1502,15 +1384,7 @@ mod tests {
     #[test]
     fn random_bodies_never_panic_and_stay_under_the_bound() {
         let mut rng = SplitMix64(2024);
-        let models = [
-            "gpt-4o",
-            "gpt-4o-mini",
-            "gpt-4",
-            "gpt-3.5-turbo-0301",
-            "gpt-4.1-nano",
-            "o1",
-            "x/ft:gpt-4o:a::b",
-        ];
+        let models = ["gpt-4o", "gpt-4o-mini", "gpt-4", "gpt-3.5-turbo-0301", "gpt-4.1-nano", "o1", "x/ft:gpt-4o:a::b"];
         for round in 0..3000 {
             let mut body = Map::new();
             for key in ["messages", "tools", "functions", "prompt", "input"] {
@@ -1520,25 +1394,25 @@ mod tests {
             }
             // Bias towards well-formed shapes so the deep paths (tools, images) are reached.
             if rng.below(2) == 0 {
-                let part = json!({"type": "image_url", "image_url": {"url": random_value(&mut rng, 0), "detail": "high"}});
+                let part =
+                    json!({"type": "image_url", "image_url": {"url": random_value(&mut rng, 0), "detail": "high"}});
                 let props = json!({"p": {"type": random_value(&mut rng, 1), "enum": random_value(&mut rng, 2),
                                          "items": random_value(&mut rng, 3), "description": random_value(&mut rng, 0)}});
-                body.insert("messages".into(), json!([{"role": "user", "name": "n", "content": [part, random_value(&mut rng, 2)]}]));
-                body.insert("tools".into(), json!([{"function": {"name": random_value(&mut rng, 0), "parameters": {"properties": props}}}]));
+                body.insert(
+                    "messages".into(),
+                    json!([{"role": "user", "name": "n", "content": [part, random_value(&mut rng, 2)]}]),
+                );
+                body.insert(
+                    "tools".into(),
+                    json!([{"function": {"name": random_value(&mut rng, 0), "parameters": {"properties": props}}}]),
+                );
             }
             let body = Value::Object(body);
             let model = models[round % models.len()];
-            for kind in [
-                PromptKind::Chat,
-                PromptKind::Completion,
-                PromptKind::Embedding,
-            ] {
+            for kind in [PromptKind::Chat, PromptKind::Completion, PromptKind::Embedding] {
                 let exact = prompt_tokens(kind, model, &body);
                 let bound = prompt_tokens_upper_bound(kind, model, &body);
-                assert!(
-                    bound >= exact,
-                    "{kind:?} {model}: bound {bound} < exact {exact} for {body}"
-                );
+                assert!(bound >= exact, "{kind:?} {model}: bound {bound} < exact {exact} for {body}");
             }
         }
     }
@@ -1598,9 +1472,6 @@ mod tests {
         let bound = prompt_tokens_upper_bound(PromptKind::Chat, model, &body);
         eprintln!("128k-token document: exact {exact} tokens in {exact_time:?}, bound {bound} in {bound_time:?}");
         assert!(bound >= exact);
-        assert!(
-            bound_time * 10 <= exact_time,
-            "bound {bound_time:?} vs exact {exact_time:?}"
-        );
+        assert!(bound_time * 10 <= exact_time, "bound {bound_time:?} vs exact {exact_time:?}");
     }
 }

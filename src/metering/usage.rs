@@ -572,11 +572,7 @@ struct Message<'a> {
 impl Message<'_> {
     fn for_each_text(&self, mut f: impl FnMut(&str)) {
         // Providers that send both spellings of reasoning send the same text twice.
-        let reasoning = self
-            .reasoning_content
-            .0
-            .as_ref()
-            .or(self.reasoning.0.as_ref());
+        let reasoning = self.reasoning_content.0.as_ref().or(self.reasoning.0.as_ref());
         let texts = [reasoning, self.content.0.as_ref(), self.refusal.0.as_ref()];
         for s in texts.into_iter().flatten() {
             f(s);
@@ -643,16 +639,9 @@ impl RawUsage {
             Count::Absent | Count::Invalid => return None,
         };
         let output = either(self.completion_tokens, self.output_tokens).or_zero()?;
-        let cached = either(
-            Details::cached(&self.prompt_tokens_details),
-            Details::cached(&self.input_tokens_details),
-        )
-        .or_zero()?;
-        Some(Usage {
-            input_tokens: input,
-            cached_input_tokens: cached.min(input),
-            output_tokens: output,
-        })
+        let cached = either(Details::cached(&self.prompt_tokens_details), Details::cached(&self.input_tokens_details))
+            .or_zero()?;
+        Some(Usage { input_tokens: input, cached_input_tokens: cached.min(input), output_tokens: output })
     }
 }
 
@@ -729,11 +718,7 @@ impl<'de> Deserialize<'de> for Count {
                 f.write_str("any JSON value")
             }
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
-                Ok(if n <= MAX_REPORTED_TOKENS {
-                    Count::Valid(n)
-                } else {
-                    Count::Invalid
-                })
+                Ok(if n <= MAX_REPORTED_TOKENS { Count::Valid(n) } else { Count::Invalid })
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count, E> {
                 match u64::try_from(n) {
@@ -860,10 +845,7 @@ struct List<T> {
 // Written out rather than derived: the derive would demand `T: Default`.
 impl<T> Default for List<T> {
     fn default() -> Self {
-        List {
-            items: Vec::new(),
-            any: false,
-        }
+        List { items: Vec::new(), any: false }
     }
 }
 
@@ -961,11 +943,7 @@ mod tests {
     use serde_json::json;
 
     fn usage(input: u64, cached: u64, output: u64) -> Option<Usage> {
-        Some(Usage {
-            input_tokens: input,
-            cached_input_tokens: cached,
-            output_tokens: output,
-        })
+        Some(Usage { input_tokens: input, cached_input_tokens: cached, output_tokens: output })
     }
 
     // ---- usage_from_json ----
@@ -985,8 +963,7 @@ mod tests {
 
     #[test]
     fn chat_usage_without_details_has_no_cached_tokens() {
-        let body =
-            json!({"usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}});
+        let body = json!({"usage": {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}});
         assert_eq!(usage_from_json(&body), usage(9, 0, 12));
         let body = json!({"usage": {"prompt_tokens": 9, "completion_tokens": 12,
                                     "prompt_tokens_details": null, "completion_tokens_details": null}});
@@ -1037,20 +1014,12 @@ mod tests {
         assert_eq!(usage_from_json(&json!({"choices": []})), None);
         assert_eq!(usage_from_json(&json!({})), None);
         assert_eq!(usage_from_json(&json!({"usage": {}})), None);
-        assert_eq!(
-            usage_from_json(&json!({"usage": {"completion_tokens": 5}})),
-            None
-        );
+        assert_eq!(usage_from_json(&json!({"usage": {"completion_tokens": 5}})), None);
     }
 
     #[test]
     fn non_objects_are_none() {
-        for v in [
-            json!(null),
-            json!(1),
-            json!("usage"),
-            json!([{"usage": {"prompt_tokens": 1}}]),
-        ] {
+        for v in [json!(null), json!(1), json!("usage"), json!([{"usage": {"prompt_tokens": 1}}])] {
             assert_eq!(usage_from_json(&v), None, "{v}");
         }
         assert_eq!(usage_from_json(&json!({"usage": "lots"})), None);
@@ -1089,10 +1058,9 @@ mod tests {
 
     #[test]
     fn huge_number_beyond_u64_in_text_is_unreported() {
-        let v: Value = serde_json::from_str(
-            r#"{"usage":{"prompt_tokens":99999999999999999999999,"completion_tokens":1}}"#,
-        )
-        .unwrap();
+        let v: Value =
+            serde_json::from_str(r#"{"usage":{"prompt_tokens":99999999999999999999999,"completion_tokens":1}}"#)
+                .unwrap();
         assert_eq!(usage_from_json(&v), None);
     }
 
@@ -1143,10 +1111,7 @@ mod tests {
             {"id": "call_2", "type": "function",
              "function": {"name": "get_time", "arguments": "{}"}}
         ]}}]});
-        assert_eq!(
-            response_text(&body),
-            "get_weather{\"city\":\"Paris\"}get_time{}"
-        );
+        assert_eq!(response_text(&body), "get_weather{\"city\":\"Paris\"}get_time{}");
     }
 
     #[test]
@@ -1421,10 +1386,7 @@ mod tests {
         use ChunkKind::*;
         for cut in 0..=TOOL_CALLS.len() {
             let (acc, kinds, _) = run(TOOL_CALLS, cut);
-            assert_eq!(
-                kinds,
-                [Content, Content, Content, Content, Content, UsageOnly, Done]
-            );
+            assert_eq!(kinds, [Content, Content, Content, Content, Content, UsageOnly, Done]);
             assert_eq!(acc.produced_text(), "get_weather{\"location\":\"Paris\"}");
             assert_eq!(acc.usage(), usage(80, 64, 16));
         }
@@ -1464,16 +1426,10 @@ mod tests {
             r#"{"error":{"message":"The server had an error while processing your request.","type":"server_error","param":null,"code":null}}"#,
         );
         assert_eq!(kind, ChunkKind::Error);
-        assert_eq!(
-            acc.observe(r#"{"type":"error","code":"server_error","message":"x"}"#),
-            ChunkKind::Error
-        );
+        assert_eq!(acc.observe(r#"{"type":"error","code":"server_error","message":"x"}"#), ChunkKind::Error);
         assert_eq!(acc.observe(r#"{"error":"overloaded"}"#), ChunkKind::Error);
         // `"error": null` is not an error.
-        assert_eq!(
-            acc.observe(r#"{"choices":[],"error":null}"#),
-            ChunkKind::Content
-        );
+        assert_eq!(acc.observe(r#"{"choices":[],"error":null}"#), ChunkKind::Content);
     }
 
     #[test]
@@ -1504,10 +1460,7 @@ mod tests {
             r#"{"choices":[],"created":0,"id":"","model":"","object":"","prompt_filter_results":[{"prompt_index":0,"content_filter_results":{}}]}"#,
         );
         assert_eq!(kind, ChunkKind::Content);
-        assert_eq!(
-            acc.observe(r#"{"choices":[],"usage":null}"#),
-            ChunkKind::Content
-        );
+        assert_eq!(acc.observe(r#"{"choices":[],"usage":null}"#), ChunkKind::Content);
     }
 
     #[test]
@@ -1521,8 +1474,7 @@ mod tests {
     #[test]
     fn usage_chunk_with_garbage_counts_is_still_the_usage_chunk() {
         let mut acc = StreamAccumulator::new(100);
-        let kind =
-            acc.observe(r#"{"choices":[],"usage":{"prompt_tokens":-3,"completion_tokens":4}}"#);
+        let kind = acc.observe(r#"{"choices":[],"usage":{"prompt_tokens":-3,"completion_tokens":4}}"#);
         assert_eq!(kind, ChunkKind::UsageOnly);
         assert_eq!(acc.usage(), None);
     }
@@ -1531,8 +1483,10 @@ mod tests {
     fn usage_on_every_chunk_keeps_the_latest_and_stays_content() {
         // vLLM's continuous usage stats: running totals on chunks that also carry content.
         let mut acc = StreamAccumulator::new(100);
-        let a = r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
-        let b = r#"{"choices":[{"index":0,"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#;
+        let a =
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":5,"completion_tokens":1}}"#;
+        let b =
+            r#"{"choices":[{"index":0,"delta":{"content":"b"}}],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#;
         assert_eq!(acc.observe(a), ChunkKind::Content);
         assert_eq!(acc.observe(b), ChunkKind::Content);
         assert_eq!(acc.usage(), usage(5, 0, 2));
@@ -1547,9 +1501,7 @@ mod tests {
         acc.observe(r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hmm "}}]}"#);
         acc.observe(r#"{"choices":[{"index":0,"delta":{"reasoning":"plan "}}]}"#);
         acc.observe(r#"{"choices":[{"index":0,"delta":{"refusal":"no "}}]}"#);
-        acc.observe(
-            r#"{"choices":[{"index":0,"delta":{"function_call":{"name":"f","arguments":"{}"}}}]}"#,
-        );
+        acc.observe(r#"{"choices":[{"index":0,"delta":{"function_call":{"name":"f","arguments":"{}"}}}]}"#);
         assert_eq!(acc.produced_text(), "hmm plan no f{}");
     }
 
@@ -1574,7 +1526,8 @@ mod tests {
     #[test]
     fn duplicate_keys_fall_back_to_last_one_wins() {
         let mut acc = StreamAccumulator::new(100);
-        let kind = acc.observe(r#"{"choices":[{"delta":{"content":"a","content":"b"}}],"choices":[{"delta":{"content":"c"}}]}"#);
+        let kind = acc
+            .observe(r#"{"choices":[{"delta":{"content":"a","content":"b"}}],"choices":[{"delta":{"content":"c"}}]}"#);
         assert_eq!(kind, ChunkKind::Content);
         assert_eq!(acc.produced_text(), "c");
     }
@@ -1583,24 +1536,12 @@ mod tests {
     fn deeply_nested_json_does_not_overflow_the_stack() {
         // Past the few levels metering reads, values are skipped by serde_json without recursion.
         let mut acc = StreamAccumulator::new(100);
-        let deep = format!(
-            "{{\"choices\":[{}{}]}}",
-            "[".repeat(100_000),
-            "]".repeat(100_000)
-        );
+        let deep = format!("{{\"choices\":[{}{}]}}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(acc.observe(&deep), ChunkKind::Content);
-        let deep = format!(
-            "{{\"usage\":{{\"x\":{}1{}}}}}",
-            "{\"a\":".repeat(100_000),
-            "}".repeat(100_000)
-        );
+        let deep = format!("{{\"usage\":{{\"x\":{}1{}}}}}", "{\"a\":".repeat(100_000), "}".repeat(100_000));
         assert_eq!(acc.observe(&deep), ChunkKind::UsageOnly);
         // With a duplicate key the fallback parses a `Value`, whose depth limit refuses it.
-        let deep = format!(
-            "{{\"a\":1,\"error\":null,\"error\":{}{}}}",
-            "[".repeat(100_000),
-            "]".repeat(100_000)
-        );
+        let deep = format!("{{\"a\":1,\"error\":null,\"error\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
         assert_eq!(acc.observe(&deep), ChunkKind::NotJson);
         assert_eq!(acc.usage(), None);
     }
@@ -1672,12 +1613,7 @@ mod tests {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
                 prop::collection::vec((keys.clone(), inner), 0..6).prop_map(|entries| {
-                    Value::Object(
-                        entries
-                            .into_iter()
-                            .map(|(k, v)| (k.to_owned(), v))
-                            .collect(),
-                    )
+                    Value::Object(entries.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
                 }),
             ]
         })

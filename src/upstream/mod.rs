@@ -114,7 +114,8 @@ impl Upstreams {
             for e in crate::request::Endpoint::ALL {
                 let path = e.upstream_path();
                 let absolute = parse_upstream_uri(&format!("{}{path}", p.base_url)).ok_or_else(bad_url)?;
-                let origin = absolute.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+                let origin =
+                    absolute.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
                 uris.insert(path, (origin, absolute));
             }
             let authorization = p.api_key.as_ref().and_then(|key| {
@@ -297,7 +298,8 @@ mod tests {
     use super::*;
 
     fn response(chunks: &[&'static str]) -> UpstreamResponse {
-        let chunks: Vec<Result<Bytes, BodyError>> = chunks.iter().map(|c| Ok(Bytes::from_static(c.as_bytes()))).collect();
+        let chunks: Vec<Result<Bytes, BodyError>> =
+            chunks.iter().map(|c| Ok(Bytes::from_static(c.as_bytes()))).collect();
         UpstreamResponse {
             status: StatusCode::OK,
             headers: HeaderMap::new(),

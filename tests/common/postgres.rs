@@ -4,7 +4,8 @@
 
 /// A PostgreSQL URL with a fresh schema of its own, or None (skipped) when unreachable.
 pub async fn postgres_url(test: &str) -> Option<String> {
-    let base = std::env::var("TOLLGATE_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let base = std::env::var("TOLLGATE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let required = std::env::var("TOLLGATE_REQUIRE_POSTGRES").is_ok_and(|v| v == "1");
     let pool = match tokio::time::timeout(std::time::Duration::from_secs(3), sqlx::PgPool::connect(&base)).await {
         Ok(Ok(pool)) => pool,

@@ -23,7 +23,11 @@ async fn teams_and_keys_crud() {
     let up = FakeUpstream::start().await;
     let app = TestApp::start(&up, DEFAULT_MODELS).await;
     let (status, v) = app
-        .admin(Method::POST, "/admin/teams", Some(json!({"name": "growth", "limit_usd": 200, "period": "monthly", "downgrade_at": 0.8})))
+        .admin(
+            Method::POST,
+            "/admin/teams",
+            Some(json!({"name": "growth", "limit_usd": 200, "period": "monthly", "downgrade_at": 0.8})),
+        )
         .await;
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["limit_usd"], 200.0);
@@ -46,7 +50,8 @@ async fn teams_and_keys_crud() {
     assert_eq!(v["rpm"], 10);
     assert_eq!(v["downgrade_at"], 0.8);
 
-    let (status, v) = app.admin(Method::POST, "/admin/keys", Some(json!({"team": "growth", "name": "web", "limit_usd": 5}))).await;
+    let (status, v) =
+        app.admin(Method::POST, "/admin/keys", Some(json!({"team": "growth", "name": "web", "limit_usd": 5}))).await;
     assert_eq!(status, 201, "{v}");
     let secret = v["key"].as_str().unwrap().to_string();
     let id = v["id"].as_str().unwrap().to_string();

@@ -49,7 +49,12 @@ async fn bad_bodies_are_400_with_the_field_named() {
     let app = TestApp::start(&up, DEFAULT_MODELS).await;
     let key = app.team_and_key("t").await;
     let send = |raw: &'static [u8]| {
-        app.http.post(app.url("/v1/chat/completions")).bearer_auth(&key).header("content-type", "application/json").body(raw).send()
+        app.http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(raw)
+            .send()
     };
     for raw in [&b"not json"[..], b"[1,2,3]", b"{\"model\": \"gpt-4o\", ", b"{\"model\":\"\xff\xfe\"}"] {
         let (status, v) = error_of(send(raw).await.unwrap()).await;
@@ -66,7 +71,10 @@ async fn bad_bodies_are_400_with_the_field_named() {
         (json!({"model": "gpt-4o", "messages": "nope"}), "messages"),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}), "max_tokens"),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2.5}), "max_tokens"),
-        (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000}), "max_tokens"),
+        (
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1_000_000}),
+            "max_tokens",
+        ),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "n": 10_000}), "n"),
         (json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}), "stream"),
         // Both output limits are checked against the model's, whichever the reservation reads.
@@ -174,7 +182,8 @@ async fn upstream_failures_map_to_502_and_504_and_are_recorded_at_zero_cost() {
     assert_eq!((status, v["error"]["code"].as_str()), (504, Some("upstream_timeout")));
 
     // The upstream's own 400 reaches the client unchanged.
-    let exact = r#"{"error":{"message":"bad temperature","type":"invalid_request_error","param":"temperature","code":null}}"#;
+    let exact =
+        r#"{"error":{"message":"bad temperature","type":"invalid_request_error","param":"temperature","code":null}}"#;
     up.reply(Reply::new(400, "application/json", exact));
     let resp = app.chat(&key, &body).await;
     assert_eq!(resp.status(), 400);

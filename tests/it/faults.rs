@@ -135,7 +135,9 @@ impl Proc {
             .await
             .expect("tollgate printed nothing within 20 s")
             .unwrap()
-            .unwrap_or_else(|| panic!("tollgate exited at start: {}", std::fs::read_to_string(&log).unwrap_or_default()));
+            .unwrap_or_else(|| {
+                panic!("tollgate exited at start: {}", std::fs::read_to_string(&log).unwrap_or_default())
+            });
         let addr: SocketAddr = line
             .strip_prefix("tollgate listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
@@ -193,7 +195,8 @@ impl Proc {
 
     /// Sends `sig` (e.g. "TERM") to the child.
     fn signal(&self, sig: &str) {
-        let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
+        let status =
+            std::process::Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap();
         assert!(status.success(), "kill -{sig} failed");
     }
 }
@@ -346,12 +349,20 @@ async fn kill_9_under_concurrent_load_loses_no_delivered_response_and_budgets_ag
     assert_eq!(s, 200, "{team}");
     assert_eq!(usd_to_nanos(&team["spent_usd"]), ledger_total, "team spend vs ledger: {team}");
     assert_eq!(usd_to_nanos(&team["reserved_usd"]), 0, "nothing is reserved after a restart: {team}");
-    let spend: Value = second.http.get(second.url("/spend?team=load")).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
+    let spend: Value =
+        second.http.get(second.url("/spend?team=load")).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
     assert_eq!(usd_to_nanos(&spend["total"]["cost_usd"]), ledger_total, "{spend}");
     assert_eq!(spend["total"]["requests"], records.len(), "{spend}");
 
     // The restarted server serves, and its budget accounting continues from the ledger.
-    let resp = second.http.post(second.url("/v1/chat/completions")).bearer_auth(&key).json(&chat_body("gpt-4o-mini", "k0 after")).send().await.unwrap();
+    let resp = second
+        .http
+        .post(second.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat_body("gpt-4o-mini", "k0 after"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
 }
 
@@ -367,7 +378,8 @@ async fn sigterm_refuses_new_connections_drains_the_stream_flushes_and_exits_0()
     let mut p = Proc::start(dir.path(), &config, 1).await;
     let key = p.team_and_key("t", json!({})).await;
 
-    let resp = p.http.post(p.url("/v1/chat/completions")).bearer_auth(&key).json(&stream_chat("slow")).send().await.unwrap();
+    let resp =
+        p.http.post(p.url("/v1/chat/completions")).bearer_auth(&key).json(&stream_chat("slow")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let id = request_id(&resp);
     let mut body = resp.bytes_stream();
@@ -395,7 +407,8 @@ async fn sigterm_refuses_new_connections_drains_the_stream_flushes_and_exits_0()
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     assert!(signalled.elapsed() > Duration::from_millis(1000), "the stream was still running when SIGTERM came");
 
-    let status = tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await.expect("exits after draining").unwrap();
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await.expect("exits after draining").unwrap();
     assert_eq!(status.code(), Some(0), "exit status after SIGTERM: {status:?}\n{}", p.log_text());
     assert!(p.log_text().contains("ledger flushed"), "{}", p.log_text());
 
@@ -416,15 +429,19 @@ async fn sigterm_refuses_new_connections_drains_the_stream_flushes_and_exits_0()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_request_is_never_silently_dropped_by_kill_9() {
     let up = FakeUpstream::start().await;
-    up.reply(Reply::chat_sse(&["a", "b", "c", "d"], Some((5, 0, 4)), true).with_chunk_delay(Duration::from_millis(500)));
+    up.reply(
+        Reply::chat_sse(&["a", "b", "c", "d"], Some((5, 0, 4)), true).with_chunk_delay(Duration::from_millis(500)),
+    );
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.db");
-    let config = config_with("sqlite_busy_timeout_ms = 100\nledger_ack_timeout_ms = 1000", &db, &up.url(), DEFAULT_MODELS);
+    let config =
+        config_with("sqlite_busy_timeout_ms = 100\nledger_ack_timeout_ms = 1000", &db, &up.url(), DEFAULT_MODELS);
     let mut p = Proc::start(dir.path(), &config, 1).await;
     let key = p.team_and_key("t", json!({"limit_usd": 10.0, "period": "total"})).await;
 
     let lock = DbLock::take(&db).await;
-    let resp = p.http.post(p.url("/v1/chat/completions")).bearer_auth(&key).json(&stream_chat("x")).send().await.unwrap();
+    let resp =
+        p.http.post(p.url("/v1/chat/completions")).bearer_auth(&key).json(&stream_chat("x")).send().await.unwrap();
     let status = resp.status().as_u16();
     let id = request_id(&resp);
     if status == 200 {
@@ -451,7 +468,8 @@ async fn sigterm_during_start_up_still_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.db");
     let config_path = dir.path().join("tollgate.toml");
-    std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\n", db.display())).unwrap();
+    std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\n", db.display()))
+        .unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("--config")
         .arg(&config_path)
@@ -570,7 +588,14 @@ async fn records_served_while_the_database_is_locked_survive_kill_9() {
     let lock = DbLock::take(&db).await;
     let mut ids = Vec::new();
     for _ in 0..5 {
-        let resp = p.http.post(p.url("/v1/chat/completions")).bearer_auth(&key).json(&chat_body("gpt-4o-mini", "q")).send().await.unwrap();
+        let resp = p
+            .http
+            .post(p.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat_body("gpt-4o-mini", "q"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(resp.status(), 200);
         ids.push(request_id(&resp));
         resp.bytes().await.unwrap();
@@ -669,7 +694,10 @@ async fn full_journal_disk_under_reject_refuses_before_forwarding_then_recovers(
     assert_eq!(app.http.get(app.url("/health/ready")).send().await.unwrap().status(), 200);
     // The refused request's withdrawn journal entry is not a record written.
     let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let written = metrics.lines().find(|l| l.starts_with("tollgate_ledger_records_written ")).unwrap_or_else(|| panic!("{metrics}"));
+    let written = metrics
+        .lines()
+        .find(|l| l.starts_with("tollgate_ledger_records_written "))
+        .unwrap_or_else(|| panic!("{metrics}"));
     assert_eq!(written, "tollgate_ledger_records_written 2");
 }
 
@@ -778,10 +806,15 @@ async fn database_unreachable_at_start_is_a_clear_start_up_error() {
     std::fs::write(dir.path().join("blocker"), "not a folder").unwrap();
     let db = dir.path().join("blocker").join("data").join("tollgate.db");
     let config_path = dir.path().join("tollgate.toml");
-    std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\n", db.display())).unwrap();
+    std::fs::write(&config_path, format!("listen = \"127.0.0.1:0\"\ndatabase_url = \"sqlite://{}\"\n", db.display()))
+        .unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(20),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("--config").arg(&config_path).arg("serve").output(),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("--config")
+            .arg(&config_path)
+            .arg("serve")
+            .output(),
     )
     .await
     .expect("a start-up failure does not hang")
@@ -799,7 +832,13 @@ async fn database_unreachable_at_start_is_a_clear_start_up_error() {
 async fn upstream_reset_mid_body_of_a_non_stream_answer_is_502_and_recorded() {
     let up = FakeUpstream::start().await;
     let partial = r#"{"id":"chatcmpl-fake","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hel"#;
-    up.reply(Reply { chunks: vec![(Duration::from_millis(20), Bytes::from_static(partial.as_bytes()))], ..Reply::new(200, "application/json", "") }.broken());
+    up.reply(
+        Reply {
+            chunks: vec![(Duration::from_millis(20), Bytes::from_static(partial.as_bytes()))],
+            ..Reply::new(200, "application/json", "")
+        }
+        .broken(),
+    );
     let app = TestApp::start(&up, DEFAULT_MODELS).await;
     let key = app.team_and_key("t").await;
     let resp = app.chat(&key, &chat_body("gpt-4o-mini", "x")).await;
@@ -850,7 +889,11 @@ async fn malformed_sse_cuts_the_client_stream_and_is_charged_by_estimate() {
         let (text, errored) = read_stream(resp).await;
         assert!(errored, "{name}: the client's stream must end abnormally");
         assert!(text.contains("Hello"), "{name}: the good event was relayed");
-        assert!(!text.contains("[DONE]") && !text.contains("never relayed"), "{name}: nothing after the fault: {}", &text[..text.len().min(300)]);
+        assert!(
+            !text.contains("[DONE]") && !text.contains("never relayed"),
+            "{name}: nothing after the fault: {}",
+            &text[..text.len().min(300)]
+        );
         assert!(text.len() < 64 * 1024, "{name}: the oversized event was not relayed ({} bytes)", text.len());
         let r = settled_record(&app, &id).await;
         assert_eq!(r["usage_source"], "estimated", "{name}: {r}");
@@ -918,7 +961,13 @@ async fn upstream_429_without_fallback_is_502_with_its_retry_after_and_401_is_50
 async fn upstream_body_that_stalls_before_it_ends_is_504_and_recorded() {
     let up = FakeUpstream::start().await;
     let partial = r#"{"id":"chatcmpl-fake","object":"chat.completion","choices":["#;
-    up.reply(Reply { chunks: vec![(Duration::from_millis(10), Bytes::from_static(partial.as_bytes()))], ..Reply::new(200, "application/json", "") }.stalled());
+    up.reply(
+        Reply {
+            chunks: vec![(Duration::from_millis(10), Bytes::from_static(partial.as_bytes()))],
+            ..Reply::new(200, "application/json", "")
+        }
+        .stalled(),
+    );
     let app = TestApp::start(&up, DEFAULT_MODELS).await;
     let key = app.team_and_key("t").await;
     let started = Instant::now();
@@ -954,7 +1003,9 @@ async fn nonsense_from_the_upstream_is_never_trusted_as_usage_or_passed_as_an_an
     assert_eq!((r["input_tokens"].as_i64(), r["output_tokens"].as_i64()), (Some(8), Some(1)), "{r}");
 
     // JSON that is not an object, and an SSE content type for a non-stream request.
-    for (ct, text) in [("application/json", "[1,2,3]"), ("application/json", "null"), ("text/event-stream", "data: {}\n\n")] {
+    for (ct, text) in
+        [("application/json", "[1,2,3]"), ("application/json", "null"), ("text/event-stream", "data: {}\n\n")]
+    {
         up.reply(Reply::new(200, ct, text));
         let resp = app.chat(&key, &chat_body("gpt-4o-mini", "hi")).await;
         let id = request_id(&resp);

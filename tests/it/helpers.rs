@@ -436,7 +436,9 @@ pub fn chat_body(model: &str, text: &str) -> Value {
 
 /// Cost in nano-dollars of usage at prices in nano-dollars per 1M tokens, rounded up once.
 pub fn nanos(prompt: u64, cached: u64, completion: u64, input: u64, cached_price: u64, output: u64) -> i64 {
-    let micro = (prompt - cached) as u128 * input as u128 + cached as u128 * cached_price as u128 + completion as u128 * output as u128;
+    let micro = (prompt - cached) as u128 * input as u128
+        + cached as u128 * cached_price as u128
+        + completion as u128 * output as u128;
     micro.div_ceil(1_000_000) as i64
 }
 

@@ -237,7 +237,8 @@ async fn trickle_body(app: &TestApp, key: &str, chunked: bool) -> (Duration, Opt
     let body = serde_json::to_vec(&chat_body("gpt-4o-mini", "a body that takes far too long to arrive")).unwrap();
     let stream = TcpStream::connect(app.addr).await.unwrap();
     let (mut rd, mut wr) = stream.into_split();
-    let framing = if chunked { "Transfer-Encoding: chunked".to_string() } else { format!("Content-Length: {}", body.len()) };
+    let framing =
+        if chunked { "Transfer-Encoding: chunked".to_string() } else { format!("Content-Length: {}", body.len()) };
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n{framing}\r\n\r\n"
     );
@@ -342,7 +343,8 @@ async fn thousands_of_idle_connections_do_not_starve_others_and_are_closed_by_th
         .into_iter()
         .map(|(kind, mut c)| {
             tokio::spawn(async move {
-                let closed = tokio::time::timeout(Duration::from_secs(6), wait_closed(&mut c, Instant::now())).await.is_ok();
+                let closed =
+                    tokio::time::timeout(Duration::from_secs(6), wait_closed(&mut c, Instant::now())).await.is_ok();
                 (kind, closed)
             })
         })
@@ -408,7 +410,11 @@ async fn oversized_headers_are_refused_and_others_still_served() {
         let resp = bounded(10, what, send_head(&app, request(extra))).await;
         match &resp {
             None => {}
-            Some(r) => assert!(r.status == 431 || r.status == 400, "{what}: expected 431 or a closed connection, got {}", r.head),
+            Some(r) => assert!(
+                r.status == 431 || r.status == 400,
+                "{what}: expected 431 or a closed connection, got {}",
+                r.head
+            ),
         }
         eprintln!("oversized headers: {what} -> {:?} in {:?}", resp.as_ref().map(|r| r.status), started.elapsed());
         assert!(timed_chat(&app, &key).await < Duration::from_secs(1), "{what}: others are still served");
@@ -462,10 +468,7 @@ async fn body_over_the_limit_is_413_without_reading_it_all() {
     assert!(sent_then < total / 2, "413 came only after {sent_then} of {total} bytes were sent");
 
     // Without a key, nothing is buffered at all: 401 before the body.
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{{",
-        1u64 << 30
-    );
+    let head = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{{", 1u64 << 30);
     let resp = bounded(5, "anonymous huge body", send_head(&app, head.into_bytes())).await.expect("an answer");
     assert_eq!(resp.status, 401, "{resp:?}");
 
@@ -504,15 +507,27 @@ async fn hostile_json_gets_a_clear_400_and_never_reaches_the_upstream() {
     let cases: Vec<(&str, String, Option<&str>)> = vec![
         (
             "nesting past the parser's depth limit inside a message",
-            format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":{}"x"{}}}]}}"#, "[".repeat(100_000), "]".repeat(100_000)),
+            format!(
+                r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":{}"x"{}}}]}}"#,
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            ),
             None,
         ),
         (
             "nesting past the limit in objects",
-            format!(r#"{{"model":"gpt-4o","messages":{msgs},"metadata":{}1{}}}"#, r#"{"a":"#.repeat(50_000), "}".repeat(50_000)),
+            format!(
+                r#"{{"model":"gpt-4o","messages":{msgs},"metadata":{}1{}}}"#,
+                r#"{"a":"#.repeat(50_000),
+                "}".repeat(50_000)
+            ),
             None,
         ),
-        ("a lone surrogate escape", r#"{"model":"gpt-4o","messages":[{"role":"user","content":"\ud800"}]}"#.to_string(), None),
+        (
+            "a lone surrogate escape",
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"\ud800"}]}"#.to_string(),
+            None,
+        ),
         ("1e400 as max_tokens", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":1e400}}"#), None),
         ("1e400 as temperature", format!(r#"{{"model":"gpt-4o","messages":{msgs},"temperature":1e400}}"#), None),
         ("-1e400 as n", format!(r#"{{"model":"gpt-4o","messages":{msgs},"n":-1e400}}"#), None),
@@ -522,30 +537,82 @@ async fn hostile_json_gets_a_clear_400_and_never_reaches_the_upstream() {
         ("trailing garbage", format!(r#"{{"model":"gpt-4o","messages":{msgs}}}xyz"#), None),
         ("two objects", format!(r#"{{"model":"gpt-4o","messages":{msgs}}}{{"model":"gpt-4o-mini"}}"#), None),
         ("a NUL byte outside a string", format!("{{\"model\":\"gpt-4o\",\u{0}\"messages\":{msgs}}}"), None),
-        ("max_tokens as a string", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":"100"}}"#), Some("max_tokens")),
-        ("max_tokens = u64::MAX", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":18446744073709551615}}"#), Some("max_tokens")),
-        ("max_tokens = 2^64", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":18446744073709551616}}"#), Some("max_tokens")),
-        ("max_tokens = 1e300", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":1e300}}"#), Some("max_tokens")),
-        ("max_tokens = 100.0", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":100.0}}"#), Some("max_tokens")),
+        (
+            "max_tokens as a string",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":"100"}}"#),
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens = u64::MAX",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":18446744073709551615}}"#),
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens = 2^64",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":18446744073709551616}}"#),
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens = 1e300",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":1e300}}"#),
+            Some("max_tokens"),
+        ),
+        (
+            "max_tokens = 100.0",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":100.0}}"#),
+            Some("max_tokens"),
+        ),
         ("max_tokens = -1", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":-1}}"#), Some("max_tokens")),
-        ("max_tokens = true", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":true}}"#), Some("max_tokens")),
-        ("max_completion_tokens = u64::MAX", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_completion_tokens":18446744073709551615}}"#), Some("max_completion_tokens")),
-        ("max_completion_tokens negative", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_completion_tokens":-7}}"#), Some("max_completion_tokens")),
+        (
+            "max_tokens = true",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":true}}"#),
+            Some("max_tokens"),
+        ),
+        (
+            "max_completion_tokens = u64::MAX",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_completion_tokens":18446744073709551615}}"#),
+            Some("max_completion_tokens"),
+        ),
+        (
+            "max_completion_tokens negative",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_completion_tokens":-7}}"#),
+            Some("max_completion_tokens"),
+        ),
         ("n = 0", format!(r#"{{"model":"gpt-4o","messages":{msgs},"n":0}}"#), Some("n")),
         ("n = -1", format!(r#"{{"model":"gpt-4o","messages":{msgs},"n":-1}}"#), Some("n")),
         ("n = 1.5", format!(r#"{{"model":"gpt-4o","messages":{msgs},"n":1.5}}"#), Some("n")),
         ("n = \"2\"", format!(r#"{{"model":"gpt-4o","messages":{msgs},"n":"2"}}"#), Some("n")),
         ("n = 129", format!(r#"{{"model":"gpt-4o","messages":{msgs},"n":129}}"#), Some("n")),
         ("n = u64::MAX", format!(r#"{{"model":"gpt-4o","messages":{msgs},"n":18446744073709551615}}"#), Some("n")),
-        ("duplicate stream", format!(r#"{{"model":"gpt-4o","messages":{msgs},"stream":false,"stream":true}}"#), Some("stream")),
-        ("duplicate max_tokens", format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":1,"max_tokens":100000}}"#), Some("max_tokens")),
+        (
+            "duplicate stream",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"stream":false,"stream":true}}"#),
+            Some("stream"),
+        ),
+        (
+            "duplicate max_tokens",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"max_tokens":1,"max_tokens":100000}}"#),
+            Some("max_tokens"),
+        ),
         ("duplicate messages", format!(r#"{{"model":"gpt-4o","messages":{msgs},"messages":[]}}"#), Some("messages")),
         // The same key spelled with an escape: a parser that compares raw key text would see two
         // different keys, and bill one model while the upstream serves the other.
-        ("duplicate model via an escaped key", format!(r#"{{"model":"gpt-4o-mini","mod\u0065l":"gpt-4o","messages":{msgs}}}"#), Some("model")),
-        ("duplicate stream via an escaped key", format!(r#"{{"model":"gpt-4o","messages":{msgs},"stream":false,"str\u0065am":true}}"#), Some("stream")),
+        (
+            "duplicate model via an escaped key",
+            format!(r#"{{"model":"gpt-4o-mini","mod\u0065l":"gpt-4o","messages":{msgs}}}"#),
+            Some("model"),
+        ),
+        (
+            "duplicate stream via an escaped key",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"stream":false,"str\u0065am":true}}"#),
+            Some("stream"),
+        ),
         ("model as an object", format!(r#"{{"model":{{"name":"gpt-4o"}},"messages":{msgs}}}"#), Some("model")),
-        ("stream_options as a string", format!(r#"{{"model":"gpt-4o","messages":{msgs},"stream":true,"stream_options":"x"}}"#), Some("stream_options")),
+        (
+            "stream_options as a string",
+            format!(r#"{{"model":"gpt-4o","messages":{msgs},"stream":true,"stream_options":"x"}}"#),
+            Some("stream_options"),
+        ),
         ("messages empty", r#"{"model":"gpt-4o","messages":[]}"#.to_string(), Some("messages")),
     ];
     for (what, body, param) in cases {
@@ -578,10 +645,14 @@ async fn nesting_within_the_parser_limit_is_never_a_500() {
     // Deep but parseable structures where the token counter walks: message content, tool
     // schemas, tool-call arguments, names. None of these may crash the counter or the server.
     let deep_array = |d: usize| format!("{}\"x\"{}", "[".repeat(d), "]".repeat(d));
-    let deep_object = |d: usize| format!("{}\"x\"{}", r#"{"type":"object","properties":{"p":"#.repeat(d), "}}".repeat(d));
+    let deep_object =
+        |d: usize| format!("{}\"x\"{}", r#"{"type":"object","properties":{"p":"#.repeat(d), "}}".repeat(d));
     let bodies = [
         format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":{}}}]}}"#, deep_array(120)),
-        format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":[{{"type":"text","text":{}}}]}}]}}"#, deep_array(110)),
+        format!(
+            r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":[{{"type":"text","text":{}}}]}}]}}"#,
+            deep_array(110)
+        ),
         format!(
             r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"x"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{}}}}}]}}"#,
             deep_object(60)
@@ -651,7 +722,8 @@ max_output_tokens = 16384
     let key = app.team_and_key("t").await;
     let limit = 8 * 1024 * 1024;
     let overhead = serde_json::to_vec(&chat_body("big-context", "")).unwrap().len();
-    let prompt: String = "lorem ipsum dolor sit amet ".repeat(limit / 27).chars().take(limit - overhead - 100 * 1024).collect();
+    let prompt: String =
+        "lorem ipsum dolor sit amet ".repeat(limit / 27).chars().take(limit - overhead - 100 * 1024).collect();
     let body = chat_body("big-context", &prompt);
     let size = serde_json::to_vec(&body).unwrap().len();
     assert!(size > (79 * limit) / 80 && size <= limit, "body is {size} bytes");

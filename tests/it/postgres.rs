@@ -24,7 +24,16 @@ async fn postgres_ledger_records_and_answers_spend() {
     let logs = app.logs().await;
     assert_eq!(logs.len(), 1);
     assert_eq!(usd_to_nanos(&logs[0]["cost_usd"]), nanos(100, 20, 10, GPT4O.0, GPT4O.1, GPT4O.2));
-    let v: Value = app.http.get(app.url("/spend?group_by=team,day")).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
+    let v: Value = app
+        .http
+        .get(app.url("/spend?group_by=team,day"))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["total"]["requests"], 1);
     assert_eq!(v["groups"][0]["team"], "search");
     assert_eq!(v["groups"][0]["day"].as_str().unwrap().len(), 10);

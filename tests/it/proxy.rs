@@ -224,7 +224,8 @@ async fn spend_groups_by_team_model_and_day_and_keys_see_only_their_own() {
     assert!(text.contains("alpha,3,300,0,30,"), "{text}");
 
     // Time filters: nothing before 2000.
-    let v: Value = app.http.get(app.url("/spend?to=2000-01-01")).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
+    let v: Value =
+        app.http.get(app.url("/spend?to=2000-01-01")).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["total"]["requests"], 0);
 }
 
@@ -356,7 +357,8 @@ async fn any_number_of_worker_threads_serves_concurrent_connections_and_records_
             let (url, key) = (app.url("/v1/chat/completions"), key.clone());
             tokio::spawn(async move {
                 let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
-                let resp = client.post(url).bearer_auth(key).json(&chat_body("gpt-4o-mini", "hi")).send().await.unwrap();
+                let resp =
+                    client.post(url).bearer_auth(key).json(&chat_body("gpt-4o-mini", "hi")).send().await.unwrap();
                 (resp.status().as_u16(), resp.text().await.unwrap())
             })
         });

@@ -17,7 +17,7 @@ async fn past_the_threshold_requests_are_downgraded_to_the_cheaper_model() {
     up.reply(Reply::chat_json("x", Some((1000, 0, 100))));
     let app = TestApp::start(&up, DEFAULT_MODELS).await;
     let per = nanos(1000, 0, 100, GPT4O.0, GPT4O.1, GPT4O.2); // 3.5 millidollars
-    // Threshold at 4 requests' worth of gpt-4o; the limit far above.
+                                                              // Threshold at 4 requests' worth of gpt-4o; the limit far above.
     app.create_team("growth", json!({"limit_usd": usd(per * 100), "downgrade_at": 0.04})).await;
     let (_, key) = app.create_key("growth", json!({})).await;
     let b = json!({"model": "gpt-4o", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]});
@@ -161,7 +161,8 @@ async fn failures_before_the_first_byte_fall_back_to_the_next_deployment() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let app = TestApp::start_with_config(dir, &fallback_config(db.to_str().unwrap(), &primary.url(), &backup.url())).await;
+    let app =
+        TestApp::start_with_config(dir, &fallback_config(db.to_str().unwrap(), &primary.url(), &backup.url())).await;
     let key = app.team_and_key("t").await;
     let mut expected_records = 0;
     for (name, reply) in failures {
@@ -187,7 +188,9 @@ async fn connection_refused_falls_back_too() {
     let backup = FakeUpstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("t.db");
-    let app = TestApp::start_with_config(dir, &fallback_config(db.to_str().unwrap(), "http://127.0.0.1:9/v1", &backup.url())).await;
+    let app =
+        TestApp::start_with_config(dir, &fallback_config(db.to_str().unwrap(), "http://127.0.0.1:9/v1", &backup.url()))
+            .await;
     let key = app.team_and_key("t").await;
     let r = app.chat(&key, &chat_body("gpt-4o", "x")).await;
     assert_eq!(r.status(), 200);
@@ -205,7 +208,12 @@ async fn dry_run_routes_without_calling_the_upstream_or_charging() {
     app.create_team("t", json!({"limit_usd": 0.01})).await;
     let (_, key) = app.create_key("t", json!({})).await;
     let dry = |b: Value| {
-        app.http.post(app.url("/v1/chat/completions")).bearer_auth(&key).header("x-tollgate-dry-run", "true").json(&b).send()
+        app.http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-tollgate-dry-run", "true")
+            .json(&b)
+            .send()
     };
     let v: Value = dry(json!({"model": "gpt-4o", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}))
         .await
@@ -231,12 +239,14 @@ async fn dry_run_routes_without_calling_the_upstream_or_charging() {
     assert_eq!(v["served_model"], "gpt-4o-mini");
     assert!(v["reason"].as_str().unwrap().contains("does not fit"));
 
-    let v: Value = dry(json!({"model": "gpt-4o-mini", "max_tokens": 16000, "n": 2, "messages": [{"role": "user", "content": "hi"}]}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = dry(
+        json!({"model": "gpt-4o-mini", "max_tokens": 16000, "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert_eq!(v["decision"], "refuse");
     assert_eq!(up.hits(), 0);
     assert!(app.logs().await.is_empty());
@@ -266,7 +276,13 @@ provider = "up"
     let mut estimates = Vec::new();
     for model in ["legacy", "gpt-3.5-turbo"] {
         let b = json!({"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": text}]});
-        let resp = app.http.post(app.url("/v1/chat/completions")).bearer_auth(&key).header("x-tollgate-dry-run", "true").json(&b).send();
+        let resp = app
+            .http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("x-tollgate-dry-run", "true")
+            .json(&b)
+            .send();
         let v: Value = resp.await.unwrap().json().await.unwrap();
         estimates.push((usd_to_nanos(&v["estimated_cost_usd"]), usd_to_nanos(&v["max_cost_usd"])));
     }

@@ -154,7 +154,10 @@ async fn clean_end_without_done_is_a_cut_off_too() {
 #[tokio::test]
 async fn client_that_disconnects_mid_stream_is_still_charged_from_upstream_usage() {
     let up = FakeUpstream::start().await;
-    up.reply(Reply::chat_sse(&["a", "b", "c", "d", "e", "f"], Some((40, 0, 6)), true).with_chunk_delay(Duration::from_millis(100)));
+    up.reply(
+        Reply::chat_sse(&["a", "b", "c", "d", "e", "f"], Some((40, 0, 6)), true)
+            .with_chunk_delay(Duration::from_millis(100)),
+    );
     let app = TestApp::start(&up, DEFAULT_MODELS).await;
     let key = app.team_and_key("t").await;
     let resp = app.chat(&key, &stream_body("gpt-4o-mini", None)).await;
