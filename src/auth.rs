@@ -79,6 +79,12 @@ impl Caller {
     }
 }
 
+impl crate::routing::Allows for Caller {
+    fn allows(&self, model: &str) -> bool {
+        Caller::allows(self, model)
+    }
+}
+
 /// A snapshot of teams and keys.
 #[derive(Default)]
 pub struct Snapshot {

@@ -7,6 +7,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
+use axum::http::Uri;
 use foldhash::{HashMap, HashMapExt};
 use serde::Deserialize;
 
@@ -444,7 +445,7 @@ impl RawConfig {
             let base_url = match (p.kind, p.base_url) {
                 (_, Some(url)) => {
                     if !(url.starts_with("http://") || url.starts_with("https://"))
-                        || crate::upstream::parse_upstream_uri(&url).is_none()
+                        || parse_upstream_uri(&url).is_none()
                     {
                         problems.push(format!("provider {:?}: base_url must be an http(s) URL", p.name));
                     }
@@ -658,6 +659,18 @@ impl RawConfig {
             fallbacks,
         })
     }
+}
+
+/// The URI of an upstream endpoint: an absolute `http(s)://` URL with a host.
+pub fn parse_upstream_uri(url: &str) -> Option<Uri> {
+    let uri: Uri = url.parse().ok()?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
+    // `Uri` takes `host:port` with a port that is not a number (and then reports none).
+    let host_port = uri.authority().map_or("", |a| a.as_str().rsplit('@').next().unwrap_or(""));
+    let after_host = host_port.rfind(']').map_or(host_port, |i| &host_port[i + 1..]);
+    let port_ok = after_host.rfind(':').is_none_or(|i| after_host[i + 1..].parse::<u16>().is_ok());
+    (scheme_ok && host_ok && port_ok).then_some(uri)
 }
 
 #[cfg(test)]

@@ -1,35 +1,36 @@
 //! tollgate: a cost-aware gateway for OpenAI-compatible APIs.
 //!
-//! A request's path through the code, in order:
-//! 1. `server` — accept loop (header timeouts), router, graceful shutdown.
-//! 2. `auth` — Bearer key → SHA-256 → in-memory directory → `Caller { key, team }`.
-//! 3. `request` — parse the body, read only what is needed, validate; later splice the
-//!    upstream model name and the usage option into the client's bytes.
-//! 4. `routing` + `budget` — pick the serving model (downgrade chain), reserve its worst-case
-//!    cost against the key's and team's budgets atomically, check rpm / tpm.
-//! 5. `upstream` (or `mock`) — forward, falling back to other deployments before the first
-//!    byte reaches the client; 502 / 504 on failure.
-//! 6. `metering` — usage from the JSON body or the SSE stream (`sse`, `usage`), local token
-//!    counts (`tokens`) when none is reported; `Meter::settle` books the real cost.
-//! 7. `ledger` — the only SQL; group-committed records, durable before the last byte.
-//!
-//! `api/` holds the HTTP handlers (proxy, admin, spend, health); `pricing` the catalog and
-//! integer nano-dollar money; `config` the TOML config; `metrics` Prometheus.
+//! The house, from the top floor down (`docs/architecture.md` gives the rules of which part
+//! may import which):
+//! - `main.rs` — the CLI. [`server`] — the accept loop, the worker threads, shutdown; nothing
+//!   else reaches into it.
+//! - The HTTP layer: [`edge`] (what every route gets: body limit and timeout, the error
+//!   envelope), [`proxy`] (the metered endpoints, one phase a file: admit → forward → relay →
+//!   settle), [`api`] (admin, spend, health, models), on [`state`] (the shared handles),
+//!   [`auth`] (Bearer key → `Caller`) and [`metrics`].
+//! - [`upstream`] — the only outbound HTTP (and the built-in `mock` provider).
+//!   [`metering`] — usage read from an answer's bytes, JSON or SSE.
+//! - [`ledger`] — the only SQL: the write-ahead journal, group commit, SQLite / PostgreSQL.
+//! - [`policy`] — pure decisions: prices and money, budgets and rate windows, routing along
+//!   the downgrade chain, the client's request as read, token counting.
+//! - [`config`], [`error`] — the typed config; `ApiError` and OpenAI's error envelope.
 
 pub mod api;
 pub mod auth;
-pub mod budget;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod ledger;
 pub mod metering;
 pub mod metrics;
-pub mod mock;
-pub mod pricing;
+pub mod policy;
+pub mod proxy;
 pub mod request;
-pub mod routing;
 pub mod server;
+pub mod state;
 pub mod upstream;
 
 pub use config::Config;
-pub use server::{app, run, AppState, RunOptions};
+pub use policy::{budget, pricing, routing};
+pub use server::{app, run, RunOptions};
+pub use state::AppState;

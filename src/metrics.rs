@@ -15,8 +15,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::ledger::LedgerHealth;
-use crate::pricing::NanoUsd;
-use crate::pricing::Usage;
+use crate::policy::pricing::NanoUsd;
+use crate::policy::pricing::Usage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -64,7 +64,7 @@ pub struct Metrics {
     shards: Vec<Shard>,
 }
 
-/// How many sets of cached handles there are; worker `i` uses set `i % SHARDS`.
+/// How many sets of cached handles there are; a thread uses set `slot % SHARDS`.
 const SHARDS: usize = 16;
 
 /// One worker's cached handles, by model, then team; on a cache line of its own.
@@ -143,10 +143,20 @@ impl Default for Metrics {
     }
 }
 
+/// This thread's shard, taken on its first use: the worker threads spread over the shards
+/// in the order they first record a request.
+fn thread_slot() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    SLOT.with(|slot| *slot)
+}
+
 impl Metrics {
     /// Runs `f` on this worker's handles for (`model`, `team`).
     fn with_handles<R>(&self, model: &str, team: &str, f: impl FnOnce(&mut Handles) -> R) -> R {
-        let shard = &self.shards[crate::server::worker_index() % SHARDS];
+        let shard = &self.shards[thread_slot() % SHARDS];
         let mut by_model = shard.0.lock().unwrap_or_else(|p| p.into_inner());
         if !by_model.contains_key(model) {
             by_model.insert(model.to_string(), HashMap::new());
@@ -244,10 +254,9 @@ mod tests {
         m.record_request("gpt-4o-mini", "search", 200, &usage(20, 4, 7), NanoUsd(2_500));
         m.record_request("gpt-4o-mini", "search", 502, &usage(0, 0, 0), NanoUsd(0));
         m.record_request("gpt-4o", "search", 200, &usage(1, 0, 1), NanoUsd(10));
-        // The same pair recorded from another thread (another worker's handles) lands in the same series.
+        // The same pair recorded from another thread (which takes a shard of its own) lands in the same series.
         std::thread::scope(|s| {
             s.spawn(|| {
-                crate::server::set_worker_index(1);
                 m.record_request("gpt-4o-mini", "search", 200, &usage(1, 0, 1), NanoUsd(1_000));
             });
         });

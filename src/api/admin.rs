@@ -16,7 +16,7 @@ use crate::budget::{Applicable, BudgetSpec, Period, Scope};
 use crate::error::ApiError;
 use crate::ledger::{now_ms, KeyRow, LedgerError, TeamRow};
 use crate::pricing::NanoUsd;
-use crate::server::AppState;
+use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -142,7 +142,7 @@ fn rfc3339(ms: i64) -> Value {
 async fn spend_fields(app: &AppState, scope: Scope, spec: &BudgetSpec) -> Result<Map<String, Value>, ApiError> {
     let now = app.clock.now();
     let applicable = Applicable { scope, spec: spec.clone() };
-    crate::routing::load_account(&app.budgets, &app.ledger, &applicable, now).await?;
+    app.load_account(&applicable, now).await?;
     let status = app.budgets.status(&applicable, now);
     let mut m = Map::new();
     m.insert("spent_usd".into(), json!(status.spent.as_usd()));

@@ -2,7 +2,7 @@
 
 pub mod admin;
 pub mod health;
-pub mod proxy;
+pub mod models;
 pub mod spend;
 
 use axum::body::Bytes;

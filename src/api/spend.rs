@@ -13,7 +13,7 @@ use crate::api::admin::ledger_error;
 use crate::auth;
 use crate::error::ApiError;
 use crate::ledger::{GroupBy, LogFilter, RequestRecord, SpendFilter, SpendGroup, SpendTotals};
-use crate::server::AppState;
+use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/spend", get(spend)).route("/spend/logs", get(logs))

@@ -11,67 +11,24 @@
 //! and error text that never carries the URL. Proxy environment variables (`HTTPS_PROXY`)
 //! are not read.
 
+mod mock;
 mod pool;
+mod response;
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use axum::http::{header, HeaderValue, Method, Request, Uri};
 use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use pool::{Pool, PoolError};
+pub use response::{BodyError, BodyStream, Joined, ReadError, SendError, UpstreamResponse};
 
 use crate::config::{Config, Provider, ProviderKind};
-use crate::error::ApiError;
-
-/// A response body as a stream of chunks.
-pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
-
-/// Why reading an upstream body stopped early.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum BodyError {
-    #[error("the upstream was silent for longer than idle_timeout_ms")]
-    Idle,
-    #[error("the upstream connection failed mid-body: {0}")]
-    Broken(String),
-}
-
-/// An upstream's answer: status and headers, body still to read.
-pub struct UpstreamResponse {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: BodyStream,
-    /// Longest silence allowed inside the body.
-    pub idle_timeout: Duration,
-}
-
-/// Why an upstream call failed before any response headers arrived.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SendError {
-    #[error("could not connect to the upstream: {0}")]
-    Connect(String),
-    #[error("no response headers within first_byte_timeout_ms")]
-    Timeout,
-    #[error("upstream request failed: {0}")]
-    Other(String),
-}
-
-impl SendError {
-    /// The client-facing error when no fallback succeeds.
-    pub fn to_api_error(&self) -> ApiError {
-        match self {
-            SendError::Timeout => ApiError::UpstreamTimeout,
-            SendError::Connect(_) | SendError::Other(_) => {
-                ApiError::Upstream { status: None, message: "The upstream could not be reached.".into() }
-            }
-        }
-    }
-}
 
 /// Why the upstream clients could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -106,14 +63,15 @@ impl Upstreams {
         let mut clients = HashMap::new();
         for p in config.providers.iter().filter(|p| p.kind == ProviderKind::Openai) {
             let bad_url = || ClientError::BadUrl { provider: p.name.clone(), url: p.base_url.clone() };
-            let target = parse_upstream_uri(&p.base_url).ok_or_else(bad_url)?;
+            let target = crate::config::parse_upstream_uri(&p.base_url).ok_or_else(bad_url)?;
             // One TLS configuration per provider; each worker's pool holds a handle to it.
             let connector = connector(Duration::from_millis(p.connect_timeout_ms))?;
             let pools = (0..workers.max(1)).map(|_| Arc::new(Pool::new(connector.clone(), target.clone()))).collect();
             let mut uris = HashMap::new();
             for e in crate::request::Endpoint::ALL {
                 let path = e.upstream_path();
-                let absolute = parse_upstream_uri(&format!("{}{path}", p.base_url)).ok_or_else(bad_url)?;
+                let absolute =
+                    crate::config::parse_upstream_uri(&format!("{}{path}", p.base_url)).ok_or_else(bad_url)?;
                 let origin =
                     absolute.path_and_query().map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
                 uris.insert(path, (origin, absolute));
@@ -132,12 +90,12 @@ impl Upstreams {
     pub async fn send(&self, provider: &Arc<Provider>, path: &str, body: Bytes) -> Result<UpstreamResponse, SendError> {
         let idle_timeout = Duration::from_millis(provider.idle_timeout_ms);
         if provider.kind == ProviderKind::Mock {
-            return crate::mock::respond(path, body, idle_timeout).await;
+            return mock::respond(path, body, idle_timeout).await;
         }
         let client = self.clients.get(&provider.name).ok_or_else(|| SendError::Other("no client".into()))?;
         let (origin, absolute) =
             client.uris.get(path).ok_or_else(|| SendError::Other(format!("no upstream path {path}")))?;
-        let pool = &client.pools[crate::server::worker_index() % client.pools.len()];
+        let pool = &client.pools[thread_slot() % client.pools.len()];
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         let headers = request.headers_mut();
@@ -181,16 +139,15 @@ fn connector(connect_timeout: Duration) -> Result<hyper_rustls::HttpsConnector<H
         .wrap_connector(tcp))
 }
 
-/// The URI of an upstream endpoint: an absolute `http(s)://` URL with a host.
-pub fn parse_upstream_uri(url: &str) -> Option<Uri> {
-    let uri: Uri = url.parse().ok()?;
-    let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
-    let host_ok = uri.host().is_some_and(|h| !h.is_empty());
-    // `Uri` takes `host:port` with a port that is not a number (and then reports none).
-    let host_port = uri.authority().map_or("", |a| a.as_str().rsplit('@').next().unwrap_or(""));
-    let after_host = host_port.rfind(']').map_or(host_port, |i| &host_port[i + 1..]);
-    let port_ok = after_host.rfind(':').is_none_or(|i| after_host[i + 1..].parse::<u16>().is_ok());
-    (scheme_ok && host_ok && port_ok).then_some(uri)
+/// This thread's pool slot, taken on its first upstream call: the server's worker threads
+/// are the only callers, so each takes a pool of its own and a request only ever uses
+/// connections its own thread drives.
+fn thread_slot() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    SLOT.with(|slot| *slot)
 }
 
 /// Whether a connect error was the connect timeout.
@@ -216,106 +173,4 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     text
-}
-
-impl UpstreamResponse {
-    /// The next body chunk, or `None` at the end; a gap longer than the idle timeout is an error.
-    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, BodyError>> {
-        match tokio::time::timeout(self.idle_timeout, self.body.next()).await {
-            Err(_) => Some(Err(BodyError::Idle)),
-            Ok(item) => item,
-        }
-    }
-
-    /// Reads the whole body, at most `limit` bytes.
-    pub async fn read_all(&mut self, limit: usize) -> Result<Bytes, ReadError> {
-        let mut body = Joined::new(None);
-        while let Some(chunk) = self.next_chunk().await {
-            let chunk = chunk.map_err(ReadError::Body)?;
-            if body.len() + chunk.len() > limit {
-                return Err(ReadError::TooLarge);
-            }
-            body.push(chunk);
-        }
-        Ok(body.into_bytes())
-    }
-
-    pub fn content_type(&self) -> &str {
-        self.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
-    }
-}
-
-/// A body read chunk by chunk, joined. A small body usually arrives as one chunk: that
-/// chunk is the body, uncopied; a second chunk starts a buffer of the expected size (twice
-/// what has arrived, when the size is not known).
-pub(crate) struct Joined {
-    first: Option<Bytes>,
-    rest: bytes::BytesMut,
-    len: usize,
-    expected: Option<usize>,
-}
-
-impl Joined {
-    pub(crate) fn new(expected: Option<usize>) -> Joined {
-        Joined { first: None, rest: bytes::BytesMut::new(), len: 0, expected }
-    }
-
-    /// Bytes so far.
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-
-    pub(crate) fn push(&mut self, chunk: Bytes) {
-        self.len += chunk.len();
-        match self.first.take() {
-            None if self.rest.is_empty() => self.first = Some(chunk),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    self.rest.reserve(self.expected.unwrap_or(2 * self.len).max(self.len));
-                    self.rest.extend_from_slice(&earlier);
-                }
-                self.rest.extend_from_slice(&chunk);
-            }
-        }
-    }
-
-    pub(crate) fn into_bytes(self) -> Bytes {
-        self.first.unwrap_or_else(|| self.rest.freeze())
-    }
-}
-
-/// Why a whole-body read failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ReadError {
-    #[error(transparent)]
-    Body(BodyError),
-    #[error("the upstream response exceeded max_response_bytes")]
-    TooLarge,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn response(chunks: &[&'static str]) -> UpstreamResponse {
-        let chunks: Vec<Result<Bytes, BodyError>> =
-            chunks.iter().map(|c| Ok(Bytes::from_static(c.as_bytes()))).collect();
-        UpstreamResponse {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Box::pin(futures::stream::iter(chunks)),
-            idle_timeout: Duration::from_secs(5),
-        }
-    }
-
-    #[tokio::test]
-    async fn read_all_joins_chunks_and_keeps_the_limit() {
-        assert_eq!(response(&[]).read_all(10).await.unwrap(), "");
-        assert_eq!(response(&["abc"]).read_all(10).await.unwrap(), "abc");
-        assert_eq!(response(&["ab", "", "cd", "e"]).read_all(10).await.unwrap(), "abcde");
-        assert_eq!(response(&["", "xy"]).read_all(10).await.unwrap(), "xy");
-        assert_eq!(response(&["abcde", "fghij"]).read_all(10).await.unwrap(), "abcdefghij");
-        assert!(matches!(response(&["abcde", "fghijk"]).read_all(10).await, Err(ReadError::TooLarge)));
-        assert!(matches!(response(&["abcdefghijk"]).read_all(10).await, Err(ReadError::TooLarge)));
-    }
 }

@@ -14,14 +14,16 @@
 
 use std::sync::Arc;
 
-use crate::auth::Caller;
 use crate::budget::{Applicable, BudgetBook, Loose, Refusal, Reservation};
 use crate::config::{Config, Model};
-use crate::error::ApiError;
-use crate::ledger::Ledger;
 use crate::metering::tokens::{self, Encoding};
 use crate::pricing::NanoUsd;
 use crate::request::ParsedRequest;
+
+/// Which models a caller may use (its key's and its team's lists).
+pub trait Allows {
+    fn allows(&self, model: &str) -> bool;
+}
 
 /// What routing decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,7 +130,7 @@ pub fn max_output(request: &ParsedRequest, model: &Model) -> u64 {
 /// Why a candidate cannot serve the request, if it cannot.
 fn unfit(
     request: &ParsedRequest,
-    caller: &Caller,
+    caller: &dyn Allows,
     asked: &Model,
     m: &Model,
     counter: &mut PromptCounter,
@@ -154,48 +156,11 @@ fn unfit(
     None
 }
 
-/// Makes sure every limited budget's account holds this period's spend from the ledger.
-pub async fn load_accounts(
-    book: &BudgetBook,
-    ledger: &Ledger,
-    budgets: &[Applicable],
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<(), ApiError> {
-    for b in budgets.iter().filter(|b| b.spec.limit.is_some()) {
-        load_account(book, ledger, b, now).await?;
-    }
-    Ok(())
-}
-
-/// Makes sure one budget's account holds this period's spend from the ledger, including
-/// records still on their way to the database (waiting for them as `Ledger::sync` does).
-pub async fn load_account(
-    book: &BudgetBook,
-    ledger: &Ledger,
-    budget: &Applicable,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<(), ApiError> {
-    let start = budget.spec.period.start(now);
-    if book.is_loaded(&budget.scope, start) {
-        return Ok(());
-    }
-    ledger.sync().await;
-    let (is_key, id) = match &budget.scope {
-        crate::budget::Scope::Key(id) => (true, &**id),
-        crate::budget::Scope::Team(name) => (false, &**name),
-    };
-    let spent = ledger.backend().spent_since(is_key, id, start).await.map_err(|e| {
-        tracing::error!(error = %e, "could not load budget spend from the ledger");
-        ApiError::LedgerUnavailable
-    })?;
-    book.load(budget.scope.clone(), start, spent);
-    Ok(())
-}
-
 /// Who asks for what: the request side of [`admit`].
 #[derive(Clone, Copy)]
 pub struct Ask<'a> {
-    pub caller: &'a Caller,
+    /// Which models the caller may use.
+    pub caller: &'a dyn Allows,
     /// The caller's budgets (its key's and its team's).
     pub budgets: &'a [Applicable],
     pub request: &'a ParsedRequest,

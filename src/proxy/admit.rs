@@ -1,0 +1,216 @@
+//! Admit: everything a request passes before it may cost anything — its key, its body and
+//! their checks, its budgets' accounts, the route along the downgrade chain with its
+//! worst case reserved, and the rate limits. A dry run is answered here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::{HeaderMap, HeaderName};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::forward::Forward;
+use super::settle::{LocalPrompt, Meter};
+use crate::auth;
+use crate::config::{Model, OnLedgerError};
+use crate::edge;
+use crate::error::ApiError;
+use crate::policy::pricing::NanoUsd;
+use crate::policy::request::{self, Endpoint, ParsedRequest};
+use crate::policy::routing::{self, Admission, Decision, PromptCounter};
+use crate::state::AppState;
+
+const DRY_RUN: HeaderName = HeaderName::from_static("x-tollgate-dry-run");
+
+/// Where admission leads.
+// Moved once, straight into the forwarding's future: boxing the big variant would cost an
+// allocation a request for nothing.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Admitted {
+    /// A dry run's answer: what would happen, nothing reserved.
+    DryRun(Response),
+    /// The routed, reserved request, to forward.
+    Forward(Forward),
+}
+
+/// Admits a request: authenticates its key, reads and checks its body, loads its budgets'
+/// accounts, routes it and reserves its worst case, and takes its rate-limit slots. A dry run
+/// ends here with its answer; any other request leaves as the job to forward.
+pub(super) async fn admit(
+    app: &AppState,
+    endpoint: Endpoint,
+    req: Request,
+    started: Instant,
+    now: chrono::DateTime<chrono::Utc>,
+    request_id: &str,
+) -> Result<Admitted, ApiError> {
+    let (parts, body) = req.into_parts();
+    // Authenticate before reading the body: an anonymous client gets no buffering from us.
+    let caller = auth::authenticate(&app.directory, app.ledger.backend(), &parts.headers).await?;
+    let body_timeout = std::time::Duration::from_millis(app.config.body_read_timeout_ms);
+    let body = edge::read_body(body, app.config.max_body_bytes, body_timeout, &parts.headers).await?;
+    let parsed = request::parse(endpoint, &body)?;
+    let asked =
+        app.config.models.get(&parsed.model).cloned().ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
+    if !caller.allows(&asked.name) {
+        return Err(ApiError::ModelNotAllowed(asked.name.clone()));
+    }
+    let wants_embedding = endpoint == Endpoint::Embeddings;
+    if wants_embedding != (asked.kind == crate::pricing::ModelKind::Embedding) {
+        return Err(ApiError::param(
+            "model",
+            format!("The model `{}` does not serve {} requests.", asked.name, endpoint.name()),
+        ));
+    }
+    if asked.kind == crate::pricing::ModelKind::Chat {
+        // Each of `max_tokens` and `max_completion_tokens` is checked, as the upstream checks each.
+        if let Some((param, max)) = parsed.output_limit_over(asked.max_output_tokens) {
+            return Err(ApiError::param(
+                param,
+                format!(
+                    "{param} is too large: {max}. This model supports at most {} completion tokens.",
+                    asked.max_output_tokens
+                ),
+            ));
+        }
+    }
+    let dry_run = dry_run_asked(&parts.headers);
+    // The ledger policy (docs/reliability.md): with `reject`, nothing is forwarded whose
+    // journal entry could not be written; with either policy, a request claims the queue
+    // place its final record needs up front, so a full queue refuses new work rather than
+    // hold records in unbounded memory or hang an admitted request.
+    let reject = app.config.on_ledger_error == OnLedgerError::Reject;
+    let slot = if dry_run {
+        None
+    } else {
+        match app.ledger.claim() {
+            Some(slot) => Some(slot),
+            None => return Err(ApiError::LedgerUnavailable),
+        }
+    };
+
+    let budgets = caller.budgets();
+    app.load_accounts(&budgets, now).await?;
+    let mut counter = PromptCounter::new(&parsed);
+    let ask = routing::Ask { caller: &caller, budgets: &budgets, request: &parsed, asked: &asked };
+    let admitted = routing::admit(&app.config, &app.budgets, ask, &mut counter, now);
+    if dry_run {
+        return Ok(Admitted::DryRun(dry_run_answer(app, &budgets, &parsed, &asked, admitted, &mut counter, now)));
+    }
+    let admission = match admitted {
+        Ok(a) => a,
+        Err((reason, refusal)) => {
+            tracing::info!(request_id, key_id = %caller.key.id, team = %caller.team.name, %reason, "budget refused");
+            return Err(ApiError::BudgetExceeded {
+                message: format!("Budget exceeded: {reason}."),
+                retry_after_s: refusal.and_then(|r| r.retry_after_s),
+            });
+        }
+    };
+    // Rate limits count admitted requests; tpm needs the prompt's tokens.
+    let limited_tpm = budgets.iter().any(|b| b.spec.tpm.is_some());
+    let rate_tokens = if limited_tpm { counter.exact(&admission.model) } else { admission.prompt_tokens };
+    let rate = match app.rates.admit(&budgets, rate_tokens, now.timestamp_millis()) {
+        Ok(t) => t,
+        Err(refusal) => {
+            app.budgets.settle(admission.reservation, NanoUsd::ZERO);
+            return Err(ApiError::RateLimited {
+                message: rate_limit_message(&refusal),
+                retry_after_s: refusal.retry_after_s,
+            });
+        }
+    };
+    let local_prompt = if admission.prompt_exact || limited_tpm {
+        LocalPrompt::Exact(counter.exact(&admission.model))
+    } else {
+        LocalPrompt::Deferred(parsed.prompt.clone(), endpoint)
+    };
+    let Admission { model, decision, reason, reservation, prompt_tokens, .. } = admission;
+    tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");
+    let downgraded_from = (decision == Decision::Downgrade).then(|| asked.name.clone());
+    let Some(slot) = slot else {
+        // Only dry runs have no slots, and they returned above.
+        return Err(ApiError::Internal);
+    };
+    let meter = Meter {
+        app: app.clone(),
+        caller,
+        request_id: request_id.to_string(),
+        time_ms: now.timestamp_millis(),
+        started,
+        endpoint: endpoint.name(),
+        asked: asked.name.clone(),
+        stream: parsed.stream,
+        local_prompt_tokens: local_prompt,
+        reservation,
+        rate,
+        slot,
+        entry: None,
+    };
+    Ok(Admitted::Forward(Forward { parsed, body, model, downgraded_from, meter, prompt_tokens, reject }))
+}
+
+fn dry_run_asked(headers: &HeaderMap) -> bool {
+    headers.get(DRY_RUN).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+fn rate_limit_message(refusal: &crate::budget::RateRefusal) -> String {
+    format!(
+        "Rate limit reached for this {}: {} {}. Retry after {} s.",
+        refusal.scope.label(),
+        refusal.limit,
+        refusal.what,
+        refusal.retry_after_s
+    )
+}
+
+fn dry_run_answer(
+    app: &AppState,
+    budgets: &[crate::budget::Applicable],
+    parsed: &ParsedRequest,
+    asked: &Arc<Model>,
+    admitted: Result<Admission, (String, Option<crate::budget::Refusal>)>,
+    counter: &mut PromptCounter,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Response {
+    // The rate limits as the request would meet them (checked, no slot taken).
+    let admitted = admitted.and_then(|a| {
+        let rate_tokens =
+            if budgets.iter().any(|b| b.spec.tpm.is_some()) { counter.exact(&a.model) } else { a.prompt_tokens };
+        match app.rates.check(budgets, rate_tokens, now.timestamp_millis()) {
+            Ok(()) => Ok(a),
+            Err(refusal) => {
+                app.budgets.settle(a.reservation, NanoUsd::ZERO);
+                Err((rate_limit_message(&refusal), None))
+            }
+        }
+    });
+    let (decision, served, reason, max_cost, estimated) = match admitted {
+        Ok(a) => {
+            let exact = counter.exact(&a.model);
+            let estimated = a.model.price.worst_case(exact, 0);
+            let max_cost = a.model.price.worst_case(exact, routing::max_output(parsed, &a.model));
+            // A dry run charges nothing: give the reservation straight back.
+            app.budgets.settle(a.reservation, NanoUsd::ZERO);
+            (a.decision, Some(a.model.name.clone()), a.reason, max_cost, estimated)
+        }
+        Err((reason, _)) => {
+            let exact = counter.exact(asked);
+            let max_cost = asked.price.worst_case(exact, routing::max_output(parsed, asked));
+            (Decision::Refuse, None, reason, max_cost, asked.price.worst_case(exact, 0))
+        }
+    };
+    let remaining = app.budgets.headroom(budgets, now);
+    axum::Json(json!({
+        "dry_run": true,
+        "decision": decision.as_str(),
+        "model": asked.name,
+        "served_model": served,
+        "reason": reason,
+        "estimated_cost_usd": estimated.as_usd(),
+        "max_cost_usd": max_cost.as_usd(),
+        "remaining_usd": remaining.map(|r| r.as_usd()),
+    }))
+    .into_response()
+}

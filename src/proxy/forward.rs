@@ -1,0 +1,147 @@
+//! Forward: the request's journal entry, then the upstream call — the serving model, then
+//! its fallbacks — until an answer's first bytes are in; the relay takes it from there.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use super::answer::model_headers;
+use super::detach::unless_cut;
+use super::relay::{first_sse_bytes, relay_stream, whole_response};
+use super::settle::{cut_off, failed, Meter};
+use crate::config::Model;
+use crate::error::ApiError;
+use crate::policy::request::ParsedRequest;
+use crate::upstream::{SendError, UpstreamResponse};
+
+/// A routed request on its way upstream.
+pub(super) struct Forward {
+    pub(super) parsed: ParsedRequest,
+    pub(super) body: Bytes,
+    pub(super) model: Arc<Model>,
+    pub(super) downgraded_from: Option<String>,
+    pub(super) meter: Meter,
+    /// The prompt's tokens as reserved, for the journal entry.
+    pub(super) prompt_tokens: u64,
+    /// `on_ledger_error = reject`: forward nothing whose journal entry could not be written.
+    pub(super) reject: bool,
+}
+
+/// Whether a failure is worth trying the next deployment for.
+pub(super) fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+impl Forward {
+    pub(super) async fn run(self) -> Response {
+        let Forward { parsed, body, model, downgraded_from, mut meter, prompt_tokens, reject } = self;
+        if let Err(e) = meter.journal(&model, prompt_tokens) {
+            if reject {
+                tracing::warn!(request_id = %meter.request_id, error = %e, "journal entry not durable; request refused");
+                let app = meter.app.clone();
+                meter.abandon(&model);
+                let error = ApiError::LedgerUnavailable;
+                app.metrics.record_refusal(&error.code());
+                return error.into_response();
+            }
+            tracing::warn!(request_id = %meter.request_id, error = %e, "journal entry not durable; serving anyway (on_ledger_error = serve)");
+        }
+        let app = meter.app.clone();
+        // Shutdown's cut, as this worker waits on it (see `unless_cut`).
+        let cut = app.cut_token();
+        if cut.is_cancelled() {
+            // Shutdown's grace period ended before this request left: it is never forwarded,
+            // so it is refused like any other, with no record.
+            meter.abandon(&model);
+            let error = ApiError::ShuttingDown;
+            app.metrics.record_refusal(&error.code());
+            return error.into_response();
+        }
+        let path = parsed.endpoint.upstream_path();
+        // The serving model, then its fallback deployments (allowed ones only).
+        let mut deployments = vec![model.clone()];
+        if let Some(list) = app.config.fallbacks.get(&model.name) {
+            for name in list {
+                if let Some(m) = app.config.models.get(name) {
+                    if meter.caller.allows(&m.name) && m.capabilities.covers(&parsed.needs) {
+                        deployments.push(m.clone());
+                    }
+                }
+            }
+        }
+        let mut last_failure: Option<ApiError> = None;
+        let mut last_response: Option<(Arc<Model>, UpstreamResponse)> = None;
+        let count = deployments.len();
+        // Gateway overhead before the upstream call: auth, parsing, routing, reservation.
+        let before_upstream = meter.started.elapsed();
+        for (i, deployment) in deployments.into_iter().enumerate() {
+            let upstream_body = parsed.rewrite(&body, &deployment.upstream_model);
+            let sent = Instant::now();
+            let Some(result) = unless_cut(&cut, app.upstreams.send(&deployment.provider, path, upstream_body)).await
+            else {
+                return cut_off(meter, &deployment, model_headers(&deployment, downgraded_from.as_deref()));
+            };
+            app.metrics.observe_upstream(&deployment.name, sent.elapsed());
+            match result {
+                Ok(resp) if retryable(resp.status) && i + 1 < count => {
+                    tracing::warn!(model = %deployment.name, status = resp.status.as_u16(), "upstream failed; trying fallback");
+                    last_failure =
+                        Some(ApiError::Upstream { status: Some(resp.status.as_u16()), message: String::new() });
+                }
+                Ok(resp) => {
+                    last_response = Some((deployment, resp));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(model = %deployment.name, error = %e, "upstream request failed");
+                    last_failure = Some(e.to_api_error());
+                    if let SendError::Timeout = e {
+                        app.metrics.record_refusal("upstream_timeout");
+                    }
+                }
+            }
+        }
+        let Some((served, upstream)) = last_response else {
+            let error = last_failure.unwrap_or(ApiError::Internal);
+            let error = match error {
+                ApiError::Upstream { status: Some(s), .. } => ApiError::Upstream {
+                    status: Some(s),
+                    message: format!("The upstream failed with status {s} and no fallback succeeded."),
+                },
+                other => other,
+            };
+            return failed(meter, &model, error, model_headers(&model, downgraded_from.as_deref()));
+        };
+        let headers = model_headers(&served, downgraded_from.as_deref());
+        let is_sse = upstream.content_type().starts_with("text/event-stream");
+        if parsed.stream && upstream.status.is_success() {
+            if !is_sse {
+                let mut upstream = upstream;
+                if unless_cut(&cut, upstream.read_all(app.config.max_response_bytes)).await.is_none() {
+                    return cut_off(meter, &served, headers);
+                }
+                return failed(meter, &served, ApiError::InvalidUpstreamResponse, headers);
+            }
+            // The client's response waits for the upstream's first body bytes, so a 200
+            // whose body is not SSE can still be answered with a 502 (SPEC §4); they go out
+            // with the headers.
+            let mut upstream = upstream;
+            let Some(first) = unless_cut(&cut, first_sse_bytes(&mut upstream)).await else {
+                return cut_off(meter, &served, headers);
+            };
+            let first = match first {
+                Ok(first) => first,
+                Err(error) => {
+                    tracing::warn!(request_id = %meter.request_id, model = %served.name, code = %error.code(), "stream's body is not SSE");
+                    return failed(meter, &served, error, headers);
+                }
+            };
+            app.metrics.observe_overhead(before_upstream);
+            return relay_stream(meter, served, upstream, first, parsed.client_wants_usage, headers);
+        }
+        whole_response(meter, served, upstream, headers, before_upstream, &cut).await
+    }
+}
