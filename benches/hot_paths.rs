@@ -7,13 +7,13 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use serde_json::json;
 
 use tollgate::auth::{hash_secret, Directory};
-use tollgate::budget::BudgetSpec;
 use tollgate::ledger::journal::{self, Journal, LineOp};
 use tollgate::ledger::{Backend, KeyRow, RequestRecord, TeamRow, UsageSource};
 use tollgate::metering::sse::SseParser;
 use tollgate::metering::tokens::{count_text, prompt_tokens, prompt_tokens_upper_bound, Encoding, PromptKind};
 use tollgate::metering::usage::{read_answer, StreamAccumulator, Usage};
-use tollgate::pricing::{catalog_entry, NanoUsd};
+use tollgate::policy::budget::BudgetSpec;
+use tollgate::policy::pricing::{catalog_entry, NanoUsd};
 
 /// A mixed English / code / JSON document of roughly `tokens` o200k tokens.
 fn document(tokens: usize) -> String {

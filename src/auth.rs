@@ -19,9 +19,9 @@ use foldhash::HashMap;
 use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 
-use crate::budget::{Applicable, Scope};
 use crate::error::ApiError;
 use crate::ledger::{Backend, KeyRow, LedgerError, TeamRow};
+use crate::policy::budget::{Applicable, Scope};
 
 /// How often a running server checks whether teams or keys changed in the database (one
 /// small query: the directory's version).
@@ -79,7 +79,7 @@ impl Caller {
     }
 }
 
-impl crate::routing::Allows for Caller {
+impl crate::policy::routing::Allows for Caller {
     fn allows(&self, model: &str) -> bool {
         Caller::allows(self, model)
     }

@@ -11,7 +11,7 @@ use axum::http::Uri;
 use foldhash::{HashMap, HashMapExt};
 use serde::Deserialize;
 
-use crate::pricing::{self, Capabilities, ModelKind, NanoUsd, Price};
+use crate::policy::pricing::{self, Capabilities, ModelKind, NanoUsd, Price};
 
 /// The config file's path when none is given on the command line or in `$TOLLGATE_CONFIG`.
 pub const DEFAULT_CONFIG_PATH: &str = "config/tollgate.toml";

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::error::ApiError;
 use crate::metering::skim::Skim;
 use crate::metering::tokens::PlainChat;
-use crate::pricing::Capabilities;
+use crate::policy::pricing::Capabilities;
 
 /// Which OpenAI endpoint a request is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

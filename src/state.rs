@@ -12,11 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Directory;
-use crate::budget::{Applicable, BudgetBook, Clock, RateLimiter, Scope};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
+use crate::policy::budget::{Applicable, BudgetBook, Clock, RateLimiter, Scope};
 use crate::upstream::Upstreams;
 
 /// Cheap-to-clone handles shared by every request.

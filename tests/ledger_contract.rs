@@ -3,12 +3,12 @@
 //! PostgreSQL the PostgreSQL cases report that they were skipped, by name — unless
 //! `TOLLGATE_REQUIRE_POSTGRES=1` (CI), where an unreachable database fails them.
 
-use tollgate::budget::{BudgetSpec, Period};
 use tollgate::ledger::{
     Backend, GroupBy, KeyRow, LedgerError, LogFilter, RequestRecord, SpendFilter, TeamRow, UsageSource,
 };
 use tollgate::metering::usage::Usage;
-use tollgate::pricing::NanoUsd;
+use tollgate::policy::budget::{BudgetSpec, Period};
+use tollgate::policy::pricing::NanoUsd;
 
 #[path = "common/postgres.rs"]
 mod postgres;

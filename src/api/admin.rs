@@ -1,8 +1,7 @@
 //! The admin API (SPEC §3): teams and keys, guarded by the master key.
 
-use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -10,12 +9,12 @@ use chrono::{TimeZone, Utc};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::api::json_object;
+use crate::api::{JsonObject, Master, Path, Query};
 use crate::auth;
-use crate::budget::{Applicable, BudgetSpec, Period, Scope};
 use crate::error::ApiError;
 use crate::ledger::{now_ms, KeyRow, LedgerError, TeamRow};
-use crate::pricing::NanoUsd;
+use crate::policy::budget::{Applicable, BudgetSpec, Period, Scope};
+use crate::policy::pricing::NanoUsd;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -24,16 +23,6 @@ pub fn router() -> Router<AppState> {
         .route("/admin/teams/{name}", get(get_team).patch(patch_team).delete(delete_team))
         .route("/admin/keys", get(list_keys).post(create_key))
         .route("/admin/keys/{id}", get(get_key).patch(patch_key).delete(revoke_key))
-}
-
-fn require_master(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    if app.config.master_key.is_none() {
-        return Err(ApiError::AdminUnauthorized("The admin API is disabled: set master_key in the config."));
-    }
-    if !auth::is_master(app.config.master_key.as_ref(), headers) {
-        return Err(ApiError::AdminUnauthorized("The admin API requires the master key as a Bearer token."));
-    }
-    Ok(())
 }
 
 pub(crate) fn ledger_error(e: LedgerError) -> ApiError {
@@ -191,8 +180,7 @@ async fn refresh(app: &AppState) -> Result<(), ApiError> {
     app.directory.refresh(app.ledger.backend(), true).await.map_err(ledger_error)
 }
 
-async fn list_teams(State(app): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
+async fn list_teams(State(app): State<AppState>, _master: Master) -> Result<Response, ApiError> {
     let teams = app.ledger.backend().load_teams().await.map_err(ledger_error)?;
     let mut data = Vec::with_capacity(teams.len());
     for t in &teams {
@@ -203,9 +191,11 @@ async fn list_teams(State(app): State<AppState>, headers: HeaderMap) -> Result<R
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
-async fn create_team(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
-    let obj = json_object(&body)?;
+async fn create_team(
+    State(app): State<AppState>,
+    _master: Master,
+    JsonObject(obj): JsonObject,
+) -> Result<Response, ApiError> {
     let name = obj.get("name").and_then(Value::as_str).ok_or_else(|| ApiError::param("name", "'name' is required."))?;
     validate_name("name", name)?;
     let mut budget = BudgetSpec::default();
@@ -220,10 +210,9 @@ async fn create_team(State(app): State<AppState>, headers: HeaderMap, body: Byte
 
 async fn get_team(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _master: Master,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
     let team = find_team(&app, &name).await?;
     let mut m = team_json(&team);
     m.extend(spend_fields(&app, Scope::Team(team.name.as_str().into()), &team.budget).await?);
@@ -232,12 +221,10 @@ async fn get_team(
 
 async fn patch_team(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _master: Master,
     Path(name): Path<String>,
-    body: Bytes,
+    JsonObject(obj): JsonObject,
 ) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
-    let obj = json_object(&body)?;
     if obj.get("name").is_some_and(|n| n.as_str() != Some(name.as_str())) {
         return Err(ApiError::param("name", "A team cannot be renamed."));
     }
@@ -252,10 +239,9 @@ async fn patch_team(
 
 async fn delete_team(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _master: Master,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
     app.ledger.backend().delete_team(&name, now_ms()).await.map_err(ledger_error)?;
     refresh(&app).await?;
     Ok(Json(json!({"name": name, "deleted": true})).into_response())
@@ -268,10 +254,9 @@ struct KeyListQuery {
 
 async fn list_keys(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _master: Master,
     Query(q): Query<KeyListQuery>,
 ) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
     let keys = app.ledger.backend().load_keys().await.map_err(ledger_error)?;
     let data: Vec<Value> = keys
         .iter()
@@ -281,9 +266,11 @@ async fn list_keys(
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
-async fn create_key(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
-    let obj = json_object(&body)?;
+async fn create_key(
+    State(app): State<AppState>,
+    _master: Master,
+    JsonObject(obj): JsonObject,
+) -> Result<Response, ApiError> {
     let team = obj.get("team").and_then(Value::as_str).ok_or_else(|| ApiError::param("team", "'team' is required."))?;
     let name = match obj.get("name") {
         None | Some(Value::Null) => "default",
@@ -317,12 +304,7 @@ pub fn new_key(team: &str, name: &str, budget: BudgetSpec) -> (KeyRow, String) {
     (row, secret)
 }
 
-async fn get_key(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
+async fn get_key(State(app): State<AppState>, _master: Master, Path(id): Path<String>) -> Result<Response, ApiError> {
     let key = find_key(&app, &id).await?;
     let mut m = key_json(&key);
     m.extend(spend_fields(&app, Scope::Key(key.id.as_str().into()), &key.budget).await?);
@@ -331,12 +313,10 @@ async fn get_key(
 
 async fn patch_key(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _master: Master,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonObject(obj): JsonObject,
 ) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
-    let obj = json_object(&body)?;
     let mut key = find_key(&app, &id).await?;
     if obj.get("team").is_some_and(|t| t.as_str() != Some(key.team.as_str())) {
         return Err(ApiError::param("team", "A key cannot move to another team."));
@@ -368,10 +348,9 @@ async fn patch_key(
 
 async fn revoke_key(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _master: Master,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    require_master(&app, &headers)?;
     app.ledger.backend().revoke_key(&id, now_ms()).await.map_err(ledger_error)?;
     refresh(&app).await?;
     let key = find_key(&app, &id).await?;

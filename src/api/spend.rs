@@ -260,6 +260,17 @@ struct LogsQuery {
     key: Option<String>,
 }
 
+/// A `before` cursor: a request id as the ledger writes them (`req_`, then 28 lowercase hex
+/// digits) — what `next_before` hands out. Anything else is a 400, not an empty page.
+fn cursor(before: String) -> Result<String, ApiError> {
+    let digits = before.strip_prefix("req_").unwrap_or("");
+    if digits.len() == 28 && digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(before)
+    } else {
+        Err(ApiError::param("before", "'before' must be a request id, as 'next_before' gives it."))
+    }
+}
+
 /// Default and largest page size.
 const DEFAULT_LIMIT: u32 = 100;
 const MAX_LIMIT: u32 = 1000;
@@ -281,7 +292,7 @@ async fn logs(
             .ok_or_else(|| ApiError::param("limit", "'limit' must be a positive integer."))?,
     };
     let mut filter = LogFilter {
-        before: q.before.filter(|s| !s.is_empty()),
+        before: q.before.filter(|s| !s.is_empty()).map(cursor).transpose()?,
         team: q.team.filter(|s| !s.is_empty()),
         key_id: q.key.filter(|s| !s.is_empty()),
         limit,

@@ -28,7 +28,7 @@ use serde_json::Value;
 /// embeddings batch of 2,048 inputs of 8,191 tokens, is under 2% of it.
 pub const MAX_REPORTED_TOKENS: u64 = 1_000_000_000;
 
-pub use crate::pricing::Usage;
+pub use crate::policy::pricing::Usage;
 
 /// Usage from a response body or stream chunk: chat/completions shape (`usage.prompt_tokens`,
 /// `usage.completion_tokens`, `usage.prompt_tokens_details.cached_tokens`), embeddings

@@ -17,7 +17,7 @@ use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use foldhash::{HashMap, HashMapExt};
 use serde::{Deserialize, Serialize};
 
-use crate::pricing::NanoUsd;
+use crate::policy::pricing::NanoUsd;
 
 /// How often a budget resets. Periods start at 00:00 UTC; weeks on Monday, months on the 1st.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

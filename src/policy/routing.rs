@@ -14,10 +14,10 @@
 
 use std::sync::Arc;
 
-use crate::budget::{Applicable, BudgetBook, Loose, Refusal, Reservation};
 use crate::config::{Config, Model};
 use crate::metering::tokens::{self, Encoding};
-use crate::pricing::NanoUsd;
+use crate::policy::budget::{Applicable, BudgetBook, Loose, Refusal, Reservation};
+use crate::policy::pricing::NanoUsd;
 use crate::request::ParsedRequest;
 
 /// Which models a caller may use (its key's and its team's lists).

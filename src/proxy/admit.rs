@@ -57,13 +57,13 @@ pub(super) async fn admit(
         return Err(ApiError::ModelNotAllowed(asked.name.clone()));
     }
     let wants_embedding = endpoint == Endpoint::Embeddings;
-    if wants_embedding != (asked.kind == crate::pricing::ModelKind::Embedding) {
+    if wants_embedding != (asked.kind == crate::policy::pricing::ModelKind::Embedding) {
         return Err(ApiError::param(
             "model",
             format!("The model `{}` does not serve {} requests.", asked.name, endpoint.name()),
         ));
     }
-    if asked.kind == crate::pricing::ModelKind::Chat {
+    if asked.kind == crate::policy::pricing::ModelKind::Chat {
         // Each of `max_tokens` and `max_completion_tokens` is checked, as the upstream checks each.
         if let Some((param, max)) = parsed.output_limit_over(asked.max_output_tokens) {
             return Err(ApiError::param(
@@ -155,7 +155,7 @@ fn dry_run_asked(headers: &HeaderMap) -> bool {
     headers.get(DRY_RUN).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
 }
 
-fn rate_limit_message(refusal: &crate::budget::RateRefusal) -> String {
+fn rate_limit_message(refusal: &crate::policy::budget::RateRefusal) -> String {
     format!(
         "Rate limit reached for this {}: {} {}. Retry after {} s.",
         refusal.scope.label(),
@@ -167,10 +167,10 @@ fn rate_limit_message(refusal: &crate::budget::RateRefusal) -> String {
 
 fn dry_run_answer(
     app: &AppState,
-    budgets: &[crate::budget::Applicable],
+    budgets: &[crate::policy::budget::Applicable],
     parsed: &ParsedRequest,
     asked: &Arc<Model>,
-    admitted: Result<Admission, (String, Option<crate::budget::Refusal>)>,
+    admitted: Result<Admission, (String, Option<crate::policy::budget::Refusal>)>,
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Response {

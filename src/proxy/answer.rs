@@ -52,3 +52,8 @@ pub(super) fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Res
     *response.headers_mut() = headers;
     response
 }
+
+/// Whether a failure is worth trying the next deployment for.
+pub(super) fn retryable(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}

@@ -4,11 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use super::answer::model_headers;
+use super::answer::{model_headers, retryable};
 use super::detach::unless_cut;
 use super::relay::{first_sse_bytes, relay_stream, whole_response};
 use super::settle::{cut_off, failed, Meter};
@@ -28,11 +27,6 @@ pub(super) struct Forward {
     pub(super) prompt_tokens: u64,
     /// `on_ledger_error = reject`: forward nothing whose journal entry could not be written.
     pub(super) reject: bool,
-}
-
-/// Whether a failure is worth trying the next deployment for.
-pub(super) fn retryable(status: StatusCode) -> bool {
-    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
 }
 
 impl Forward {

@@ -13,9 +13,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::answer::{forwarded_error, insert_cost, respond};
+use super::answer::{forwarded_error, insert_cost, respond, retryable};
 use super::detach::{unless_cut, Detachable, Panicked};
-use super::forward::retryable;
 use super::settle::{cut_off, failed, Meter, Outcome, Produced};
 use crate::config::{Model, OnLedgerError};
 use crate::error::ApiError;

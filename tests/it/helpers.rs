@@ -240,7 +240,7 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     pub dir: tempfile::TempDir,
-    pub clock: tollgate::budget::Clock,
+    pub clock: tollgate::policy::budget::Clock,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), tollgate::server::ServeError>>>,
 }
@@ -311,7 +311,7 @@ impl TestApp {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let clock = tollgate::budget::Clock::default();
+        let clock = tollgate::policy::budget::Clock::default();
         let options = tollgate::RunOptions { clock: clock.clone(), ..Default::default() };
         let task = tokio::spawn(tollgate::run(
             config,

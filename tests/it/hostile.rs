@@ -808,3 +808,75 @@ async fn a_wrong_key_with_a_valid_prefix_is_refused_exactly_like_a_random_one() 
     }
     assert_eq!(up.hits(), 1);
 }
+
+// ------------------------------------------------------------------------------------------------
+// One edge: the admin and spend routes get the proxy's limits and envelope
+
+/// Sends `head` and then a body that never completes (one byte of its declared length).
+async fn head_then_stall(app: &TestApp, head: String) -> (Duration, Option<RawResponse>) {
+    let stream = TcpStream::connect(app.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    wr.write_all(head.as_bytes()).await.unwrap();
+    wr.write_all(b"{").await.unwrap();
+    let started = Instant::now();
+    let resp = read_response(&mut rd).await;
+    drop(wr);
+    (started.elapsed(), resp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_body_that_never_completes_is_refused_401_unread_or_408_with_the_master_key() {
+    let up = FakeUpstream::start().await;
+    let app = start_with(&up, "body_read_timeout_ms = 1000", DEFAULT_MODELS).await;
+    let head = |auth: &str| {
+        format!("POST /admin/teams HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+    };
+    // Without the master key: answered at once, without waiting for the body.
+    let (elapsed, resp) = bounded(10, "anonymous stalled body", head_then_stall(&app, head(""))).await;
+    let resp = resp.expect("a 401, not a connection held open");
+    assert_eq!(resp.status, 401, "{resp:?}");
+    envelope(&resp.json());
+    assert!(elapsed < Duration::from_millis(900), "401 after {elapsed:?}: the body was waited for");
+    // With it: the body read timeout, in the envelope.
+    let master = format!("Authorization: Bearer {MASTER}\r\n");
+    let (elapsed, resp) = bounded(10, "stalled admin body", head_then_stall(&app, head(&master))).await;
+    let resp = resp.expect("a 408, not a connection held open");
+    assert_eq!(resp.status, 408, "{resp:?}");
+    assert_eq!(envelope(&resp.json())["code"], "request_timeout");
+    assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3), "408 after {elapsed:?}");
+}
+
+#[tokio::test]
+async fn admin_and_spend_rejections_are_in_the_envelope() {
+    let up = FakeUpstream::start().await;
+    let app = start_with(&up, "max_body_bytes = 65536", DEFAULT_MODELS).await;
+    let key = app.team_and_key("t").await;
+    let check = |what: &'static str, status: u16| {
+        move |resp: RawResponse| {
+            assert_eq!(resp.status, status, "{what}: {resp:?}");
+            envelope(&resp.json());
+            assert!(resp.header("content-type").is_some_and(|c| c.starts_with("application/json")), "{what}: {resp:?}");
+        }
+    };
+    // A body over max_body_bytes.
+    let big = format!("{{\"name\":\"{}\"}}", "a".repeat(100_000));
+    let head = format!(
+        "POST /admin/teams HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {MASTER}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{big}",
+        big.len()
+    );
+    check("oversized admin body", 413)(send_head(&app, head.into_bytes()).await.expect("an answer"));
+    // A query parameter given twice; a path that is not UTF-8 once decoded.
+    let get = |path: &str, bearer: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n")
+            .into_bytes()
+    };
+    check("duplicate query", 400)(send_head(&app, get("/admin/keys?team=a&team=b", MASTER)).await.expect("an answer"));
+    check("bad path", 400)(send_head(&app, get("/admin/teams/%FF", MASTER)).await.expect("an answer"));
+    check("bad spend query", 400)(send_head(&app, get("/spend?team=a&team=b", &key)).await.expect("an answer"));
+    // A cursor that no page ever handed out.
+    let resp = send_head(&app, get("/spend/logs?before=garbage", &key)).await.expect("an answer");
+    check("bad cursor", 400)(resp);
+    // A real cursor still pages.
+    let resp = send_head(&app, get("/spend/logs?before=req_000000000000ffffffffffffffff", &key)).await.unwrap();
+    assert_eq!(resp.status, 200, "{resp:?}");
+}
