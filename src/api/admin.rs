@@ -13,6 +13,7 @@ use crate::api::{JsonObject, Master, Path, Query};
 use crate::auth;
 use crate::error::ApiError;
 use crate::ledger::{now_ms, KeyRow, LedgerError, TeamRow};
+use crate::policy::budget::BudgetStore;
 use crate::policy::budget::{Applicable, BudgetSpec, Period, Scope};
 use crate::policy::pricing::NanoUsd;
 use crate::state::AppState;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, Model};
 use crate::metering::tokens::{self, Encoding};
-use crate::policy::budget::{Applicable, BudgetBook, Loose, Refusal, Reservation};
+use crate::policy::budget::{Applicable, BudgetStore, Loose, Refusal, Reservation};
 use crate::policy::pricing::NanoUsd;
 use crate::request::ParsedRequest;
 
@@ -171,7 +171,7 @@ pub struct Ask<'a> {
 /// Routes the request and reserves its worst case, or says why nothing fits.
 pub fn admit(
     config: &Config,
-    book: &BudgetBook,
+    book: &dyn BudgetStore,
     ask: Ask<'_>,
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
@@ -241,7 +241,7 @@ pub fn admit(
 /// hold loose reservations, those are tightened to their exact worst case first, so a
 /// refusal is only ever given on exact figures.
 fn reserve(
-    book: &BudgetBook,
+    book: &dyn BudgetStore,
     budgets: &[Applicable],
     request: &ParsedRequest,
     m: &Arc<Model>,

@@ -16,6 +16,7 @@ use crate::auth;
 use crate::config::{Model, OnLedgerError};
 use crate::edge;
 use crate::error::ApiError;
+use crate::policy::budget::BudgetStore;
 use crate::policy::pricing::NanoUsd;
 use crate::policy::request::{self, Endpoint, ParsedRequest};
 use crate::policy::routing::{self, Admission, Decision, PromptCounter};

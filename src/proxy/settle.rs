@@ -18,6 +18,7 @@ use crate::auth::Caller;
 use crate::config::Model;
 use crate::error::ApiError;
 use crate::ledger::{LedgerError, NotJournaled, Pin, RequestRecord, Slot, UsageSource};
+use crate::policy::budget::BudgetStore;
 use crate::policy::budget::{RateTicket, Reservation};
 use crate::policy::pricing::{NanoUsd, Usage};
 use crate::policy::tokens;
