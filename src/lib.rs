@@ -25,11 +25,13 @@ pub mod ledger;
 pub mod metering;
 pub mod metrics;
 pub mod mock;
+pub mod policy;
 pub mod pricing;
-pub mod request;
 pub mod routing;
 pub mod server;
+pub mod skim;
 pub mod upstream;
 
 pub use config::Config;
+pub use policy::request;
 pub use server::{app, run, AppState, RunOptions};

@@ -6,10 +6,11 @@
 //! forwarding, which a client that disconnects does not cancel (it finishes in a task the
 //! server tracks), and shutdown waits for it.
 
-pub mod skim;
 pub mod sse;
-pub mod tokens;
 pub mod usage;
+
+pub use crate::policy::tokens;
+pub use crate::skim;
 
 use std::sync::Arc;
 use std::time::Instant;
