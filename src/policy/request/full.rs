@@ -336,8 +336,8 @@ fn optional_u64(value: Option<&Value>, field: &str) -> Result<Option<u64>, ApiEr
     }
 }
 /// Parses and checks any request body for `endpoint` into a `Value`, wording what it refuses:
-/// what [`parse`](super::parse) does for the bodies its skim leaves alone (public for the tests that hold
-/// the two to one answer).
+/// what [`parse`](super::parse) does for the bodies its skim leaves alone (public for the
+/// tests that hold the two to one answer).
 pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let top = TopLevelFor(endpoint)

@@ -12,10 +12,9 @@ use crate::skim::{Scalar, Skim};
 
 /// The common request, read without building anything: a valid chat body whose messages
 /// hold only strings, with no tools, functions or content parts. Whatever else a body holds,
-/// and every body with something to refuse, is `None`, for [`parse_full`](super::parse_full) to read (and to
-/// word its refusal).
-/// Most requests are such bodies, and building a `Value` for them would cost more than the
-/// rest of their parsing.
+/// and every body with something to refuse, is `None`, for [`parse_full`](super::parse_full)
+/// to read (and to word its refusal). Most requests are such bodies, and building a `Value`
+/// for them would cost more than the rest of their parsing.
 pub(super) fn skim_plain_chat(endpoint: Endpoint, body: &Bytes) -> Option<ParsedRequest> {
     /// Top-level keys compared for duplicates; a body with more goes the full way.
     const MAX_KEYS: usize = 24;
