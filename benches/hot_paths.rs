@@ -10,10 +10,10 @@ use tollgate::auth::{hash_secret, Directory};
 use tollgate::ledger::journal::{self, Journal, LineOp};
 use tollgate::ledger::{Backend, KeyRow, RequestRecord, TeamRow, UsageSource};
 use tollgate::metering::sse::SseParser;
-use tollgate::metering::tokens::{count_text, prompt_tokens, prompt_tokens_upper_bound, Encoding, PromptKind};
 use tollgate::metering::usage::{read_answer, StreamAccumulator, Usage};
 use tollgate::policy::budget::BudgetSpec;
 use tollgate::policy::pricing::{catalog_entry, NanoUsd};
+use tollgate::policy::tokens::{count_text, prompt_tokens, prompt_tokens_upper_bound, Encoding, PromptKind};
 
 /// A mixed English / code / JSON document of roughly `tokens` o200k tokens.
 fn document(tokens: usize) -> String {

@@ -12,7 +12,8 @@
 //!   [`metering`] — usage read from an answer's bytes, JSON or SSE.
 //! - [`ledger`] — the only SQL: the write-ahead journal, group commit, SQLite / PostgreSQL.
 //! - [`policy`] — pure decisions: prices and money, budgets and rate windows, routing along
-//!   the downgrade chain, the client's request as read, token counting.
+//!   the downgrade chain, the client's request as read, token counting. [`skim`] — the
+//!   validating JSON pass that reads a request's fields and an answer's usage.
 //! - [`config`], [`error`] — the typed config; `ApiError` and OpenAI's error envelope.
 
 pub mod api;
@@ -25,8 +26,8 @@ pub mod metering;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
-pub mod request;
 pub mod server;
+pub mod skim;
 pub mod state;
 pub mod upstream;
 

@@ -17,9 +17,9 @@ use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
 use tollgate::metering::sse::{SseError, SseEvent, SseParser};
-use tollgate::metering::tokens::{prompt_tokens, prompt_tokens_upper_bound, PromptKind};
 use tollgate::metering::usage::{read_answer, response_text, usage_from_json, ChunkKind, StreamAccumulator, Usage};
-use tollgate::request::{parse, parse_full, Endpoint, ParsedRequest};
+use tollgate::policy::request::{parse, parse_full, Endpoint, ParsedRequest};
+use tollgate::policy::tokens::{prompt_tokens, prompt_tokens_upper_bound, PromptKind};
 
 /// Cases per property: the `PROPTEST_CASES` environment variable, else `default`.
 fn cases(default: u32) -> ProptestConfig {

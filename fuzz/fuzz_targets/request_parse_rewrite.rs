@@ -6,8 +6,8 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use tollgate::metering::tokens::{prompt_tokens_upper_bound, PromptKind};
-use tollgate::request::{parse, parse_full, Endpoint};
+use tollgate::policy::tokens::{prompt_tokens_upper_bound, PromptKind};
+use tollgate::policy::request::{parse, parse_full, Endpoint};
 
 fuzz_target!(|data: &[u8]| {
     let body = Bytes::copy_from_slice(data);

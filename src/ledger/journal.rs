@@ -190,7 +190,7 @@ pub(crate) fn decode(text: &str) -> Option<(LineOp, RequestRecord)> {
         time_ms: l.t,
         key_id: l.key.into_owned(),
         team: l.team.into_owned(),
-        endpoint: crate::request::Endpoint::from_name(&l.ep),
+        endpoint: crate::policy::request::Endpoint::from_name(&l.ep),
         model: l.model.into_owned(),
         served_model: l.served.into_owned(),
         usage: Usage { input_tokens: l.inp, cached_input_tokens: l.cached, output_tokens: l.out },

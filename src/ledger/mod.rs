@@ -704,7 +704,7 @@ macro_rules! row_mappers {
                 time_ms: r.try_get("time_ms")?,
                 key_id: r.try_get("key_id")?,
                 team: r.try_get("team")?,
-                endpoint: crate::request::Endpoint::from_name(&endpoint),
+                endpoint: crate::policy::request::Endpoint::from_name(&endpoint),
                 model: r.try_get("model")?,
                 served_model: r.try_get("served_model")?,
                 usage: Usage {

@@ -3,7 +3,5 @@
 //! Nothing here writes, and nothing here knows budgets or the ledger: settling a request is
 //! the proxy's last phase (`proxy::settle`).
 
-pub mod skim;
 pub mod sse;
-pub mod tokens;
 pub mod usage;

@@ -15,10 +15,10 @@
 use std::sync::Arc;
 
 use crate::config::{Config, Model};
-use crate::metering::tokens::{self, Encoding};
 use crate::policy::budget::{Applicable, BudgetStore, Loose, Refusal, Reservation};
 use crate::policy::pricing::NanoUsd;
-use crate::request::ParsedRequest;
+use crate::policy::request::ParsedRequest;
+use crate::policy::tokens::{self, Encoding};
 
 /// Which models a caller may use (its key's and its team's lists).
 pub trait Allows {

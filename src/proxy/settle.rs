@@ -48,7 +48,7 @@ pub struct Meter {
 pub enum LocalPrompt {
     Exact(u64),
     /// Count on demand (only when the upstream reports no usage).
-    Deferred(Arc<crate::request::Prompt>, crate::request::Endpoint),
+    Deferred(Arc<crate::policy::request::Prompt>, crate::policy::request::Endpoint),
 }
 
 impl LocalPrompt {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::response::{SendError, UpstreamResponse};
-use crate::metering::tokens::{self, Encoding, PromptKind};
+use crate::policy::tokens::{self, Encoding, PromptKind};
 
 /// Answers a request the way OpenAI's API would.
 pub async fn respond(path: &str, body: Bytes, idle_timeout: Duration) -> Result<UpstreamResponse, SendError> {

@@ -68,7 +68,7 @@ impl Upstreams {
             let connector = connector(Duration::from_millis(p.connect_timeout_ms))?;
             let pools = (0..workers.max(1)).map(|_| Arc::new(Pool::new(connector.clone(), target.clone()))).collect();
             let mut uris = HashMap::new();
-            for e in crate::request::Endpoint::ALL {
+            for e in crate::policy::request::Endpoint::ALL {
                 let path = e.upstream_path();
                 let absolute =
                     crate::config::parse_upstream_uri(&format!("{}{path}", p.base_url)).ok_or_else(bad_url)?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use reqwest::Method;
 use serde_json::{json, Value};
-use tollgate::metering::tokens::{prompt_tokens, PromptKind};
+use tollgate::policy::tokens::{prompt_tokens, PromptKind};
 
 use crate::helpers::*;
 

@@ -14,7 +14,7 @@ use crate::helpers::*;
 /// use in a process loads it (~100 ms in a release build, seconds in a debug one), which
 /// would fall inside the shutdown these tests time: it is loaded here, before the clock runs.
 async fn app_with_grace(up: &FakeUpstream, grace_ms: u64) -> TestApp {
-    tollgate::metering::tokens::count_text(tollgate::metering::tokens::Encoding::O200kBase, "");
+    tollgate::policy::tokens::count_text(tollgate::policy::tokens::Encoding::O200kBase, "");
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("tollgate.db");
     let text = config_text(db.to_str().unwrap(), &up.url(), DEFAULT_MODELS)

@@ -2,12 +2,12 @@
 //! it, while its caller walks the members it wants to read, without building anything.
 //!
 //! Reading an upstream's non-streamed answer for its `usage` through serde's typed reader
-//! costs ~16 instructions a byte of the whole answer (every key matched against the fields of
-//! the typed view, every string decoded); a skim costs a few, strings passed eight bytes at a
-//! time. It is only ever a shortcut: whatever it cannot judge cheaply and surely — an exponent
-//! or a very long number, a `\u` escape of a surrogate, deep nesting, a top-level key written
-//! with escapes — it answers "can't tell" (`None`), and the caller takes the full reader, whose
-//! answer is the same for every document the skim accepts.
+//! matches every key against the fields of the typed view and decodes every string; a skim
+//! only passes them, strings eight bytes at a time, which is far cheaper. It is only ever a
+//! shortcut: whatever it cannot judge cheaply and surely — an exponent or a very long number, a
+//! `\u` escape of a surrogate, deep nesting, a top-level key written with escapes — it answers
+//! "can't tell" (`None`), and the caller takes the full reader, whose answer is the same for
+//! every document the skim accepts.
 
 /// Nesting deeper than this is left to the full reader (serde_json stops at 128).
 const MAX_DEPTH: u32 = 64;
@@ -304,8 +304,8 @@ impl<'a> Skim<'a> {
     /// Passes the string whose opening quote is at `i`; whether it holds escapes. Control
     /// characters and malformed escapes are refused, as serde_json refuses them; a `\u`
     /// escape of a surrogate is left to the full reader (which pairs them). Inlined into its
-    /// callers: most strings are short keys, and a call's register saves and restores were a
-    /// quarter of what one cost (callgrind: 1.5% of a request's instructions).
+    /// callers: most strings are short keys, and for those a call's register saves and restores
+    /// are a large part of the cost.
     #[inline(always)]
     fn string(&mut self) -> Option<bool> {
         let b = self.bytes();
