@@ -6,6 +6,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::policy::request::RequestError;
+
 /// An error answered to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -70,6 +72,15 @@ pub enum ApiError {
     /// 500: a bug or an unexpected failure; the detail is logged, not shown.
     #[error("Internal error.")]
     Internal,
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> ApiError {
+        match e {
+            RequestError::InvalidJson(message) => ApiError::InvalidJson(message),
+            RequestError::InvalidParam { param, message } => ApiError::InvalidParam { param, message },
+        }
+    }
 }
 
 impl ApiError {

@@ -39,6 +39,7 @@ fn check_parse(endpoint: Endpoint, body: &[u8], upstream_model: &str) -> Result<
     check_same_as_full_parse(endpoint, body, upstream_model)?;
     match parse(endpoint, body) {
         Err(e) => {
+            let e = tollgate::error::ApiError::from(e);
             let status = e.status();
             prop_assert!(status.is_client_error(), "{endpoint:?}: refusal with status {status}: {e:?}");
             let response = e.into_response();
@@ -522,7 +523,7 @@ fn with_member(body: &str, field: &str, value: &str) -> String {
 /// A refusal's `param`.
 fn refused_param(endpoint: Endpoint, body: &str) -> Result<String, TestCaseError> {
     match parse(endpoint, &Bytes::copy_from_slice(body.as_bytes())) {
-        Err(tollgate::error::ApiError::InvalidParam { param, .. }) => Ok(param),
+        Err(tollgate::policy::request::RequestError::InvalidParam { param, .. }) => Ok(param),
         other => Err(TestCaseError::fail(format!("expected a refusal naming a field, got {other:?}\n{body}"))),
     }
 }

@@ -10,8 +10,8 @@ use serde::de::{DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::{Endpoint, ParsedRequest, Prompt, MAX_N};
-use crate::error::ApiError;
+use super::{Endpoint, ParsedRequest, Prompt, RequestError, MAX_N};
+
 use crate::policy::pricing::Capabilities;
 
 /// The body's top-level object, read in one pass: every value parsed into the tree token
@@ -33,7 +33,7 @@ struct TopLevel<'a> {
 struct Noted {
     endpoint: Endpoint,
     /// The first member, in the body's order, whose value has the wrong type for its field.
-    mistyped: Option<ApiError>,
+    mistyped: Option<RequestError>,
     model: Option<Value>,
     stream: Option<Value>,
     stream_options: Option<Value>,
@@ -224,7 +224,7 @@ fn is_integer(v: &Value) -> bool {
 }
 
 /// Checks the type of a top-level member: `null`, or what its field holds.
-fn check_type(endpoint: Endpoint, key: &str, value: &Value) -> Result<(), ApiError> {
+fn check_type(endpoint: Endpoint, key: &str, value: &Value) -> Result<(), RequestError> {
     let Some(kind) = FieldType::of(endpoint, key) else { return Ok(()) };
     let fits = match (kind, value) {
         (_, Value::Null) => true,
@@ -249,22 +249,22 @@ fn check_type(endpoint: Endpoint, key: &str, value: &Value) -> Result<(), ApiErr
 }
 
 /// A 400 for `param` holding `value` where `expected` belongs.
-fn wrong_type(param: String, expected: &str, value: &Value) -> ApiError {
+fn wrong_type(param: String, expected: &str, value: &Value) -> RequestError {
     let message = format!("Invalid type for '{param}': expected {expected}, got {}.", type_name(value));
-    ApiError::param(param, message)
+    RequestError::param(param, message)
 }
 
 /// A 400 for a required `param` that is missing.
-fn missing(param: String) -> ApiError {
+fn missing(param: String) -> RequestError {
     let message = format!("'{param}' is a required property.");
-    ApiError::param(param, message)
+    RequestError::param(param, message)
 }
 
 /// Reads chat `messages` in one pass: whether a content part is an image (`vision`), and
 /// whether each message is an object with a string `role` and a `content` that is a string,
 /// an array of parts or `null` (an assistant's or a tool's message may leave `content` out);
 /// the first that is not is the error.
-fn read_messages(messages: &[Value], vision: &mut bool) -> Result<(), ApiError> {
+fn read_messages(messages: &[Value], vision: &mut bool) -> Result<(), RequestError> {
     for (i, message) in messages.iter().enumerate() {
         let Value::Object(fields) = message else {
             return Err(wrong_type(format!("messages[{i}]"), "an object", message));
@@ -320,32 +320,32 @@ fn span_of(body: &[u8], raw: &RawValue) -> (usize, usize) {
     (start, start + raw.get().len())
 }
 
-fn json_error(e: &serde_json::Error) -> ApiError {
-    ApiError::InvalidJson(format!(
+fn json_error(e: &serde_json::Error) -> RequestError {
+    RequestError::InvalidJson(format!(
         "We could not parse the JSON body of your request ({}). The body must be a JSON object.",
         e.to_string().split(" at line").next().unwrap_or("invalid JSON")
     ))
 }
 
-fn optional_u64(value: Option<&Value>, field: &str) -> Result<Option<u64>, ApiError> {
+fn optional_u64(value: Option<&Value>, field: &str) -> Result<Option<u64>, RequestError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            ApiError::param(field, format!("Invalid type for '{field}': expected a non-negative integer, got {v}."))
+            RequestError::param(field, format!("Invalid type for '{field}': expected a non-negative integer, got {v}."))
         }),
     }
 }
 /// Parses and checks any request body for `endpoint` into a `Value`, wording what it refuses:
 /// what [`parse`](super::parse) does for the bodies its skim leaves alone (public for the
 /// tests that hold the two to one answer).
-pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, ApiError> {
+pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, RequestError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let top = TopLevelFor(endpoint)
         .deserialize(&mut de)
         .and_then(|top| de.end().map(|()| top))
         .map_err(|e| json_error(&e))?;
     if let Some(key) = top.duplicate {
-        return Err(ApiError::param(&key, format!("Duplicate key '{key}' in the request body.")));
+        return Err(RequestError::param(&key, format!("Duplicate key '{key}' in the request body.")));
     }
     let model_span = top.model.map(|raw| span_of(body, raw));
     let stream_options_span = top.stream_options.map(|raw| span_of(body, raw));
@@ -354,31 +354,34 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
     let close = body
         .iter()
         .rposition(|&b| b == b'}')
-        .ok_or_else(|| ApiError::InvalidJson("The body must be a JSON object.".into()))?;
+        .ok_or_else(|| RequestError::InvalidJson("The body must be a JSON object.".into()))?;
 
     let model = match noted.model {
         Some(Value::String(m)) if !m.is_empty() => m,
         Some(Value::String(_)) | None | Some(Value::Null) => {
-            return Err(ApiError::param("model", "You must provide a model parameter."))
+            return Err(RequestError::param("model", "You must provide a model parameter."))
         }
         Some(other) => {
-            return Err(ApiError::param("model", format!("Invalid type for 'model': expected a string, got {other}.")))
+            return Err(RequestError::param(
+                "model",
+                format!("Invalid type for 'model': expected a string, got {other}."),
+            ))
         }
     };
-    let model_span = model_span.ok_or_else(|| ApiError::param("model", "You must provide a model parameter."))?;
+    let model_span = model_span.ok_or_else(|| RequestError::param("model", "You must provide a model parameter."))?;
 
     let stream = match &noted.stream {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(other) => {
-            return Err(ApiError::param(
+            return Err(RequestError::param(
                 "stream",
                 format!("Invalid type for 'stream': expected a boolean, got {other}."),
             ))
         }
     };
     if stream && endpoint == Endpoint::Embeddings {
-        return Err(ApiError::param("stream", "Embeddings cannot be streamed."));
+        return Err(RequestError::param("stream", "Embeddings cannot be streamed."));
     }
     let client_wants_usage = match &noted.stream_options {
         None | Some(Value::Null) => false,
@@ -386,40 +389,40 @@ pub fn parse_full(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, Api
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => {
-                return Err(ApiError::param("stream_options.include_usage", "Invalid type: expected a boolean."))
+                return Err(RequestError::param("stream_options.include_usage", "Invalid type: expected a boolean."))
             }
         },
         Some(_) => {
-            return Err(ApiError::param("stream_options", "Invalid type for 'stream_options': expected an object."))
+            return Err(RequestError::param("stream_options", "Invalid type for 'stream_options': expected an object."))
         }
     };
     let max_completion_tokens = optional_u64(noted.max_completion_tokens.as_ref(), "max_completion_tokens")?;
     let max_tokens = optional_u64(noted.max_tokens.as_ref(), "max_tokens")?;
     let n = optional_u64(noted.n.as_ref(), "n")?.unwrap_or(1);
     if n == 0 || n > MAX_N {
-        return Err(ApiError::param("n", format!("'n' must be between 1 and {MAX_N}.")));
+        return Err(RequestError::param("n", format!("'n' must be between 1 and {MAX_N}.")));
     }
     match endpoint {
         Endpoint::Chat => match noted.messages {
             Some(Shape::Array) => {}
             Some(Shape::EmptyArray) => {
-                return Err(ApiError::param("messages", "'messages' must contain at least one message."))
+                return Err(RequestError::param("messages", "'messages' must contain at least one message."))
             }
-            None => return Err(ApiError::param("messages", "'messages' is a required property.")),
-            Some(_) => return Err(ApiError::param("messages", "Invalid type for 'messages': expected an array.")),
+            None => return Err(RequestError::param("messages", "'messages' is a required property.")),
+            Some(_) => return Err(RequestError::param("messages", "Invalid type for 'messages': expected an array.")),
         },
         Endpoint::Completions => match noted.prompt {
             Some(Shape::String | Shape::Array | Shape::EmptyArray) => {}
-            None => return Err(ApiError::param("prompt", "'prompt' is a required property.")),
+            None => return Err(RequestError::param("prompt", "'prompt' is a required property.")),
             Some(Shape::Other) => {
-                return Err(ApiError::param("prompt", "Invalid type for 'prompt': expected a string or an array."))
+                return Err(RequestError::param("prompt", "Invalid type for 'prompt': expected a string or an array."))
             }
         },
         Endpoint::Embeddings => match noted.input {
             Some(Shape::String | Shape::Array | Shape::EmptyArray) => {}
-            None => return Err(ApiError::param("input", "'input' is a required property.")),
+            None => return Err(RequestError::param("input", "'input' is a required property.")),
             Some(Shape::Other) => {
-                return Err(ApiError::param("input", "Invalid type for 'input': expected a string or an array."))
+                return Err(RequestError::param("input", "Invalid type for 'input': expected a string or an array."))
             }
         },
     }

@@ -11,7 +11,6 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::error::ApiError;
 use crate::policy::pricing::Capabilities;
 use crate::policy::tokens::PlainChat;
 
@@ -131,8 +130,24 @@ pub struct ParsedRequest {
     close: usize,
 }
 
+/// Why a request body was refused: a 400, in OpenAI's words (`ApiError` takes it over at
+/// the edge).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// The body is not JSON, or not a JSON object.
+    InvalidJson(String),
+    /// One field is missing or wrong; `param` names it as OpenAI does.
+    InvalidParam { param: String, message: String },
+}
+
+impl RequestError {
+    pub fn param(param: impl Into<String>, message: impl Into<String>) -> Self {
+        RequestError::InvalidParam { param: param.into(), message: message.into() }
+    }
+}
+
 /// Parses and checks a request body for `endpoint`.
-pub fn parse(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, ApiError> {
+pub fn parse(endpoint: Endpoint, body: &Bytes) -> Result<ParsedRequest, RequestError> {
     match skim_plain_chat(endpoint, body) {
         Some(parsed) => Ok(parsed),
         None => parse_full(endpoint, body),

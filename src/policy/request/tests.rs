@@ -1,6 +1,6 @@
 use super::*;
 
-fn parse_chat(body: &str) -> Result<ParsedRequest, ApiError> {
+fn parse_chat(body: &str) -> Result<ParsedRequest, RequestError> {
     parse(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes()))
 }
 
@@ -36,7 +36,7 @@ fn existing_stream_options_keep_their_fields() {
 #[test]
 fn bad_inputs_name_their_field() {
     let param = |body: &str| match parse_chat(body) {
-        Err(ApiError::InvalidParam { param, .. }) => param,
+        Err(RequestError::InvalidParam { param, .. }) => param,
         other => panic!("expected a param error, got {other:?}"),
     };
     assert_eq!(param(r#"{"messages":[{"role":"user","content":"x"}]}"#), "model");
@@ -89,16 +89,16 @@ fn common_fields_of_their_types_or_null_pass_and_unknown_fields_are_not_checked(
     }
     for prompt in [r#"["a",1]"#, "[[1],2]", "[1.5]", r#"[["a"]]"#] {
         assert!(
-            matches!(completion(&format!(r#"{{"model":"m","prompt":{prompt}}}"#)), Err(ApiError::InvalidParam { param, .. }) if param == "prompt"),
+            matches!(completion(&format!(r#"{{"model":"m","prompt":{prompt}}}"#)), Err(RequestError::InvalidParam { param, .. }) if param == "prompt"),
             "{prompt}"
         );
     }
     let embedding = |body: &str| parse(Endpoint::Embeddings, &Bytes::copy_from_slice(body.as_bytes()));
     assert!(
-        matches!(embedding(r#"{"model":"m","input":[[1],["x"]]}"#), Err(ApiError::InvalidParam { param, .. }) if param == "input")
+        matches!(embedding(r#"{"model":"m","input":[[1],["x"]]}"#), Err(RequestError::InvalidParam { param, .. }) if param == "input")
     );
     assert!(
-        matches!(embedding(r#"{"model":"m","input":"x","dimensions":"8"}"#), Err(ApiError::InvalidParam { param, .. }) if param == "dimensions")
+        matches!(embedding(r#"{"model":"m","input":"x","dimensions":"8"}"#), Err(RequestError::InvalidParam { param, .. }) if param == "dimensions")
     );
 }
 
@@ -126,18 +126,21 @@ fn both_output_limits_are_kept_and_the_reservation_reads_max_completion_tokens_f
 fn not_json_is_invalid_json() {
     for body in ["", "nope", "[1,2]", "{\"model\":", "\"str\"", "{\"a\":\"\\ud800\"}x"] {
         assert!(
-            matches!(parse(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes())), Err(ApiError::InvalidJson(_))),
+            matches!(
+                parse(Endpoint::Chat, &Bytes::copy_from_slice(body.as_bytes())),
+                Err(RequestError::InvalidJson(_))
+            ),
             "{body}"
         );
     }
     assert!(matches!(
         parse(Endpoint::Chat, &Bytes::from_static(b"{\"model\":\"\xff\"}")),
-        Err(ApiError::InvalidJson(_))
+        Err(RequestError::InvalidJson(_))
     ));
     let deep = "[".repeat(10_000);
     assert!(matches!(
         parse(Endpoint::Chat, &Bytes::from(format!("{{\"model\":{deep}"))),
-        Err(ApiError::InvalidJson(_))
+        Err(RequestError::InvalidJson(_))
     ));
 }
 
