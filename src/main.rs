@@ -9,15 +9,15 @@ use serde_json::json;
 
 use tollgate::api::admin::{new_key, validate_name};
 use tollgate::api::spend::{group_name, parse_group_by, parse_time, record_json, spend_json, Edge, DEFAULT_GROUP_BY};
-use tollgate::budget::{BudgetSpec, Period};
+use tollgate::policy::budget::{BudgetSpec, Period};
 use tollgate::ledger::{now_ms, Backend, LogFilter, SpendFilter, TeamRow};
-use tollgate::pricing::NanoUsd;
+use tollgate::policy::pricing::NanoUsd;
 use tollgate::{Config, RunOptions};
 
 /// jemalloc instead of glibc's malloc: the gateway allocates and frees many small buffers per
-/// request across threads, where glibc's malloc/free cost ~14% of its CPU under load and kept
-/// the memory of a burst of streams after it ended (docs/benchmarks.md: mimalloc, also
-/// tried, was as fast but held 1.7x the memory with 5,000 open streams).
+/// request across threads, where glibc's allocator is slow and keeps the memory of a burst of
+/// streams after it ends; mimalloc was as fast but held more memory with many open streams
+/// (docs/benchmarks.md, decision table).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

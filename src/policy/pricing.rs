@@ -67,8 +67,8 @@ impl Sub for NanoUsd {
 /// Prints as an exact decimal USD string (`0.000524`), as in `x-tollgate-cost-usd`.
 impl fmt::Display for NanoUsd {
     /// Dollars, with the fraction's digits up to the last non-zero one (`0.0000123`, `2`).
-    /// Written into a stack buffer and handed over once: this formats every response's
-    /// cost header, and `write!` with a padded fraction cost ~1% of a request's instructions.
+    /// Written into a stack buffer and handed over once, because this formats every
+    /// response's cost header and `write!` with a padded fraction is costly there.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // "-", 11 digits of whole dollars (i64::MAX nano-dollars), ".", 9 digits.
         let mut out = [0u8; 24];

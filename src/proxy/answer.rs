@@ -44,8 +44,8 @@ pub(super) fn forwarded_error(error: ApiError, mut headers: HeaderMap, cost: Nan
     response
 }
 
-/// A response of `status` with exactly `headers` (a tuple's `into_response` would build a
-/// map and merge these into it one by one, ~1% of a request's instructions).
+/// A response of `status` with exactly `headers`: the finished map is installed as it is (a
+/// tuple's `into_response` would build a map and merge these into it one by one).
 pub(super) fn respond(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
     let mut response = Response::new(body);
     *response.status_mut() = status;

@@ -4,7 +4,6 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
-use super::measure::to_u64;
 
 /// Python's `str()` of a JSON scalar as `json.load` would have produced it. Arrays and objects
 /// (Python would print its repr, e.g. `{'a': 1}`) are approximated by their JSON.
@@ -97,7 +96,7 @@ pub(super) struct JsonLen(pub(super) u64);
 
 impl JsonSink for JsonLen {
     fn push_str(&mut self, s: &str) {
-        self.0 = self.0.saturating_add(to_u64(s.len()));
+        self.0 = self.0.saturating_add(u64::try_from(s.len()).unwrap_or(u64::MAX));
     }
 }
 
