@@ -9,8 +9,8 @@ use serde_json::json;
 
 use tollgate::api::admin::{new_key, validate_name};
 use tollgate::api::spend::{group_name, parse_group_by, parse_time, record_json, spend_json, Edge, DEFAULT_GROUP_BY};
-use tollgate::policy::budget::{BudgetSpec, Period};
 use tollgate::ledger::{now_ms, Backend, LogFilter, SpendFilter, TeamRow};
+use tollgate::policy::budget::{BudgetSpec, Period};
 use tollgate::policy::pricing::NanoUsd;
 use tollgate::{Config, RunOptions};
 

@@ -25,6 +25,7 @@ use std::time::Instant;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::policy::request::Endpoint;
@@ -61,7 +62,11 @@ pub async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response 
     // Read once: the record's time and the budget period the request is charged to agree.
     let now = app.clock.now();
     let request_id = crate::ledger::new_request_id(now.timestamp_millis());
-    let mut response = match handle(&app, endpoint, req, started, now, &request_id).await {
+    // Every log line of the request's phases — the stream's pump and a forwarding that
+    // outlives its client included — carries its id and endpoint.
+    let span = tracing::info_span!("request", id = %request_id, endpoint = endpoint.name());
+    let handled = handle(&app, endpoint, req, started, now, &request_id).instrument(span).await;
+    let mut response = match handled {
         Ok(response) => response,
         Err(e) => {
             app.metrics.record_refusal(&e.code());

@@ -12,6 +12,7 @@ use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::answer::{forwarded_error, insert_cost, respond, retryable};
 use super::detach::{unless_cut, Detachable, Panicked};
@@ -171,7 +172,9 @@ pub(super) fn relay_stream(
     let app = meter.app.clone();
     let drain = std::time::Duration::from_millis(app.config.disconnect_drain_ms);
     let status = upstream.status;
-    let pump = Detachable::new(&app.tracker, pump(meter, served, upstream, first, client_wants_usage, tx, drain));
+    // The body is polled outside the handler's span: the pump takes the request's along.
+    let pump = pump(meter, served, upstream, first, client_wants_usage, tx, drain).instrument(tracing::Span::current());
+    let pump = Detachable::new(&app.tracker, pump);
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));

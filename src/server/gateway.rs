@@ -7,6 +7,7 @@ use std::pin::Pin;
 
 use axum::routing::{get, post};
 use axum::Router;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -64,7 +65,10 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Gateway 
                 let state = self.state.clone();
                 Box::pin(async move { Ok(proxy::proxy(state, endpoint, req).await) })
             }
-            None => Box::pin(tower::ServiceExt::oneshot(self.router.clone(), req)),
+            None => {
+                let span = tracing::info_span!("request", method = %req.method(), path = req.uri().path());
+                Box::pin(tower::ServiceExt::oneshot(self.router.clone(), req).instrument(span))
+            }
         }
     }
 }

@@ -4,7 +4,6 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
-
 /// Python's `str()` of a JSON scalar as `json.load` would have produced it. Arrays and objects
 /// (Python would print its repr, e.g. `{'a': 1}`) are approximated by their JSON.
 pub(super) fn py_str(v: &Value) -> Cow<'_, str> {
