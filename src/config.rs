@@ -11,6 +11,7 @@ use axum::http::Uri;
 use foldhash::{HashMap, HashMapExt};
 use serde::Deserialize;
 
+use crate::policy::models::{Catalog, Model};
 use crate::policy::pricing::{self, Capabilities, ModelKind, NanoUsd, Price};
 
 /// The config file's path when none is given on the command line or in `$TOLLGATE_CONFIG`.
@@ -217,21 +218,6 @@ pub struct Provider {
     pub idle_timeout_ms: u64,
 }
 
-/// A model clients may ask for, bound to a provider, with its price and limits.
-#[derive(Clone, Debug)]
-pub struct Model {
-    pub name: String,
-    pub provider: Arc<Provider>,
-    pub upstream_model: String,
-    pub price: Price,
-    /// Tokens (prompt + output) the model accepts.
-    pub context_window: u64,
-    /// Most output tokens one request may ask for.
-    pub max_output_tokens: u64,
-    pub kind: ModelKind,
-    pub capabilities: Capabilities,
-}
-
 /// The validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -266,13 +252,8 @@ pub struct Config {
     /// Threads serving connections (each a single-threaded runtime; default one per CPU).
     pub workers: usize,
     pub providers: Vec<Arc<Provider>>,
-    pub models: HashMap<String, Arc<Model>>,
-    /// Model names in config order (for `/v1/models`).
-    pub model_order: Vec<String>,
-    /// asked model -> cheaper model.
-    pub downgrade: HashMap<String, String>,
-    /// model -> deployments tried in order when it fails before answering.
-    pub fallbacks: HashMap<String, Vec<String>>,
+    /// The models, their downgrade chains and fallbacks.
+    pub catalog: Catalog,
 }
 
 /// Every problem found in a config, reported together.
@@ -520,10 +501,10 @@ impl RawConfig {
                 problems.push(format!("model {:?} is defined twice", m.name));
                 continue;
             }
-            let Some(provider) = providers.get(&m.provider).cloned() else {
+            if !providers.contains_key(&m.provider) {
                 problems.push(format!("model {:?}: unknown provider {:?}", m.name, m.provider));
                 continue;
-            };
+            }
             let upstream_model = m.upstream_model.clone().unwrap_or_else(|| m.name.clone());
             let entry = pricing::catalog_entry(&upstream_model).or_else(|| pricing::catalog_entry(&m.name));
             let input = match (m.input_per_mtok, entry) {
@@ -572,7 +553,7 @@ impl RawConfig {
                 m.name.clone(),
                 Arc::new(Model {
                     name: m.name,
-                    provider,
+                    provider: m.provider,
                     upstream_model,
                     price: Price {
                         input_per_mtok: input,
@@ -653,10 +634,7 @@ impl RawConfig {
             header_read_timeout_ms: self.header_read_timeout_ms,
             body_read_timeout_ms: self.body_read_timeout_ms,
             providers: provider_list,
-            models,
-            model_order,
-            downgrade,
-            fallbacks,
+            catalog: Catalog { models, model_order, downgrade, fallbacks },
         })
     }
 }
@@ -684,9 +662,10 @@ mod tests {
     #[test]
     fn empty_config_serves_the_catalog_from_mock() {
         let c = Config::from_toml("", env).unwrap();
-        assert!(c.models.contains_key("gpt-4o-mini"));
-        assert_eq!(c.models["gpt-4o-mini"].provider.kind, ProviderKind::Mock);
-        assert_eq!(c.models["gpt-4o-mini"].price.input_per_mtok, NanoUsd(150_000_000));
+        assert!(c.catalog.models.contains_key("gpt-4o-mini"));
+        assert_eq!(c.catalog.models["gpt-4o-mini"].provider, "mock");
+        assert_eq!(c.providers.iter().find(|p| p.name == "mock").map(|p| p.kind), Some(ProviderKind::Mock));
+        assert_eq!(c.catalog.models["gpt-4o-mini"].price.input_per_mtok, NanoUsd(150_000_000));
     }
 
     #[test]
@@ -725,10 +704,10 @@ mod tests {
     fn a_priced_model_outside_the_catalog_needs_no_sizes() {
         let text = "[[models]]\nname = 'my-llama'\nprovider = 'mock'\ninput_per_mtok = 0.2\noutput_per_mtok = 0.4";
         let c = Config::from_toml(text, env).unwrap();
-        let m = &c.models["my-llama"];
+        let m = &c.catalog.models["my-llama"];
         assert_eq!((m.context_window, m.max_output_tokens), (DEFAULT_CONTEXT_WINDOW, DEFAULT_MAX_OUTPUT_TOKENS));
         let sized = format!("{text}\ncontext_window = 8192\nmax_output_tokens = 2048");
-        let m = Config::from_toml(&sized, env).unwrap().models["my-llama"].clone();
+        let m = Config::from_toml(&sized, env).unwrap().catalog.models["my-llama"].clone();
         assert_eq!((m.context_window, m.max_output_tokens), (8192, 2048));
         let unpriced = "[[models]]\nname = 'my-llama'\nprovider = 'mock'";
         assert!(Config::from_toml(unpriced, env).is_err(), "no price is still a start-up error");
@@ -788,7 +767,7 @@ mod tests {
     fn explicit_prices_override_catalog() {
         let text = "[[models]]\nname='gpt-4o'\nprovider='mock'\ninput_per_mtok=1.5\noutput_per_mtok=2";
         let c = Config::from_toml(text, env).unwrap();
-        let p = c.models["gpt-4o"].price;
+        let p = c.catalog.models["gpt-4o"].price;
         assert_eq!(p.input_per_mtok, NanoUsd(1_500_000_000));
         assert_eq!(p.cached_input_per_mtok, NanoUsd(1_500_000_000));
         assert_eq!(p.output_per_mtok, NanoUsd(2_000_000_000));

@@ -273,7 +273,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let config = load_config(config_path)?;
             println!(
                 "config ok: {} models, {} providers, database {}",
-                config.models.len(),
+                config.catalog.models.len(),
                 config.providers.len(),
                 tollgate::ledger::redact_url(&config.database_url)
             );

@@ -1296,8 +1296,8 @@ proptest! {
             // Whatever got through is usable: positive limits, known providers.
             prop_assert!(config.max_body_bytes > 0);
             prop_assert!(config.header_read_timeout_ms > 0 && config.body_read_timeout_ms > 0);
-            for m in config.models.values() {
-                prop_assert!(config.providers.iter().any(|p| p.name == m.provider.name));
+            for m in config.catalog.models.values() {
+                prop_assert!(config.providers.iter().any(|p| p.name == m.provider));
                 prop_assert!(m.context_window > 0);
             }
         }

@@ -14,6 +14,7 @@ pub async fn list(State(app): State<AppState>, headers: HeaderMap) -> Result<Res
     let caller = auth::authenticate(&app.directory, app.ledger.backend(), &headers).await?;
     let data: Vec<_> = app
         .config
+        .catalog
         .model_order
         .iter()
         .filter(|name| caller.allows(name))

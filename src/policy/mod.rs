@@ -1,4 +1,5 @@
 pub mod budget;
+pub mod models;
 pub mod pricing;
 pub mod request;
 pub mod routing;

@@ -14,8 +14,8 @@
 
 use std::sync::Arc;
 
-use crate::config::{Config, Model};
 use crate::policy::budget::{Applicable, BudgetStore, Loose, Refusal, Reservation};
+use crate::policy::models::{Catalog, Model};
 use crate::policy::pricing::NanoUsd;
 use crate::policy::request::ParsedRequest;
 use crate::policy::tokens::{self, Encoding};
@@ -104,24 +104,6 @@ impl<'a> PromptCounter<'a> {
     }
 }
 
-/// Most steps followed along a downgrade chain (config validation rejects cycles already).
-const MAX_CHAIN: usize = 16;
-
-/// The asked model and its downgrade chain, in order.
-pub fn chain(config: &Config, asked: &Arc<Model>) -> Vec<Arc<Model>> {
-    let mut out = vec![asked.clone()];
-    let mut at = asked.name.as_str();
-    while let Some(next) = config.downgrade.get(at) {
-        let Some(model) = config.models.get(next) else { break };
-        if out.iter().any(|m| m.name == model.name) || out.len() >= MAX_CHAIN {
-            break;
-        }
-        out.push(model.clone());
-        at = next;
-    }
-    out
-}
-
 /// Output tokens to reserve for on `model`: the request's limit or the model's, per choice.
 pub fn max_output(request: &ParsedRequest, model: &Model) -> u64 {
     request.max_output().unwrap_or(model.max_output_tokens).saturating_mul(request.n)
@@ -170,14 +152,14 @@ pub struct Ask<'a> {
 
 /// Routes the request and reserves its worst case, or says why nothing fits.
 pub fn admit(
-    config: &Config,
+    catalog: &Catalog,
     book: &dyn BudgetStore,
     ask: Ask<'_>,
     counter: &mut PromptCounter,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Admission, (String, Option<Refusal>)> {
     let Ask { caller, budgets, request, asked } = ask;
-    let chain = chain(config, asked);
+    let chain = catalog.chain(asked);
     let mut past_threshold = chain.len() > 1 && book.past_threshold(budgets, now);
     if past_threshold {
         // Loose reservations may overstate what is held: decide on exact figures.

@@ -13,10 +13,11 @@ use serde_json::json;
 use super::forward::Forward;
 use super::settle::{LocalPrompt, Meter};
 use crate::auth;
-use crate::config::{Model, OnLedgerError};
+use crate::config::OnLedgerError;
 use crate::edge;
 use crate::error::ApiError;
 use crate::policy::budget::BudgetStore;
+use crate::policy::models::Model;
 use crate::policy::pricing::NanoUsd;
 use crate::policy::request::{self, Endpoint, ParsedRequest};
 use crate::policy::routing::{self, Admission, Decision, PromptCounter};
@@ -52,8 +53,13 @@ pub(super) async fn admit(
     let body_timeout = std::time::Duration::from_millis(app.config.body_read_timeout_ms);
     let body = edge::read_body(body, app.config.max_body_bytes, body_timeout, &parts.headers).await?;
     let parsed = request::parse(endpoint, &body)?;
-    let asked =
-        app.config.models.get(&parsed.model).cloned().ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
+    let asked = app
+        .config
+        .catalog
+        .models
+        .get(&parsed.model)
+        .cloned()
+        .ok_or_else(|| ApiError::ModelNotFound(parsed.model.clone()))?;
     if !caller.allows(&asked.name) {
         return Err(ApiError::ModelNotAllowed(asked.name.clone()));
     }
@@ -95,7 +101,7 @@ pub(super) async fn admit(
     app.load_accounts(&budgets, now).await?;
     let mut counter = PromptCounter::new(&parsed);
     let ask = routing::Ask { caller: &caller, budgets: &budgets, request: &parsed, asked: &asked };
-    let admitted = routing::admit(&app.config, &app.budgets, ask, &mut counter, now);
+    let admitted = routing::admit(&app.config.catalog, &app.budgets, ask, &mut counter, now);
     if dry_run {
         return Ok(Admitted::DryRun(dry_run_answer(app, &budgets, &parsed, &asked, admitted, &mut counter, now)));
     }

@@ -5,8 +5,8 @@ use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use crate::config::Model;
 use crate::error::ApiError;
+use crate::policy::models::Model;
 use crate::policy::pricing::NanoUsd;
 
 // tollgate's own headers (SPEC §4), named once instead of parsed per use.

@@ -11,8 +11,8 @@ use super::answer::{model_headers, retryable};
 use super::detach::unless_cut;
 use super::relay::{first_sse_bytes, relay_stream, whole_response};
 use super::settle::{cut_off, failed, Meter};
-use crate::config::Model;
 use crate::error::ApiError;
+use crate::policy::models::Model;
 use crate::policy::request::ParsedRequest;
 use crate::upstream::{SendError, UpstreamResponse};
 
@@ -57,13 +57,9 @@ impl Forward {
         let path = parsed.endpoint.upstream_path();
         // The serving model, then its fallback deployments (allowed ones only).
         let mut deployments = vec![model.clone()];
-        if let Some(list) = app.config.fallbacks.get(&model.name) {
-            for name in list {
-                if let Some(m) = app.config.models.get(name) {
-                    if meter.caller.allows(&m.name) && m.capabilities.covers(&parsed.needs) {
-                        deployments.push(m.clone());
-                    }
-                }
+        for m in app.config.catalog.fallbacks_of(&model.name) {
+            if meter.caller.allows(&m.name) && m.capabilities.covers(&parsed.needs) {
+                deployments.push(m.clone());
             }
         }
         let mut last_failure: Option<ApiError> = None;

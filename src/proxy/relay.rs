@@ -17,10 +17,11 @@ use tracing::Instrument;
 use super::answer::{forwarded_error, insert_cost, respond, retryable};
 use super::detach::{unless_cut, Detachable, Panicked};
 use super::settle::{cut_off, failed, Meter, Outcome, Produced};
-use crate::config::{Model, OnLedgerError};
+use crate::config::OnLedgerError;
 use crate::error::ApiError;
 use crate::metering::sse::SseParser;
 use crate::metering::usage::{self, ChunkKind, StreamAccumulator};
+use crate::policy::models::Model;
 use crate::upstream::{ReadError, UpstreamResponse};
 
 /// Largest single SSE event accepted from an upstream.

@@ -15,11 +15,11 @@ use axum::response::Response;
 
 use super::answer::forwarded_error;
 use crate::auth::Caller;
-use crate::config::Model;
 use crate::error::ApiError;
 use crate::ledger::{LedgerError, NotJournaled, Pin, RequestRecord, Slot, UsageSource};
 use crate::policy::budget::BudgetStore;
 use crate::policy::budget::{RateTicket, Reservation};
+use crate::policy::models::Model;
 use crate::policy::pricing::{NanoUsd, Usage};
 use crate::policy::tokens;
 use crate::state::AppState;

@@ -41,6 +41,7 @@ pub enum ClientError {
 
 /// HTTP clients for every provider.
 pub struct Upstreams {
+    providers: HashMap<String, Arc<Provider>>,
     clients: HashMap<String, Client>,
 }
 
@@ -83,11 +84,14 @@ impl Upstreams {
             });
             clients.insert(p.name.clone(), Client { pools, uris, authorization });
         }
-        Ok(Upstreams { clients })
+        let providers = config.providers.iter().map(|p| (p.name.clone(), p.clone())).collect();
+        Ok(Upstreams { providers, clients })
     }
 
-    /// POSTs `body` to `provider`'s `path` (e.g. `/chat/completions`) and waits for headers.
-    pub async fn send(&self, provider: &Arc<Provider>, path: &str, body: Bytes) -> Result<UpstreamResponse, SendError> {
+    /// POSTs `body` to the provider named `provider`'s `path` (e.g. `/chat/completions`) and
+    /// waits for headers.
+    pub async fn send(&self, provider: &str, path: &str, body: Bytes) -> Result<UpstreamResponse, SendError> {
+        let provider = self.providers.get(provider).ok_or_else(|| SendError::Other("no such provider".into()))?;
         let idle_timeout = Duration::from_millis(provider.idle_timeout_ms);
         if provider.kind == ProviderKind::Mock {
             return mock::respond(path, body, idle_timeout).await;
