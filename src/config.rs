@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::http::Uri;
@@ -113,8 +113,9 @@ fn default_max_response() -> usize {
 fn default_disconnect_drain_ms() -> u64 {
     60_000
 }
+/// A journal segment's length: a megabyte holds a few thousand records.
 fn default_segment_bytes() -> u64 {
-    crate::ledger::journal::SEGMENT_BYTES
+    1024 * 1024
 }
 fn default_ledger_queue() -> usize {
     100_000
@@ -616,9 +617,7 @@ impl RawConfig {
         }
         Ok(Config {
             listen: self.listen,
-            journal_dir: self
-                .journal_dir
-                .map_or_else(|| crate::ledger::journal::default_dir(&self.database_url), std::path::PathBuf::from),
+            journal_dir: self.journal_dir.map_or_else(|| default_journal_dir(&self.database_url), PathBuf::from),
             journal_segment_bytes: self.journal_segment_bytes,
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             database_url: self.database_url,
@@ -637,6 +636,18 @@ impl RawConfig {
             catalog: Catalog { models, model_order, downgrade, fallbacks },
         })
     }
+}
+
+/// The journal folder used when the config names none: beside an SQLite database file, else
+/// `tollgate-journal` in the working directory.
+fn default_journal_dir(database_url: &str) -> PathBuf {
+    if let Some(rest) = database_url.strip_prefix("sqlite://").or_else(|| database_url.strip_prefix("sqlite:")) {
+        let file = rest.split('?').next().unwrap_or(rest);
+        if !file.is_empty() && !file.starts_with(':') {
+            return PathBuf::from(format!("{file}.journal"));
+        }
+    }
+    PathBuf::from("tollgate-journal")
 }
 
 /// The URI of an upstream endpoint: an absolute `http(s)://` URL with a host.
@@ -771,5 +782,13 @@ mod tests {
         assert_eq!(p.input_per_mtok, NanoUsd(1_500_000_000));
         assert_eq!(p.cached_input_per_mtok, NanoUsd(1_500_000_000));
         assert_eq!(p.output_per_mtok, NanoUsd(2_000_000_000));
+    }
+
+    #[test]
+    fn default_folder_sits_beside_an_sqlite_file() {
+        assert_eq!(default_journal_dir("sqlite://data/t.db"), PathBuf::from("data/t.db.journal"));
+        assert_eq!(default_journal_dir("sqlite:///var/lib/t.db?mode=rwc"), PathBuf::from("/var/lib/t.db.journal"));
+        assert_eq!(default_journal_dir("postgres://u@h/db"), PathBuf::from("tollgate-journal"));
+        assert_eq!(default_journal_dir("sqlite::memory:"), PathBuf::from("tollgate-journal"));
     }
 }

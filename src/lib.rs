@@ -32,6 +32,5 @@ pub mod state;
 pub mod upstream;
 
 pub use config::Config;
-pub use policy::{budget, pricing, routing};
 pub use server::{app, run, RunOptions};
 pub use state::AppState;

@@ -1,23 +1,32 @@
 //! The PostgreSQL backend, for several replicas sharing one ledger: the same tables and
-//! queries as `sqlite.rs` in PostgreSQL's dialect, migrations from `migrations/postgres/`.
+//! queries as the SQLite backend in PostgreSQL's dialect, migrations from
+//! `migrations/postgres/`. Everything, the ledger writer's batches included, goes through
+//! one sqlx pool (PostgreSQL's caches are the server's, not the connection's).
 
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, QueryBuilder, Row};
 
-use super::sqlite::{hash_from_hex, hash_to_hex};
-use super::{
-    from_i64, latest_per_request, models_from_json, models_to_json, period_from_str, pow2_split, record_columns,
-    to_i64, Column, GroupBy, KeyRow, LedgerError, LogFilter, LogPage, RequestRecord, SpendFilter, SpendGroup,
-    SpendTotals, TeamRow, UsageSource, INSERT_INTO, RECORD_COLUMNS, UPSERT,
+use super::backend::Batch;
+use super::journal::LineOp;
+use super::sql::{
+    from_i64, hash_from_hex, hash_to_hex, latest_per_request, models_from_json, models_to_json, period_from_str,
+    pow2_split, record_columns, runs, to_i64, upsert_sql, Column, MARK_INTERRUPTED, RECORD_COLUMNS, RETRACT,
 };
-use crate::budget::BudgetSpec;
-use crate::pricing::NanoUsd;
-use crate::pricing::Usage;
+use super::{
+    GroupBy, KeyRow, LedgerError, LogFilter, LogPage, RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow,
+    UsageSource,
+};
+use crate::policy::budget::BudgetSpec;
+use crate::policy::pricing::{NanoUsd, Usage};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// PostgreSQL binds at most 65,535 parameters a statement.
+const MAX_ROWS: usize = 60_000 / RECORD_COLUMNS;
 
 #[derive(Clone)]
 pub struct PostgresBackend {
@@ -40,23 +49,86 @@ impl PostgresBackend {
         Ok(PostgresBackend { pool })
     }
 
-    /// Where record batches go: the one pool (PostgreSQL's caches are the server's).
-    fn writer(&self) -> &PgPool {
-        &self.pool
-    }
-
     pub async fn close(&self) {
         self.pool.close().await;
     }
 
-    super::shared_queries!(
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Applies a batch (see `Backend::apply`). Writes go as multi-row upserts of a power of
+    /// two of rows (at most [`MAX_ROWS`]), so a handful of statement texts serve every batch
+    /// size from the prepared-statement cache instead of a new one being parsed for each
+    /// size. A batch of one statement needs no transaction.
+    pub async fn apply(&self, batch: &Batch) -> Result<(), LedgerError> {
+        let runs = runs(batch);
+        if let [(LineOp::Write, records)] = &runs[..] {
+            let rows = latest_per_request(records);
+            if let [only] = pow2_split(&rows, MAX_ROWS)[..] {
+                return Self::insert_chunk(&self.pool, only).await;
+            }
+        }
+        let mut tx = self.pool.begin().await?;
+        for (op, records) in &runs {
+            match op {
+                LineOp::Write => {
+                    let rows = latest_per_request(records);
+                    for chunk in pow2_split(&rows, MAX_ROWS) {
+                        Self::insert_chunk(&mut *tx, chunk).await?;
+                    }
+                }
+                LineOp::Retract => {
+                    for r in records {
+                        sqlx::query(RETRACT).bind(&r.request_id).execute(&mut *tx).await?;
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_chunk<'e, E>(executor: E, chunk: &[&RequestRecord]) -> Result<(), LedgerError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Postgres>,
+    {
+        use sqlx::Arguments as _;
+        let mut args = sqlx::postgres::PgArguments::default();
+        args.reserve(chunk.len() * RECORD_COLUMNS, 0);
+        for r in chunk {
+            for column in record_columns(r) {
+                let bound = match column {
+                    Column::Text(v) => args.add(v),
+                    Column::Int(v) => args.add(v),
+                    Column::Bool(v) => args.add(v),
+                };
+                bound.map_err(sqlx::Error::Encode)?;
+            }
+        }
+        sqlx::query_with(Self::insert_sql(chunk.len()), args).execute(executor).await?;
+        Ok(())
+    }
+
+    /// The upsert of `rows` records (a power of two), built once per size.
+    fn insert_sql(rows: usize) -> &'static str {
+        static SQL: [OnceLock<String>; 16] = [const { OnceLock::new() }; 16];
+        debug_assert!(rows.is_power_of_two() && rows.ilog2() < 16);
+        SQL[rows.ilog2() as usize].get_or_init(|| upsert_sql(rows, '$'))
+    }
+
+    pub async fn mark_interrupted(&self) -> Result<u64, LedgerError> {
+        Ok(sqlx::query(MARK_INTERRUPTED).execute(&self.pool).await?.rows_affected())
+    }
+
+    super::sql::directory_queries!(sqlx::Postgres, begin_write = "BEGIN");
+
+    super::sql::report_queries!(
         sqlx::Postgres,
         day = "to_char(to_timestamp(time_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-        int = "::BIGINT",
-        // PostgreSQL binds at most 65,535 parameters a statement.
-        max_rows = 60_000 / RECORD_COLUMNS,
-        begin_write = "BEGIN"
+        int = "::BIGINT"
     );
 }
 
-super::row_mappers!(PgRow);
+super::sql::row_mappers!(PgRow);
