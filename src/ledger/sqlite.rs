@@ -99,3 +99,41 @@ impl SqliteBackend {
 }
 
 super::sql::row_mappers!(SqliteRow);
+
+#[cfg(test)]
+mod tests {
+    use crate::ledger::{Backend, RequestRecord, SpendFilter, UsageSource};
+    use crate::pricing::{NanoUsd, Usage};
+
+    fn record(id: &str, source: UsageSource) -> RequestRecord {
+        RequestRecord {
+            request_id: id.into(),
+            time_ms: 1_700_000_000_000,
+            key_id: "k".into(),
+            team: "t".into(),
+            endpoint: "chat.completions",
+            model: "gpt-4o".into(),
+            served_model: "gpt-4o".into(),
+            usage: Usage { input_tokens: 1, cached_input_tokens: 0, output_tokens: 1 },
+            cost: NanoUsd(5),
+            usage_source: source,
+            status: 200,
+            latency_ms: 1,
+            stream: false,
+        }
+    }
+
+    /// An in-memory database is reached by the record connection too (shared cache, by the
+    /// name sqlx gave it), on a current-thread runtime: what the writer writes, queries read.
+    #[tokio::test]
+    async fn an_in_memory_database_takes_the_writers_writes() {
+        let db = Backend::connect("sqlite::memory:").await.unwrap();
+        db.insert_records(&[record("req_a", UsageSource::Pending), record("req_b", UsageSource::Reported)])
+            .await
+            .unwrap();
+        db.retract(&[record("req_a", UsageSource::Pending)]).await.unwrap();
+        assert_eq!(db.mark_interrupted().await.unwrap(), 0, "the retracted entry is gone");
+        assert_eq!(db.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 1);
+        db.close().await;
+    }
+}
