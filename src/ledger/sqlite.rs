@@ -10,6 +10,7 @@
 //! directory's writes (teams, keys) go through an sqlx pool.
 
 mod checkpointer;
+mod connection;
 mod ffi;
 mod record_conn;
 
@@ -103,7 +104,7 @@ super::sql::row_mappers!(SqliteRow);
 #[cfg(test)]
 mod tests {
     use crate::ledger::{Backend, RequestRecord, SpendFilter, UsageSource};
-    use crate::pricing::{NanoUsd, Usage};
+    use crate::policy::pricing::{NanoUsd, Usage};
 
     fn record(id: &str, source: UsageSource) -> RequestRecord {
         RequestRecord {

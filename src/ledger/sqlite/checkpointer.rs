@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use super::connection::open_connection;
 use super::ffi::lowest_priority;
-use super::record_conn::open_connection;
 
 /// How often the checkpointer moves what the WAL gained into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);

@@ -13,7 +13,7 @@
 //! upserts bind the records where they lie (see [`Upsert`]), which the shared batch (`Batch`,
 //! an `Arc`) keeps alive for as long as this thread may read it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{mpsc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use rusqlite::OpenFlags;
 use tokio::sync::oneshot;
 
 use super::checkpointer::Checkpointer;
+use super::connection::open_connection;
 use super::ffi::Upsert;
 use crate::ledger::backend::Batch;
 use crate::ledger::journal::LineOp;
@@ -267,17 +268,4 @@ impl Step<'_> {
 fn upsert_sql_for(rows: usize) -> &'static str {
     static SQL: [OnceLock<String>; UPSERT_SIZES] = [const { OnceLock::new() }; UPSERT_SIZES];
     SQL[rows.ilog2() as usize].get_or_init(|| upsert_sql(rows, '?'))
-}
-
-/// A rusqlite connection to the ledger's file, set up as sqlx's connections are in
-/// `SqliteBackend::connect` (WAL mode is the file's, set by them; these are each
-/// connection's own).
-pub(super) fn open_connection(file: &Path, busy_timeout: Duration) -> rusqlite::Result<rusqlite::Connection> {
-    let conn = rusqlite::Connection::open_with_flags(
-        file,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(busy_timeout)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(conn)
 }
