@@ -218,6 +218,39 @@ pub fn admit(
     Err((reasons.join("; "), last_refusal))
 }
 
+/// Moves a request's reservation to the fallback deployment `m`, at `m`'s own worst case.
+/// `held` was priced for a deployment that failed before it answered (nothing billed), so it
+/// is released first. A fallback that cannot serve the request — the checks a downgrade target
+/// passes — keeps `held` and says why; one whose worst case does not fit says why and leaves
+/// the request holding nothing. Either way it is skipped, like a target the key may not use.
+pub fn reserve_fallback(
+    book: &dyn BudgetStore,
+    ask: Ask<'_>,
+    held: Reservation,
+    m: &Arc<Model>,
+    counter: &mut PromptCounter,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Reservation, (Reservation, String)> {
+    let Ask { caller, budgets, request, asked } = ask;
+    if let Some(why) = unfit(request, caller, asked, m, counter) {
+        return Err((held, why));
+    }
+    book.settle(held, NanoUsd::ZERO);
+    match reserve(book, budgets, request, m, max_output(request, m), counter, now) {
+        Ok((reservation, ..)) => Ok(reservation),
+        Err((cost, refusal)) => Err((
+            Reservation::none(),
+            format!(
+                "{}'s worst-case cost ${} does not fit the {} budget's remaining ${}",
+                m.name,
+                cost,
+                refusal.scope.label(),
+                refusal.remaining
+            ),
+        )),
+    }
+}
+
 /// Reserves `m`'s worst case: on the token bound if that fits (a loose reservation, exact
 /// count deferred), else on the exact count; if even that does not fit while other requests
 /// hold loose reservations, those are tightened to their exact worst case first, so a

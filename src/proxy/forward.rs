@@ -10,10 +10,12 @@ use bytes::Bytes;
 use super::answer::{model_headers, retryable};
 use super::detach::unless_cut;
 use super::relay::{first_sse_bytes, relay_stream, whole_response};
-use super::settle::{cut_off, failed, Meter};
+use super::settle::{cut_off, failed, LocalPrompt, Meter};
 use crate::error::ApiError;
+use crate::policy::budget::Reservation;
 use crate::policy::models::Model;
 use crate::policy::request::ParsedRequest;
+use crate::policy::routing::{self, PromptCounter};
 use crate::upstream::{SendError, UpstreamResponse};
 
 /// A routed request on its way upstream.
@@ -55,19 +57,22 @@ impl Forward {
             return error.into_response();
         }
         let path = parsed.endpoint.upstream_path();
-        // The serving model, then its fallback deployments (allowed ones only).
+        // The serving model, then its fallback deployments, each reserved at its own price
+        // when its turn comes (`reserve_fallback`).
         let mut deployments = vec![model.clone()];
-        for m in app.config.catalog.fallbacks_of(&model.name) {
-            if meter.caller.allows(&m.name) && m.capabilities.covers(&parsed.needs) {
-                deployments.push(m.clone());
-            }
-        }
+        deployments.extend(app.config.catalog.fallbacks_of(&model.name).cloned());
         let mut last_failure: Option<ApiError> = None;
         let mut last_response: Option<(Arc<Model>, UpstreamResponse)> = None;
         let count = deployments.len();
         // Gateway overhead before the upstream call: auth, parsing, routing, reservation.
         let before_upstream = meter.started.elapsed();
         for (i, deployment) in deployments.into_iter().enumerate() {
+            if i > 0 {
+                if let Err(why) = reserve_fallback(&mut meter, &parsed, &model, &deployment) {
+                    tracing::info!(model = %deployment.name, reason = %why, "fallback skipped");
+                    continue;
+                }
+            }
             let upstream_body = parsed.rewrite(&body, &deployment.upstream_model);
             let sent = Instant::now();
             let Some(result) = unless_cut(&cut, app.upstreams.send(&deployment.provider, path, upstream_body)).await
@@ -133,5 +138,36 @@ impl Forward {
             return relay_stream(meter, served, upstream, first, parsed.client_wants_usage, headers);
         }
         whole_response(meter, served, upstream, headers, before_upstream, &cut).await
+    }
+}
+
+/// Moves the request's reservation to `fallback` at its own price (`routing::reserve_fallback`),
+/// or says why `fallback` cannot serve it.
+fn reserve_fallback(
+    meter: &mut Meter,
+    parsed: &ParsedRequest,
+    routed: &Arc<Model>,
+    fallback: &Arc<Model>,
+) -> Result<(), String> {
+    let app = meter.app.clone();
+    // The period the request is charged to is the one it was admitted in.
+    let now = chrono::DateTime::from_timestamp_millis(meter.time_ms).unwrap_or_else(|| app.clock.now());
+    let budgets = meter.caller.budgets();
+    let mut counter = PromptCounter::new(parsed);
+    let ask = routing::Ask { caller: &meter.caller, budgets: &budgets, request: parsed, asked: routed };
+    let held = std::mem::replace(&mut meter.reservation, Reservation::none());
+    match routing::reserve_fallback(&app.budgets, ask, held, fallback, &mut counter, now) {
+        Ok(reservation) => {
+            meter.reservation = reservation;
+            if let LocalPrompt::Exact(_) = meter.local_prompt_tokens {
+                // Counted for the routed model; the fallback's tokenizer may count otherwise.
+                meter.local_prompt_tokens = LocalPrompt::Exact(counter.exact(fallback));
+            }
+            Ok(())
+        }
+        Err((held, why)) => {
+            meter.reservation = held;
+            Err(why)
+        }
     }
 }

@@ -201,6 +201,100 @@ async fn connection_refused_falls_back_too() {
     assert_eq!(r.status(), 502);
 }
 
+/// A cheap model on `primary` that falls back to a dear one on `backup`.
+fn cheap_to_dear_fallback_config(db: &str, primary: &str, backup: &str) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+database_url = "sqlite://{db}"
+master_key = "{MASTER}"
+
+[[providers]]
+name = "primary"
+kind = "openai"
+base_url = "{primary}"
+
+[[providers]]
+name = "backup"
+kind = "openai"
+base_url = "{backup}"
+first_byte_timeout_ms = 5000
+
+[[models]]
+name = "cheap"
+provider = "primary"
+upstream_model = "gpt-4o-mini"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[[models]]
+name = "dear"
+provider = "backup"
+upstream_model = "gpt-4o"
+input_per_mtok = 2.5
+output_per_mtok = 10.0
+
+[routing]
+fallbacks = {{ "cheap" = ["dear"] }}
+"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_to_a_dearer_model_is_reserved_at_its_own_price_and_never_overspends() {
+    let primary = FakeUpstream::start().await;
+    let backup = FakeUpstream::start().await;
+    primary.reply(Reply::error(500, "boom"));
+    // Slow enough that the racing requests all hold their reservations at once.
+    backup.reply(Reply::chat_json("from dear", Some((20, 0, 10))).with_header_delay(Duration::from_millis(600)));
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("t.db");
+    let text = cheap_to_dear_fallback_config(db.to_str().unwrap(), &primary.url(), &backup.url());
+    let app = TestApp::start_with_config(dir, &text).await;
+    let body = |model: &str| json!({"model": model, "max_tokens": 1000, "messages": [{"role": "user", "content": "hello there"}]});
+    // Each model's worst case for this request, as tollgate prices it.
+    app.create_team("probe", json!({})).await;
+    let (_, probe) = app.create_key("probe", json!({})).await;
+    let mut worst = Vec::new();
+    for model in ["cheap", "dear"] {
+        let r = app
+            .http
+            .post(app.url("/v1/chat/completions"))
+            .bearer_auth(&probe)
+            .header("x-tollgate-dry-run", "true")
+            .json(&body(model))
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        worst.push(usd_to_nanos(&v["max_cost_usd"]));
+    }
+    let (cheap, dear) = (worst[0], worst[1]);
+    assert!(dear > 4 * cheap, "the fallback must be the dearer model: {cheap} vs {dear}");
+    // Room for exactly three answers from the dear model, beside the four cheap reservations
+    // the racing requests take first (so no ordering of their fallbacks refuses a fourth
+    // for lack of room that a release would have made).
+    let limit = 3 * dear + 4 * cheap;
+    app.create_team("t", json!({"limit_usd": usd(limit)})).await;
+    let (_, key) = app.create_key("t", json!({})).await;
+    let racing = (0..4).map(|_| {
+        let (app, key, body) = (&app, &key, body("cheap"));
+        async move { app.chat(key, &body).await.status().as_u16() }
+    });
+    let statuses = futures::future::join_all(racing).await;
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(served, 3, "exactly what fits at the fallback's price is served: {statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 502).count(),
+        1,
+        "the fourth finds no fallback that fits: {statuses:?}"
+    );
+    let (status, team) = app.admin(Method::GET, "/admin/teams/t", None).await;
+    assert_eq!(status, 200, "{team}");
+    assert!(usd_to_nanos(&team["spent_usd"]) <= limit, "spent past the limit: {team}");
+    assert_eq!(backup.hits(), 3, "a fallback that does not fit is never forwarded");
+}
+
 #[tokio::test]
 async fn dry_run_routes_without_calling_the_upstream_or_charging() {
     let up = FakeUpstream::start().await;

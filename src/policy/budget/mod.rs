@@ -210,6 +210,11 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A reservation that holds nothing (settling it changes no account).
+    pub fn none() -> Reservation {
+        Reservation { amount: NanoUsd::ZERO, held: Vec::new(), loose: None }
+    }
+
     /// The amount reserved when taken (a loose one may since have been tightened).
     pub fn amount(&self) -> NanoUsd {
         self.amount
