@@ -15,8 +15,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         if let Ok(config) = tollgate::Config::from_toml(text, env) {
             assert!(config.max_body_bytes > 0);
-            for m in config.models.values() {
-                assert!(config.providers.iter().any(|p| p.name == m.provider.name));
+            for m in config.catalog.models.values() {
+                assert!(config.providers.iter().any(|p| p.name == m.provider));
             }
         }
     }

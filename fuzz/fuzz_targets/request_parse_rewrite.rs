@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
     let body = Bytes::copy_from_slice(data);
     for endpoint in [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings] {
         match parse(endpoint, &body) {
-            Err(e) => assert!(tollgate::error::ApiError::from(e).status().is_client_error(), "{e:?}"),
+            Err(e) => assert!(tollgate::error::ApiError::from(e.clone()).status().is_client_error(), "{e:?}"),
             Ok(p) => {
                 if let Some(chat) = p.plain_chat {
                     let full = parse_full(endpoint, &body).expect("a skimmed body parses in full");
