@@ -62,9 +62,12 @@ pub async fn proxy(app: AppState, endpoint: Endpoint, req: Request) -> Response 
     // Read once: the record's time and the budget period the request is charged to agree.
     let now = app.clock.now();
     let request_id = crate::ledger::new_request_id(now.timestamp_millis());
-    // Every log line of the request's phases — the stream's pump and a forwarding that
-    // outlives its client included — carries its id and endpoint.
-    let span = tracing::info_span!("request", id = %request_id, endpoint = endpoint.name());
+    // With `RUST_LOG=debug` (or a `[request]` directive), every log line of the request's
+    // phases — the stream's pump and a forwarding that outlives its client included —
+    // carries its id and endpoint. At debug level, so that a server logging at info pays
+    // nothing for it (an info-level span cost measurable CPU a request: docs/benchmarks.md);
+    // the lines that matter at info carry `request_id` themselves.
+    let span = tracing::debug_span!("request", id = %request_id, endpoint = endpoint.name());
     let handled = handle(&app, endpoint, req, started, now, &request_id).instrument(span).await;
     let mut response = match handled {
         Ok(response) => response,

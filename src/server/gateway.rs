@@ -66,7 +66,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Gateway 
                 Box::pin(async move { Ok(proxy::proxy(state, endpoint, req).await) })
             }
             None => {
-                let span = tracing::info_span!("request", method = %req.method(), path = req.uri().path());
+                let span = tracing::debug_span!("request", method = %req.method(), path = req.uri().path());
                 Box::pin(tower::ServiceExt::oneshot(self.router.clone(), req).instrument(span))
             }
         }
