@@ -1,6 +1,6 @@
 //! Spend queries (SPEC §6). The master key sees everything; a virtual key sees only its own.
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::admin::ledger_error;
+use crate::api::Query;
 use crate::auth;
 use crate::error::ApiError;
 use crate::ledger::{GroupBy, LogFilter, RequestRecord, SpendFilter, SpendGroup, SpendTotals};
@@ -168,10 +169,10 @@ struct SpendQuery {
 async fn spend(
     State(app): State<AppState>,
     headers: HeaderMap,
-    query: Result<Query<SpendQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<SpendQuery>, ApiError>,
 ) -> Result<Response, ApiError> {
     let viewer = viewer(&app, &headers).await?;
-    let Query(q) = query.map_err(|e| ApiError::param("query", e.body_text()))?;
+    let Query(q) = query?;
     let mut filter = SpendFilter {
         from_ms: q.from.as_deref().filter(|s| !s.is_empty()).map(|s| parse_time(Edge::From, s)).transpose()?,
         to_ms: q.to.as_deref().filter(|s| !s.is_empty()).map(|s| parse_time(Edge::To, s)).transpose()?,
@@ -260,11 +261,10 @@ struct LogsQuery {
     key: Option<String>,
 }
 
-/// A `before` cursor: a request id as the ledger writes them (`req_`, then 28 lowercase hex
-/// digits) — what `next_before` hands out. Anything else is a 400, not an empty page.
+/// A `before` cursor: a request id, what `next_before` hands out. Anything else is a 400, not
+/// an empty page.
 fn cursor(before: String) -> Result<String, ApiError> {
-    let digits = before.strip_prefix("req_").unwrap_or("");
-    if digits.len() == 28 && digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if crate::ledger::is_request_id(&before) {
         Ok(before)
     } else {
         Err(ApiError::param("before", "'before' must be a request id, as 'next_before' gives it."))
@@ -278,10 +278,10 @@ const MAX_LIMIT: u32 = 1000;
 async fn logs(
     State(app): State<AppState>,
     headers: HeaderMap,
-    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<LogsQuery>, ApiError>,
 ) -> Result<Response, ApiError> {
     let viewer = viewer(&app, &headers).await?;
-    let Query(q) = query.map_err(|e| ApiError::param("query", e.body_text()))?;
+    let Query(q) = query?;
     let limit = match q.limit.as_deref().filter(|s| !s.is_empty()) {
         None => DEFAULT_LIMIT,
         Some(s) => s

@@ -42,8 +42,8 @@ pub use journal::Pin;
 pub use postgres::PostgresBackend;
 pub(crate) use records::request_id_floor;
 pub use records::{
-    new_request_id, now_ms, GroupBy, KeyRow, LogFilter, LogPage, RequestRecord, SpendFilter, SpendGroup, SpendTotals,
-    TeamRow, UsageSource,
+    is_request_id, new_request_id, now_ms, GroupBy, KeyRow, LogFilter, LogPage, RequestRecord, SpendFilter, SpendGroup,
+    SpendTotals, TeamRow, UsageSource,
 };
 pub use recovery::recover;
 pub use sqlite::SqliteBackend;

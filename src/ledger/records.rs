@@ -58,6 +58,13 @@ fn request_id_with(time_ms: i64, random: u64) -> String {
     id
 }
 
+/// Whether `s` is a request id as [`new_request_id`] writes them (`req_`, then the time's and
+/// the random bits' lower-case hex digits).
+pub fn is_request_id(s: &str) -> bool {
+    let digits = s.strip_prefix("req_").unwrap_or("");
+    digits.len() == ID_TIME_DIGITS + 16 && digits.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 fn max_id_time() -> i64 {
     (1i64 << (4 * ID_TIME_DIGITS)) - 1
 }

@@ -204,13 +204,7 @@ pub fn admit(
                 });
             }
             Err((cost, refusal)) => {
-                reasons.push(format!(
-                    "{}'s worst-case cost ${} does not fit the {} budget's remaining ${}",
-                    m.name,
-                    cost,
-                    refusal.scope.label(),
-                    refusal.remaining
-                ));
+                reasons.push(does_not_fit(m, cost, &refusal));
                 last_refusal = Some(refusal);
             }
         }
@@ -238,17 +232,19 @@ pub fn reserve_fallback(
     book.settle(held, NanoUsd::ZERO);
     match reserve(book, budgets, request, m, max_output(request, m), counter, now) {
         Ok((reservation, ..)) => Ok(reservation),
-        Err((cost, refusal)) => Err((
-            Reservation::none(),
-            format!(
-                "{}'s worst-case cost ${} does not fit the {} budget's remaining ${}",
-                m.name,
-                cost,
-                refusal.scope.label(),
-                refusal.remaining
-            ),
-        )),
+        Err((cost, refusal)) => Err((Reservation::none(), does_not_fit(m, cost, &refusal))),
     }
+}
+
+/// Why `m` was passed over for the budget: its worst case and what the refusing budget has left.
+fn does_not_fit(m: &Model, cost: NanoUsd, refusal: &Refusal) -> String {
+    format!(
+        "{}'s worst-case cost ${} does not fit the {} budget's remaining ${}",
+        m.name,
+        cost,
+        refusal.scope.label(),
+        refusal.remaining
+    )
 }
 
 /// Reserves `m`'s worst case: on the token bound if that fits (a loose reservation, exact
