@@ -92,7 +92,7 @@ impl Forward {
                 }
                 Err(e) => {
                     tracing::warn!(model = %deployment.name, error = %e, "upstream request failed");
-                    last_failure = Some(e.to_api_error());
+                    last_failure = Some(unreachable(&e));
                     if let SendError::Timeout = e {
                         app.metrics.record_refusal("upstream_timeout");
                     }
@@ -168,6 +168,16 @@ fn reserve_fallback(
         Err((held, why)) => {
             meter.reservation = held;
             Err(why)
+        }
+    }
+}
+
+/// The client-facing error for an upstream that gave no answer, when no fallback succeeds.
+fn unreachable(e: &SendError) -> ApiError {
+    match e {
+        SendError::Timeout => ApiError::UpstreamTimeout,
+        SendError::Connect(_) | SendError::Other(_) => {
+            ApiError::Upstream { status: None, message: "The upstream could not be reached.".into() }
         }
     }
 }

@@ -8,8 +8,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
-use crate::error::ApiError;
-
 /// A response body as a stream of chunks.
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
 
@@ -40,18 +38,6 @@ pub enum SendError {
     Timeout,
     #[error("upstream request failed: {0}")]
     Other(String),
-}
-
-impl SendError {
-    /// The client-facing error when no fallback succeeds.
-    pub fn to_api_error(&self) -> ApiError {
-        match self {
-            SendError::Timeout => ApiError::UpstreamTimeout,
-            SendError::Connect(_) | SendError::Other(_) => {
-                ApiError::Upstream { status: None, message: "The upstream could not be reached.".into() }
-            }
-        }
-    }
 }
 
 impl UpstreamResponse {
