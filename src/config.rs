@@ -61,6 +61,10 @@ struct RawConfig {
     database_url: String,
     #[serde(default)]
     journal_dir: Option<String>,
+    #[serde(default)]
+    redis_url: Option<Secret>,
+    #[serde(default = "default_lease")]
+    reservation_lease_ms: u64,
     #[serde(default = "default_segment_bytes")]
     journal_segment_bytes: u64,
     #[serde(default = "default_grace")]
@@ -100,6 +104,9 @@ fn default_listen() -> String {
 }
 fn default_database_url() -> String {
     "sqlite://data/tollgate.db".into()
+}
+fn default_lease() -> u64 {
+    30_000
 }
 fn default_grace() -> u64 {
     30_000
@@ -228,6 +235,11 @@ pub struct Config {
     pub journal_dir: std::path::PathBuf,
     /// A journal segment takes appends until it is this long; then a new one starts.
     pub journal_segment_bytes: u64,
+    /// Accepted for deployments written for it; reservations and rate windows go through
+    /// PostgreSQL (see `replicas`).
+    pub redis_url: Option<Secret>,
+    /// On PostgreSQL, how long a replica's reservations outlive its last sign of life.
+    pub reservation_lease_ms: u64,
     /// At SIGTERM, how long in-flight requests get to finish before they are cut (and
     /// still recorded); 0 cuts at once.
     pub shutdown_grace_ms: u64,
@@ -403,9 +415,19 @@ impl RawConfig {
             ("header_read_timeout_ms", self.header_read_timeout_ms),
             ("body_read_timeout_ms", self.body_read_timeout_ms),
             ("ledger_ack_timeout_ms", self.ledger_ack_timeout_ms),
+            ("reservation_lease_ms", self.reservation_lease_ms),
         ] {
             if v == 0 {
                 problems.push(format!("{field} must be positive"));
+            }
+        }
+        if let Some(url) = &self.redis_url {
+            let url = url.expose();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                problems.push("redis_url must start with redis:// or rediss://".into());
+            }
+            if !self.database_url.starts_with("postgres") {
+                problems.push("redis_url needs a postgres:// database_url (replicas share their ledger)".into());
             }
         }
         if self.ledger_queue_capacity == 0 {
@@ -619,6 +641,8 @@ impl RawConfig {
             listen: self.listen,
             journal_dir: self.journal_dir.map_or_else(|| default_journal_dir(&self.database_url), PathBuf::from),
             journal_segment_bytes: self.journal_segment_bytes,
+            redis_url: self.redis_url,
+            reservation_lease_ms: self.reservation_lease_ms,
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             database_url: self.database_url,
             shutdown_grace_ms: self.shutdown_grace_ms,

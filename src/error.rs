@@ -66,6 +66,10 @@ pub enum ApiError {
     /// (`on_ledger_error = "reject"`); the record is written once the database recovers.
     #[error("The spend ledger could not record this request in time; the answer is withheld. The request was charged and will be recorded when the ledger recovers.")]
     LedgerNotDurable,
+    /// 503: budgets are shared through the database (several replicas) and it cannot be
+    /// reached: no request is admitted without its budget checked.
+    #[error("The budget store is unavailable; the request was not forwarded.")]
+    BudgetsUnavailable,
     /// 503: the server is shutting down and its grace period ended before the answer did.
     #[error("The server is shutting down; the request was cut off.")]
     ShuttingDown,
@@ -102,7 +106,10 @@ impl ApiError {
             ApiError::BudgetExceeded { .. } | ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { .. } | ApiError::InvalidUpstreamResponse => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::LedgerUnavailable | ApiError::LedgerNotDurable | ApiError::ShuttingDown => {
+            ApiError::LedgerUnavailable
+            | ApiError::LedgerNotDurable
+            | ApiError::BudgetsUnavailable
+            | ApiError::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -132,6 +139,7 @@ impl ApiError {
             ApiError::InvalidUpstreamResponse => ("upstream_error", s("invalid_upstream_response")),
             ApiError::UpstreamTimeout => ("upstream_error", s("upstream_timeout")),
             ApiError::LedgerUnavailable | ApiError::LedgerNotDurable => ("server_error", s("ledger_unavailable")),
+            ApiError::BudgetsUnavailable => ("server_error", s("budget_store_unavailable")),
             ApiError::ShuttingDown => ("server_error", s("shutting_down")),
             ApiError::Internal => ("server_error", s("internal_error")),
         }

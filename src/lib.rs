@@ -26,6 +26,7 @@ pub mod metering;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod replicas;
 pub mod server;
 pub mod skim;
 pub mod state;

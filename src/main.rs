@@ -210,9 +210,12 @@ fn load_config(path: Option<&PathBuf>) -> Result<Config> {
 
 /// Waits until running servers have polled a change this command made (they check the
 /// database's directory version every `POLL_INTERVAL`), so that what it revoked is refused
-/// by the time the command returns.
-async fn settle_servers() {
-    tokio::time::sleep(tollgate::auth::CLI_SETTLE).await;
+/// by the time the command returns. On PostgreSQL the change is pushed to every replica as
+/// it commits (`LISTEN/NOTIFY`): nothing to wait for.
+async fn settle_servers(db: &Backend) {
+    if db.postgres().is_none() {
+        tokio::time::sleep(tollgate::auth::CLI_SETTLE).await;
+    }
 }
 
 async fn open_db(config: &Config) -> Result<Backend> {
@@ -338,7 +341,7 @@ async fn teams(cmd: TeamsCommand, config: &Config) -> Result<()> {
             let mut team = db.load_teams().await?.into_iter().find(|t| t.name == name).context("no such team")?;
             budget.apply(&mut team.budget)?;
             db.update_team(&team).await?;
-            settle_servers().await;
+            settle_servers(&db).await;
             println!("updated team {name} (budget {})", fmt_limit(&team.budget));
         }
         TeamsCommand::List { json } => {
@@ -367,7 +370,7 @@ async fn teams(cmd: TeamsCommand, config: &Config) -> Result<()> {
         }
         TeamsCommand::Delete { name } => {
             db.delete_team(&name, now_ms()).await?;
-            settle_servers().await;
+            settle_servers(&db).await;
             println!("deleted team {name}; its keys are revoked");
         }
     }
@@ -425,7 +428,7 @@ async fn keys(cmd: KeysCommand, config: &Config) -> Result<()> {
         }
         KeysCommand::Revoke { id } => {
             db.revoke_key(&id, now_ms()).await?;
-            settle_servers().await;
+            settle_servers(&db).await;
             println!("revoked key {id}");
         }
     }

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::ledger::Ledger;
 use crate::metrics::Metrics;
 use crate::policy::budget::{Applicable, BudgetBook, Clock, RateLimiter, Scope};
+use crate::replicas::{Budgets, Rates, Replica};
 use crate::upstream::Upstreams;
 
 /// Cheap-to-clone handles shared by every request.
@@ -27,8 +28,11 @@ pub struct Inner {
     pub config: Arc<Config>,
     pub ledger: Ledger,
     pub directory: Directory,
-    pub budgets: BudgetBook,
-    pub rates: RateLimiter,
+    /// In-process on SQLite; shared with the other replicas on PostgreSQL.
+    pub budgets: Budgets,
+    pub rates: Rates,
+    /// This replica on a shared PostgreSQL ledger.
+    pub replica: Option<Arc<Replica>>,
     pub upstreams: Upstreams,
     pub metrics: Metrics,
     pub clock: Clock,
@@ -57,6 +61,8 @@ pub struct Parts {
     pub directory: Directory,
     pub upstreams: Upstreams,
     pub clock: Clock,
+    /// This replica's lease, when budgets and rate windows are shared (PostgreSQL).
+    pub replica: Option<Arc<Replica>>,
 }
 
 thread_local! {
@@ -67,13 +73,18 @@ thread_local! {
 impl AppState {
     pub fn new(parts: Parts) -> AppState {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let Parts { config, ledger, directory, upstreams, clock } = parts;
+        let Parts { config, ledger, directory, upstreams, clock, replica } = parts;
+        let (budgets, rates) = match &replica {
+            Some(r) => (Budgets::shared(r.clone()), Rates::Shared(r.clone())),
+            None => (Budgets::Local(BudgetBook::default()), Rates::Local(RateLimiter::default())),
+        };
         AppState(Arc::new(Inner {
             config,
             ledger,
             directory,
-            budgets: BudgetBook::default(),
-            rates: RateLimiter::default(),
+            budgets,
+            rates,
+            replica,
             upstreams,
             metrics: Metrics::default(),
             clock,
@@ -101,7 +112,8 @@ impl AppState {
         })
     }
 
-    /// Makes sure every limited budget's account holds this period's spend from the ledger.
+    /// Makes sure every limited budget's account holds this period's spend from the ledger
+    /// (a shared store starts its accounts from the ledger itself).
     pub async fn load_accounts(
         &self,
         budgets: &[Applicable],
@@ -116,8 +128,9 @@ impl AppState {
     /// Makes sure one budget's account holds this period's spend from the ledger, including
     /// records still on their way to the database (waiting for them as `Ledger::sync` does).
     pub async fn load_account(&self, budget: &Applicable, now: chrono::DateTime<chrono::Utc>) -> Result<(), ApiError> {
+        let Some(book) = self.budgets.local() else { return Ok(()) };
         let start = budget.spec.period.start(now);
-        if self.budgets.is_loaded(&budget.scope, start) {
+        if book.is_loaded(&budget.scope, start) {
             return Ok(());
         }
         self.ledger.sync().await;
@@ -129,7 +142,7 @@ impl AppState {
             tracing::error!(error = %e, "could not load budget spend from the ledger");
             ApiError::LedgerUnavailable
         })?;
-        self.budgets.load(budget.scope.clone(), start, spent);
+        book.load(budget.scope.clone(), start, spent);
         Ok(())
     }
 }

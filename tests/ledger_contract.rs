@@ -145,8 +145,10 @@ async fn contract(db: Backend) {
     assert_eq!(next.records[1].usage_source, UsageSource::Reported);
     assert_eq!(next.records[1].usage, Usage { input_tokens: 100, cached_input_tokens: 10, output_tokens: 20 });
 
-    // After a crash, journal entries become interrupted and count at their reservation.
-    assert_eq!(db.mark_interrupted().await.unwrap(), 1);
+    // After a crash, the entries the journal left in flight become interrupted and count at
+    // the cost they carry. (On PostgreSQL only those named: other replicas' are theirs.)
+    assert_eq!(db.mark_interrupted(&["req_not_here".to_string()]).await.unwrap(), u64::from(db.postgres().is_none()));
+    assert_eq!(db.mark_interrupted(&[id(0xd, T0 + 2 * DAY)]).await.unwrap(), u64::from(db.postgres().is_some()));
     assert_eq!(db.spent_since(true, k, 0).await.unwrap(), NanoUsd(1009));
 
     // Revocation and team deletion.

@@ -133,7 +133,7 @@ async fn spend_fields(app: &AppState, scope: Scope, spec: &BudgetSpec) -> Result
     let now = app.clock.now();
     let applicable = Applicable { scope, spec: spec.clone() };
     app.load_account(&applicable, now).await?;
-    let status = app.budgets.status(&applicable, now);
+    let status = app.budgets.status(&applicable, now).await.map_err(|_| ApiError::BudgetsUnavailable)?;
     let mut m = Map::new();
     m.insert("spent_usd".into(), json!(status.spent.as_usd()));
     m.insert("reserved_usd".into(), json!(status.reserved.as_usd()));

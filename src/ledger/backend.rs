@@ -51,6 +51,14 @@ impl Backend {
         Err(LedgerError::UnsupportedUrl(redact_url(url)))
     }
 
+    /// The PostgreSQL backend, which replicas share budgets through; None on SQLite.
+    pub fn postgres(&self) -> Option<&PostgresBackend> {
+        match self {
+            Backend::Postgres(b) => Some(b),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
     pub async fn ping(&self) -> Result<(), LedgerError> {
         dispatch!(self, b => b.ping().await)
     }
@@ -73,10 +81,16 @@ impl Backend {
         self.apply(&batch_of(LineOp::Retract, records)).await
     }
 
-    /// Marks requests journaled as in flight by a server that died as `interrupted`.
-    /// Only a starting server calls this. Returns how many there were.
-    pub async fn mark_interrupted(&self) -> Result<u64, LedgerError> {
-        dispatch!(self, b => b.mark_interrupted().await)
+    /// Marks requests journaled as in flight by a server that died as `interrupted`, at the
+    /// cost their entry carries (their prompt). Only a starting server calls this, with the
+    /// requests its journal left in flight: on SQLite, which one server owns, every entry in
+    /// the database is its own; on PostgreSQL only `journaled` are (other replicas' entries
+    /// are theirs, or the sweep's). Returns how many there were.
+    pub async fn mark_interrupted(&self, journaled: &[String]) -> Result<u64, LedgerError> {
+        match self {
+            Backend::Sqlite(b) => b.mark_interrupted().await,
+            Backend::Postgres(b) => b.mark_interrupted(journaled).await,
+        }
     }
 
     pub async fn directory_version(&self) -> Result<i64, LedgerError> {

@@ -20,6 +20,10 @@ pub enum LedgerError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// This replica's lease on its reservations ran out (it could not renew it in time); it
+    /// holds nothing more until it renews.
+    #[error("this replica's reservation lease has run out")]
+    LeaseExpired,
     #[error("unsupported database url: {0}")]
     UnsupportedUrl(String),
 }

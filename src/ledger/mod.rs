@@ -20,7 +20,8 @@
 //! - `sqlite.rs` — SQLite: an sqlx pool for queries, and one rusqlite connection on a
 //!   thread of its own for every write of the writer (`sqlite/record_conn.rs`), its WAL
 //!   moved into the file by an idle-priority checkpointer (`sqlite/checkpointer.rs`).
-//! - `postgres.rs` — PostgreSQL, through sqlx.
+//! - `postgres.rs` — PostgreSQL, through sqlx; `shared.rs` its budgets and rate windows
+//!   shared by replicas (the calls; `replicas` decides when).
 //! - `sql/` — SQL both backends share, by concern (record writes, rows, directory, reports).
 //!
 //! The ledger imports money and usage (`pricing`), budget specs (`budget`), endpoint names
@@ -32,6 +33,7 @@ pub mod journal;
 mod postgres;
 mod records;
 mod recovery;
+pub mod shared;
 mod sql;
 mod sqlite;
 mod writer;

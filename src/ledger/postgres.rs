@@ -14,7 +14,7 @@ use super::backend::Batch;
 use super::journal::LineOp;
 use super::sql::{
     from_i64, hash_from_hex, hash_to_hex, latest_per_request, models_from_json, models_to_json, period_from_str,
-    pow2_split, record_columns, runs, to_i64, upsert_sql, Column, MARK_INTERRUPTED, RECORD_COLUMNS, RETRACT,
+    pow2_split, record_columns, runs, to_i64, upsert_sql, Column, RECORD_COLUMNS, RETRACT,
 };
 use super::{
     GroupBy, KeyRow, LedgerError, LogFilter, LogPage, RequestRecord, SpendFilter, SpendGroup, SpendTotals, TeamRow,
@@ -47,6 +47,10 @@ impl PostgresBackend {
         // Several replicas may start at once: the migrator takes an advisory lock.
         MIGRATOR.run(&pool).await?;
         Ok(PostgresBackend { pool })
+    }
+
+    pub(super) fn pool(&self) -> &PgPool {
+        &self.pool
     }
 
     pub async fn close(&self) {
@@ -118,8 +122,14 @@ impl PostgresBackend {
         SQL[rows.ilog2() as usize].get_or_init(|| upsert_sql(rows, '$'))
     }
 
-    pub async fn mark_interrupted(&self) -> Result<u64, LedgerError> {
-        Ok(sqlx::query(MARK_INTERRUPTED).execute(&self.pool).await?.rows_affected())
+    /// Marks the entries of `journaled` that are still pending as interrupted.
+    pub async fn mark_interrupted(&self, journaled: &[String]) -> Result<u64, LedgerError> {
+        if journaled.is_empty() {
+            return Ok(0);
+        }
+        const MARK_JOURNALED: &str =
+            "UPDATE requests SET usage_source = 'interrupted' WHERE usage_source = 'pending' AND request_id = ANY($1)";
+        Ok(sqlx::query(MARK_JOURNALED).bind(journaled).execute(&self.pool).await?.rows_affected())
     }
 
     super::sql::directory_queries!(sqlx::Postgres, begin_write = "BEGIN");

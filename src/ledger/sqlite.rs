@@ -133,7 +133,7 @@ mod tests {
             .await
             .unwrap();
         db.retract(&[record("req_a", UsageSource::Pending)]).await.unwrap();
-        assert_eq!(db.mark_interrupted().await.unwrap(), 0, "the retracted entry is gone");
+        assert_eq!(db.mark_interrupted(&[]).await.unwrap(), 0, "the retracted entry is gone");
         assert_eq!(db.spend(&SpendFilter::default(), &[]).await.unwrap().0.requests, 1);
         db.close().await;
     }

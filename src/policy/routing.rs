@@ -14,14 +14,14 @@
 
 use std::sync::Arc;
 
-use crate::policy::budget::{Applicable, BudgetStore, Loose, Refusal, Reservation};
+use crate::policy::budget::{Applicable, BudgetStore, Hold, Loose, Refusal, Reservation, Unavailable};
 use crate::policy::models::{Catalog, Model};
 use crate::policy::pricing::NanoUsd;
 use crate::policy::request::ParsedRequest;
 use crate::policy::tokens::{self, Encoding};
 
 /// Which models a caller may use (its key's and its team's lists).
-pub trait Allows {
+pub trait Allows: Sync {
     fn allows(&self, model: &str) -> bool;
 }
 
@@ -148,25 +148,42 @@ pub struct Ask<'a> {
     pub request: &'a ParsedRequest,
     /// The model the request names.
     pub asked: &'a Arc<Model>,
+    /// The request's id, which its reservations are held under.
+    pub request_id: &'a str,
+}
+
+/// Why a request was not admitted.
+#[derive(Debug)]
+pub enum NotAdmitted {
+    /// Nothing the request may use fits its budgets: why, and the last refusing budget.
+    Refused(String, Option<Refusal>),
+    /// The budget store could not be reached; nothing was decided.
+    Unavailable(Unavailable),
+}
+
+impl From<Unavailable> for NotAdmitted {
+    fn from(e: Unavailable) -> Self {
+        NotAdmitted::Unavailable(e)
+    }
 }
 
 /// Routes the request and reserves its worst case, or says why nothing fits.
-pub fn admit(
+pub async fn admit(
     catalog: &Catalog,
-    book: &dyn BudgetStore,
+    book: &impl BudgetStore,
     ask: Ask<'_>,
-    counter: &mut PromptCounter,
+    counter: &mut PromptCounter<'_>,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<Admission, (String, Option<Refusal>)> {
-    let Ask { caller, budgets, request, asked } = ask;
+) -> Result<Admission, NotAdmitted> {
+    let Ask { caller, budgets, request, asked, request_id } = ask;
     let chain = catalog.chain(asked);
-    let mut past_threshold = chain.len() > 1 && book.past_threshold(budgets, now);
+    let mut past_threshold = chain.len() > 1 && book.past_threshold(budgets, now).await?;
     if past_threshold {
         // Loose reservations may overstate what is held: decide on exact figures.
         let pending = book.loose_on(budgets);
         if !pending.is_empty() {
             book.tighten(&pending);
-            past_threshold = book.past_threshold(budgets, now);
+            past_threshold = book.past_threshold(budgets, now).await?;
         }
     }
     // Past the threshold the asked model goes last: used only if no cheaper one can serve.
@@ -186,7 +203,7 @@ pub fn admit(
             }
         }
         let out = max_output(request, m);
-        match reserve(book, budgets, request, m, out, counter, now) {
+        match reserve(book, budgets, request, request_id, m, out, counter, now).await? {
             Ok((reservation, prompt_tokens, exact, max_cost)) => {
                 let decision = if i == 0 { Decision::Serve } else { Decision::Downgrade };
                 let reason = match (decision, reasons.is_empty()) {
@@ -209,7 +226,7 @@ pub fn admit(
             }
         }
     }
-    Err((reasons.join("; "), last_refusal))
+    Err(NotAdmitted::Refused(reasons.join("; "), last_refusal))
 }
 
 /// Moves a request's reservation to the fallback deployment `m`, at `m`'s own worst case.
@@ -217,22 +234,23 @@ pub fn admit(
 /// is released first. A fallback that cannot serve the request — the checks a downgrade target
 /// passes — keeps `held` and says why; one whose worst case does not fit says why and leaves
 /// the request holding nothing. Either way it is skipped, like a target the key may not use.
-pub fn reserve_fallback(
-    book: &dyn BudgetStore,
+pub async fn reserve_fallback(
+    book: &impl BudgetStore,
     ask: Ask<'_>,
     held: Reservation,
     m: &Arc<Model>,
-    counter: &mut PromptCounter,
+    counter: &mut PromptCounter<'_>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Reservation, (Reservation, String)> {
-    let Ask { caller, budgets, request, asked } = ask;
+    let Ask { caller, budgets, request, asked, request_id } = ask;
     if let Some(why) = unfit(request, caller, asked, m, counter) {
         return Err((held, why));
     }
     book.settle(held, NanoUsd::ZERO);
-    match reserve(book, budgets, request, m, max_output(request, m), counter, now) {
-        Ok((reservation, ..)) => Ok(reservation),
-        Err((cost, refusal)) => Err((Reservation::none(), does_not_fit(m, cost, &refusal))),
+    match reserve(book, budgets, request, request_id, m, max_output(request, m), counter, now).await {
+        Ok(Ok((reservation, ..))) => Ok(reservation),
+        Ok(Err((cost, refusal))) => Err((Reservation::none(), does_not_fit(m, cost, &refusal))),
+        Err(Unavailable(why)) => Err((Reservation::none(), format!("the budget store is unavailable: {why}"))),
     }
 }
 
@@ -251,40 +269,51 @@ fn does_not_fit(m: &Model, cost: NanoUsd, refusal: &Refusal) -> String {
 /// count deferred), else on the exact count; if even that does not fit while other requests
 /// hold loose reservations, those are tightened to their exact worst case first, so a
 /// refusal is only ever given on exact figures.
-fn reserve(
-    book: &dyn BudgetStore,
+#[allow(clippy::too_many_arguments)]
+async fn reserve(
+    book: &impl BudgetStore,
     budgets: &[Applicable],
     request: &ParsedRequest,
+    request_id: &str,
     m: &Arc<Model>,
     out: u64,
-    counter: &mut PromptCounter,
+    counter: &mut PromptCounter<'_>,
     now: chrono::DateTime<chrono::Utc>,
-) -> Result<(Reservation, u64, bool, NanoUsd), (NanoUsd, Refusal)> {
+) -> Result<Result<(Reservation, u64, bool, NanoUsd), (NanoUsd, Refusal)>, Unavailable> {
     let limited = budgets.iter().any(|b| b.spec.limit.is_some());
     let bound = counter.bound(m);
     let bound_cost = m.price.worst_case(bound, out);
-    if !limited {
-        let r = book.reserve(budgets, bound_cost, now, None).map_err(|e| (bound_cost, e))?;
-        return Ok((r, bound, false, bound_cost));
+    let hold = |loose, prompt| Hold { request_id, loose, floor: m.price.worst_case(prompt, 0) };
+    if !limited || !book.tightens() {
+        if limited {
+            // Nobody else can tighten a loose reservation: price it exactly now.
+            let exact = counter.exact(m);
+            let cost = m.price.worst_case(exact, out);
+            let r = book.reserve(budgets, cost, now, hold(None, exact)).await?;
+            return Ok(r.map(|r| (r, exact, true, cost)).map_err(|e| (cost, e)));
+        }
+        let r = book.reserve(budgets, bound_cost, now, hold(None, bound)).await?;
+        return Ok(r.map(|r| (r, bound, false, bound_cost)).map_err(|e| (bound_cost, e)));
     }
     let prompt = request.prompt.clone();
     let (kind, upstream, price) = (request.endpoint.prompt_kind(), m.upstream_model.clone(), m.price);
     let loose =
         Loose::new(bound_cost, move || price.worst_case(tokens::prompt_tokens(kind, &upstream, prompt.value()), out));
-    if let Ok(r) = book.reserve(budgets, bound_cost, now, Some(loose)) {
-        return Ok((r, bound, false, bound_cost));
+    if let Ok(r) = book.reserve(budgets, bound_cost, now, hold(Some(loose), bound)).await? {
+        return Ok(Ok((r, bound, false, bound_cost)));
     }
     let exact = counter.exact(m);
     let cost = m.price.worst_case(exact, out);
-    match book.reserve(budgets, cost, now, None) {
-        Ok(r) => Ok((r, exact, true, cost)),
+    match book.reserve(budgets, cost, now, hold(None, exact)).await? {
+        Ok(r) => Ok(Ok((r, exact, true, cost))),
         Err(refusal) => {
             let pending = book.loose_on(budgets);
             if pending.is_empty() {
-                return Err((cost, refusal));
+                return Ok(Err((cost, refusal)));
             }
             book.tighten(&pending);
-            book.reserve(budgets, cost, now, None).map(|r| (r, exact, true, cost)).map_err(|e| (cost, e))
+            let r = book.reserve(budgets, cost, now, hold(None, exact)).await?;
+            Ok(r.map(|r| (r, exact, true, cost)).map_err(|e| (cost, e)))
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::policy::budget::BudgetStore;
 use crate::policy::models::Model;
 use crate::policy::pricing::NanoUsd;
 use crate::policy::request::{self, Endpoint, ParsedRequest};
-use crate::policy::routing::{self, Admission, Decision, PromptCounter};
+use crate::policy::routing::{self, Admission, Decision, NotAdmitted, PromptCounter};
 use crate::state::AppState;
 
 const DRY_RUN: HeaderName = HeaderName::from_static("x-tollgate-dry-run");
@@ -100,14 +100,19 @@ pub(super) async fn admit(
     let budgets = caller.budgets();
     app.load_accounts(&budgets, now).await?;
     let mut counter = PromptCounter::new(&parsed);
-    let ask = routing::Ask { caller: &caller, budgets: &budgets, request: &parsed, asked: &asked };
-    let admitted = routing::admit(&app.config.catalog, &app.budgets, ask, &mut counter, now);
+    let ask = routing::Ask { caller: &caller, budgets: &budgets, request: &parsed, asked: &asked, request_id };
+    let admitted = routing::admit(&app.config.catalog, &app.budgets, ask, &mut counter, now).await;
+    if let Err(NotAdmitted::Unavailable(_)) = admitted {
+        return Err(ApiError::BudgetsUnavailable);
+    }
     if dry_run {
-        return Ok(Admitted::DryRun(dry_run_answer(app, &budgets, &parsed, &asked, admitted, &mut counter, now)));
+        let answer = dry_run_answer(app, &budgets, &parsed, &asked, admitted, &mut counter, now).await?;
+        return Ok(Admitted::DryRun(answer));
     }
     let admission = match admitted {
         Ok(a) => a,
-        Err((reason, refusal)) => {
+        Err(NotAdmitted::Unavailable(_)) => return Err(ApiError::BudgetsUnavailable),
+        Err(NotAdmitted::Refused(reason, refusal)) => {
             tracing::info!(request_id, key_id = %caller.key.id, team = %caller.team.name, %reason, "budget refused");
             return Err(ApiError::BudgetExceeded {
                 message: format!("Budget exceeded: {reason}."),
@@ -118,9 +123,13 @@ pub(super) async fn admit(
     // Rate limits count admitted requests; tpm needs the prompt's tokens.
     let limited_tpm = budgets.iter().any(|b| b.spec.tpm.is_some());
     let rate_tokens = if limited_tpm { counter.exact(&admission.model) } else { admission.prompt_tokens };
-    let rate = match app.rates.admit(&budgets, rate_tokens, now.timestamp_millis()) {
-        Ok(t) => t,
-        Err(refusal) => {
+    let rate = match app.rates.admit(&budgets, rate_tokens, now.timestamp_millis()).await {
+        Ok(Ok(t)) => t,
+        Err(_) => {
+            app.budgets.settle(admission.reservation, NanoUsd::ZERO);
+            return Err(ApiError::BudgetsUnavailable);
+        }
+        Ok(Err(refusal)) => {
             app.budgets.settle(admission.reservation, NanoUsd::ZERO);
             return Err(ApiError::RateLimited {
                 message: rate_limit_message(&refusal),
@@ -172,27 +181,35 @@ fn rate_limit_message(refusal: &crate::policy::budget::RateRefusal) -> String {
     )
 }
 
-fn dry_run_answer(
+async fn dry_run_answer(
     app: &AppState,
     budgets: &[crate::policy::budget::Applicable],
     parsed: &ParsedRequest,
     asked: &Arc<Model>,
-    admitted: Result<Admission, (String, Option<crate::policy::budget::Refusal>)>,
-    counter: &mut PromptCounter,
+    admitted: Result<Admission, NotAdmitted>,
+    counter: &mut PromptCounter<'_>,
     now: chrono::DateTime<chrono::Utc>,
-) -> Response {
+) -> Result<Response, ApiError> {
     // The rate limits as the request would meet them (checked, no slot taken).
-    let admitted = admitted.and_then(|a| {
-        let rate_tokens =
-            if budgets.iter().any(|b| b.spec.tpm.is_some()) { counter.exact(&a.model) } else { a.prompt_tokens };
-        match app.rates.check(budgets, rate_tokens, now.timestamp_millis()) {
-            Ok(()) => Ok(a),
-            Err(refusal) => {
-                app.budgets.settle(a.reservation, NanoUsd::ZERO);
-                Err((rate_limit_message(&refusal), None))
+    let admitted = match admitted {
+        Ok(a) => {
+            let rate_tokens =
+                if budgets.iter().any(|b| b.spec.tpm.is_some()) { counter.exact(&a.model) } else { a.prompt_tokens };
+            match app.rates.check(budgets, rate_tokens, now.timestamp_millis()).await {
+                Ok(Ok(())) => Ok(a),
+                Ok(Err(refusal)) => {
+                    app.budgets.settle(a.reservation, NanoUsd::ZERO);
+                    Err(rate_limit_message(&refusal))
+                }
+                Err(_) => {
+                    app.budgets.settle(a.reservation, NanoUsd::ZERO);
+                    return Err(ApiError::BudgetsUnavailable);
+                }
             }
         }
-    });
+        Err(NotAdmitted::Refused(reason, _)) => Err(reason),
+        Err(NotAdmitted::Unavailable(_)) => return Err(ApiError::BudgetsUnavailable),
+    };
     let (decision, served, reason, max_cost, estimated) = match admitted {
         Ok(a) => {
             let exact = counter.exact(&a.model);
@@ -202,14 +219,14 @@ fn dry_run_answer(
             app.budgets.settle(a.reservation, NanoUsd::ZERO);
             (a.decision, Some(a.model.name.clone()), a.reason, max_cost, estimated)
         }
-        Err((reason, _)) => {
+        Err(reason) => {
             let exact = counter.exact(asked);
             let max_cost = asked.price.worst_case(exact, routing::max_output(parsed, asked));
             (Decision::Refuse, None, reason, max_cost, asked.price.worst_case(exact, 0))
         }
     };
-    let remaining = app.budgets.headroom(budgets, now);
-    axum::Json(json!({
+    let remaining = app.budgets.headroom(budgets, now).await.map_err(|_| ApiError::BudgetsUnavailable)?;
+    Ok(axum::Json(json!({
         "dry_run": true,
         "decision": decision.as_str(),
         "model": asked.name,
@@ -219,5 +236,5 @@ fn dry_run_answer(
         "max_cost_usd": max_cost.as_usd(),
         "remaining_usd": remaining.map(|r| r.as_usd()),
     }))
-    .into_response()
+    .into_response())
 }

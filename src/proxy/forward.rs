@@ -68,7 +68,7 @@ impl Forward {
         let before_upstream = meter.started.elapsed();
         for (i, deployment) in deployments.into_iter().enumerate() {
             if i > 0 {
-                if let Err(why) = reserve_fallback(&mut meter, &parsed, &model, &deployment) {
+                if let Err(why) = reserve_fallback(&mut meter, &parsed, &model, &deployment).await {
                     tracing::info!(model = %deployment.name, reason = %why, "fallback skipped");
                     continue;
                 }
@@ -143,7 +143,7 @@ impl Forward {
 
 /// Moves the request's reservation to `fallback` at its own price (`routing::reserve_fallback`),
 /// or says why `fallback` cannot serve it.
-fn reserve_fallback(
+async fn reserve_fallback(
     meter: &mut Meter,
     parsed: &ParsedRequest,
     routed: &Arc<Model>,
@@ -154,9 +154,15 @@ fn reserve_fallback(
     let now = chrono::DateTime::from_timestamp_millis(meter.time_ms).unwrap_or_else(|| app.clock.now());
     let budgets = meter.caller.budgets();
     let mut counter = PromptCounter::new(parsed);
-    let ask = routing::Ask { caller: &meter.caller, budgets: &budgets, request: parsed, asked: routed };
+    let ask = routing::Ask {
+        caller: &meter.caller,
+        budgets: &budgets,
+        request: parsed,
+        asked: routed,
+        request_id: &meter.request_id,
+    };
     let held = std::mem::replace(&mut meter.reservation, Reservation::none());
-    match routing::reserve_fallback(&app.budgets, ask, held, fallback, &mut counter, now) {
+    match routing::reserve_fallback(&app.budgets, ask, held, fallback, &mut counter, now).await {
         Ok(reservation) => {
             meter.reservation = reservation;
             if let LocalPrompt::Exact(_) = meter.local_prompt_tokens {

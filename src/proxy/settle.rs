@@ -18,7 +18,8 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::ledger::{LedgerError, NotJournaled, Pin, RequestRecord, Slot, UsageSource};
 use crate::policy::budget::BudgetStore;
-use crate::policy::budget::{RateTicket, Reservation};
+use crate::policy::budget::Reservation;
+use crate::replicas::Ticket;
 use crate::policy::models::Model;
 use crate::policy::pricing::{NanoUsd, Usage};
 use crate::policy::tokens;
@@ -37,7 +38,7 @@ pub struct Meter {
     /// Prompt tokens counted locally for the serving model (used when no usage is reported).
     pub local_prompt_tokens: LocalPrompt,
     pub reservation: Reservation,
-    pub rate: RateTicket,
+    pub rate: Ticket,
     /// The queue place the final record is written through.
     pub slot: Slot,
     /// The hold on the request's journal entry, released with its final record.
@@ -91,8 +92,9 @@ pub struct Settled {
 }
 
 impl Meter {
-    /// Journals the request as in flight on `served`, charged its reservation until it
-    /// settles: a request is forwarded only once a crash can no longer lose it silently.
+    /// Journals the request as in flight on `served`, charged its floor (its prompt, which
+    /// the upstream bills once it has the request) should it never settle: a request is
+    /// forwarded only once a crash can no longer lose it silently.
     pub fn journal(&mut self, served: &Model, prompt_tokens: u64) -> Result<(), Arc<LedgerError>> {
         let record = self.pending_record(served, prompt_tokens);
         let (entry, result) = self.app.ledger.journal(&record);
@@ -119,7 +121,7 @@ impl Meter {
             model: self.asked.clone(),
             served_model: served.name.clone(),
             usage: Usage { input_tokens: prompt_tokens, cached_input_tokens: 0, output_tokens: 0 },
-            cost: self.reservation.amount(),
+            cost: self.reservation.floor(),
             usage_source: UsageSource::Pending,
             status: 0,
             latency_ms: 0,

@@ -22,6 +22,7 @@ use crate::auth::{Directory, POLL_INTERVAL};
 use crate::config::Config;
 use crate::ledger::{Backend, Ledger, LedgerError};
 use crate::policy::budget::Clock;
+use crate::replicas::Replica;
 use crate::state::{AppState, Parts};
 use crate::upstream::Upstreams;
 pub use gateway::app;
@@ -93,9 +94,18 @@ pub async fn run(
     directory.refresh(&backend, true).await?;
     let workers = config.workers;
     let upstreams = Upstreams::new(&config, workers)?;
-    let state = AppState::new(Parts { config: config.clone(), ledger, directory, upstreams, clock });
-
     let stop_polling = CancellationToken::new();
+    let replica = match backend.postgres() {
+        Some(pg) => {
+            if config.redis_url.is_some() {
+                tracing::warn!("redis_url is set but not used: reservations and rate windows go through PostgreSQL");
+            }
+            Some(Replica::start(pg.clone(), config.reservation_lease_ms, stop_polling.clone()).await?)
+        }
+        None => None,
+    };
+    let state = AppState::new(Parts { config: config.clone(), ledger, directory, upstreams, clock, replica });
+
     let poller = tokio::spawn(poll_directory(state.clone(), stop_polling.clone()));
 
     let router = app(state.clone());
@@ -173,6 +183,9 @@ pub async fn run(
             tracing::error!("some requests were not settled in time; the next start marks them interrupted");
         }
     }
+    if let Some(replica) = &state.replica {
+        replica.close().await;
+    }
     stop_polling.cancel();
     let _ = poller.await;
     drop(router);
@@ -187,17 +200,41 @@ pub async fn run(
     Ok(())
 }
 
+/// Keeps the directory (keys, teams, budgets) current: on PostgreSQL a change made through
+/// any replica or the CLI is pushed (`LISTEN`) and taken at once; the poll of the directory's
+/// version stays as the backstop (a lost listening connection, SQLite, which cannot push).
 async fn poll_directory(state: AppState, stop: CancellationToken) {
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut listener = None;
     loop {
+        if listener.is_none() {
+            if let Some(pg) = state.ledger.backend().postgres() {
+                match pg.listen_directory().await {
+                    Ok(l) => listener = Some(l),
+                    Err(e) => tracing::warn!(error = %e, "could not listen for directory changes; polling"),
+                }
+            }
+        }
+        let pushed = async {
+            match listener.as_mut() {
+                Some(l) => l.try_recv().await.map(|n| n.is_some()),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tick.tick() => {
-                if let Err(e) = state.directory.refresh(state.ledger.backend(), false).await {
-                    tracing::warn!(error = %e, "could not refresh keys and teams");
+            _ = tick.tick() => {}
+            heard = pushed => {
+                if !matches!(heard, Ok(true)) {
+                    // The connection dropped (a notification may have been missed): listen
+                    // again, and read the version now.
+                    listener = None;
                 }
             }
             () = stop.cancelled() => return,
+        }
+        if let Err(e) = state.directory.refresh(state.ledger.backend(), false).await {
+            tracing::warn!(error = %e, "could not refresh keys and teams");
         }
     }
 }

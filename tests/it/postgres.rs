@@ -1,8 +1,9 @@
-//! The gateway on PostgreSQL: the same behaviour as on SQLite, and two replicas sharing one
-//! ledger (keys created on one work on the other; spend is visible from both).
+//! The gateway on PostgreSQL: the same behaviour as on SQLite, and replicas sharing one
+//! ledger: keys, spend, budgets and rate windows agree on every replica.
 
 use std::time::Duration;
 
+use futures::future::join_all;
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -77,4 +78,247 @@ async fn two_replicas_share_keys_and_spend_through_postgres() {
         assert!(tokio::time::Instant::now() < deadline, "replica b kept accepting a revoked key");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Several replicas on one PostgreSQL ledger (SPEC §8): budgets, rate windows and the
+// directory shared; each test starts three replicas on a schema of its own.
+// ---------------------------------------------------------------------------------------
+
+const MAX_TOKENS: u64 = 100;
+
+fn usd(nanos: i64) -> f64 {
+    nanos as f64 / 1e9
+}
+
+/// Three replicas of `text` (a config naming `url`), each with its own journal.
+async fn three_replicas(text: &str) -> Vec<TestApp> {
+    let mut apps = Vec::new();
+    for _ in 0..3 {
+        apps.push(TestApp::start_with_config(tempfile::tempdir().unwrap(), text).await);
+    }
+    apps
+}
+
+fn pg_config(url: &str, upstream: &str, extra: &str) -> String {
+    format!("{extra}\n{}", config_text("unused", upstream, DEFAULT_MODELS).replace("sqlite://unused", url))
+}
+
+/// Polls `check` every 20 ms until it is true, for at most `within`; returns how long it took.
+async fn within(within: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A key made through one replica, once every replica accepts it.
+async fn shared_key(apps: &[TestApp], team: &str, key_fields: Value) -> (String, String) {
+    let (id, key) = apps[0].create_key(team, key_fields).await;
+    for app in apps {
+        within(Duration::from_secs(2), "every replica knows the new key", async || {
+            let r = app.http.get(app.url("/v1/models")).bearer_auth(&key).send().await.unwrap();
+            r.status() == 200
+        })
+        .await;
+    }
+    (id, key)
+}
+
+/// What a team's view says on every replica, once no reservation is held any more.
+async fn settled_team(apps: &[TestApp], team: &str) -> Vec<Value> {
+    let mut views = Vec::new();
+    for app in apps {
+        let mut view = Value::Null;
+        within(Duration::from_secs(5), "reservations released", async || {
+            let (_, v) = app.admin(Method::GET, &format!("/admin/teams/{team}"), None).await;
+            view = v;
+            view["reserved_usd"] == 0.0
+        })
+        .await;
+        views.push(view);
+    }
+    views
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_race_spread_over_three_replicas_serves_exactly_what_fits() {
+    let test = "a_race_spread_over_three_replicas_serves_exactly_what_fits";
+    let Some(url) = pg::postgres_url(test).await else { return };
+    let up = FakeUpstream::start().await;
+    let b = json!({"model": "gpt-4o-mini", "max_tokens": MAX_TOKENS,
+                   "messages": [{"role": "user", "content": "How much is it?"}]});
+    let prompt = tollgate::policy::tokens::prompt_tokens(tollgate::policy::tokens::PromptKind::Chat, "gpt-4o-mini", &b);
+    let cost = nanos(prompt, 0, MAX_TOKENS, MINI.0, MINI.1, MINI.2);
+    // Every answer costs exactly its worst case, slowly: all 240 are in flight at once.
+    up.reply(Reply::chat_json("x", Some((prompt, 0, MAX_TOKENS))).with_header_delay(Duration::from_millis(300)));
+    let apps = three_replicas(&pg_config(&url, &up.url(), "")).await;
+    const N: i64 = 37;
+    let limit = N * cost + cost - 1;
+    apps[0].create_team("t", json!({"limit_usd": usd(limit)})).await;
+    let (_, key) = shared_key(&apps, "t", json!({})).await;
+
+    let racing = (0..240).map(|i| {
+        let (app, key, b) = (&apps[i % 3], &key, &b);
+        async move { app.chat(key, b).await.status().as_u16() }
+    });
+    let statuses = join_all(racing).await;
+    let served = statuses.iter().filter(|s| **s == 200).count() as i64;
+    let refused = statuses.iter().filter(|s| **s == 429).count() as i64;
+    assert_eq!((served, refused), (N, 240 - N), "exactly what fits is served across the replicas");
+    assert_eq!(up.hits() as i64, N);
+    for view in settled_team(&apps, "t").await {
+        assert_eq!(usd_to_nanos(&view["spent_usd"]), N * cost, "every replica sees the same spend: {view}");
+    }
+    for app in &apps {
+        app.wait_records(N as usize).await;
+        let v: Value = app.http.get(app.url("/spend")).bearer_auth(MASTER).send().await.unwrap().json().await.unwrap();
+        assert_eq!(v["total"]["requests"], N);
+        assert_eq!(usd_to_nanos(&v["total"]["cost_usd"]), N * cost);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_and_tpm_are_counted_once_across_replicas() {
+    let Some(url) = pg::postgres_url("rpm_and_tpm_are_counted_once_across_replicas").await else { return };
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("x", Some((10, 0, 5))));
+    let apps = three_replicas(&pg_config(&url, &up.url(), "")).await;
+    apps[0].create_team("t", json!({})).await;
+    let (_, key) = shared_key(&apps, "t", json!({"rpm": 5})).await;
+    let b = chat_body("gpt-4o-mini", "x");
+    let racing = (0..12).map(|i| {
+        let (app, key, b) = (&apps[i % 3], &key, &b);
+        async move { app.chat(key, b).await }
+    });
+    let mut served = 0;
+    for r in join_all(racing).await {
+        match r.status().as_u16() {
+            200 => served += 1,
+            429 => {
+                assert!(r.headers().contains_key("retry-after"));
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!(served, 5, "rpm 5 admits five requests however they are spread");
+
+    // tpm on a team: 15 tokens a request against 20 a minute, corrected to the real count.
+    apps[0].create_team("u", json!({"tpm": 20})).await;
+    let (_, key) = shared_key(&apps, "u", json!({})).await;
+    assert_eq!(apps[1].chat(&key, &b).await.status(), 200);
+    // The correction (estimate → 15 tokens) lands off the request's path.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(apps[2].chat(&key, &b).await.status(), 429);
+    assert_eq!(apps[0].chat(&key, &b).await.status(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_within_a_second() {
+    let test = "a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_within_a_second";
+    let Some(url) = pg::postgres_url(test).await else { return };
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("x", Some((10, 0, 5))));
+    // The poll backstop is far slower than a second: the push must carry the change.
+    let text = pg_config(&url, &up.url(), "");
+    let apps = three_replicas(&text).await;
+    apps[0].create_team("t", json!({})).await;
+    let (id, key) = shared_key(&apps, "t", json!({})).await;
+    let b = chat_body("gpt-4o-mini", "x");
+    let (status, _) = apps[0].admin(Method::DELETE, &format!("/admin/keys/{id}"), None).await;
+    assert_eq!(status, 200);
+    for app in &apps[1..] {
+        within(Duration::from_secs(1), "a key revoked on replica 0 is refused here", async || {
+            app.chat(&key, &b).await.status() == 401
+        })
+        .await;
+    }
+
+    // The CLI returns without waiting; every replica refuses within a second.
+    let (id, key) = shared_key(&apps, "t", json!({})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(&config_path, &text).unwrap();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["--config", config_path.to_str().unwrap(), "keys", "revoke", &id])
+        .env_remove("TOLLGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli = started.elapsed();
+    for app in &apps {
+        within(Duration::from_secs(1), "a key revoked by the CLI is refused", async || {
+            app.chat(&key, &b).await.status() == 401
+        })
+        .await;
+    }
+    assert!(cli < Duration::from_secs(5), "the CLI took {cli:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_replicas() {
+    let test = "a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_replicas";
+    let Some(url) = pg::postgres_url(test).await else { return };
+    let primary = FakeUpstream::start().await;
+    let backup = FakeUpstream::start().await;
+    primary.reply(Reply::error(500, "boom"));
+    backup.reply(Reply::chat_json("from dear", Some((20, 0, 10))).with_header_delay(Duration::from_millis(600)));
+    let text = crate::routing::cheap_to_dear_fallback_config("unused", &primary.url(), &backup.url())
+        .replace("sqlite://unused", &url);
+    let apps = three_replicas(&text).await;
+    let body = json!({"model": "cheap", "max_tokens": 1000, "messages": [{"role": "user", "content": "hello there"}]});
+    apps[0].create_team("probe", json!({})).await;
+    let (_, probe) = shared_key(&apps, "probe", json!({})).await;
+    let mut worst = Vec::new();
+    for model in ["cheap", "dear"] {
+        let mut b = body.clone();
+        b["model"] = json!(model);
+        let r = apps[0]
+            .http
+            .post(apps[0].url("/v1/chat/completions"))
+            .bearer_auth(&probe)
+            .header("x-tollgate-dry-run", "true")
+            .json(&b)
+            .send()
+            .await
+            .unwrap();
+        let v: Value = r.json().await.unwrap();
+        worst.push(usd_to_nanos(&v["max_cost_usd"]));
+    }
+    let (cheap, dear) = (worst[0], worst[1]);
+    // Room for three dear answers beside four cheap reservations (see routing.rs).
+    let limit = 3 * dear + 4 * cheap;
+    apps[0].create_team("t", json!({"limit_usd": usd(limit)})).await;
+    let (_, key) = shared_key(&apps, "t", json!({})).await;
+    let racing = (0..4).map(|i| {
+        let (app, key, body) = (&apps[i % 3], &key, &body);
+        async move { app.chat(key, body).await.status().as_u16() }
+    });
+    let statuses = join_all(racing).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 502).count(), 1, "{statuses:?}");
+    assert_eq!(backup.hits(), 3, "a fallback that does not fit is never forwarded");
+    for view in settled_team(&apps, "t").await {
+        assert!(usd_to_nanos(&view["spent_usd"]) <= limit, "spent past the limit: {view}");
+    }
+}
+
+#[tokio::test]
+async fn readiness_says_where_budgets_are_held() {
+    let Some(url) = pg::postgres_url("readiness_says_where_budgets_are_held").await else { return };
+    let up = FakeUpstream::start().await;
+    let app = TestApp::start_with_config(tempfile::tempdir().unwrap(), &pg_config(&url, &up.url(), "")).await;
+    let v: Value = app.http.get(app.url("/health/ready")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["budgets"], "postgres", "{v}");
+    assert!(v["replica"].as_str().is_some_and(|r| r.starts_with("rep_")), "{v}");
+    let local = TestApp::start(&up, DEFAULT_MODELS).await;
+    let v: Value = local.http.get(local.url("/health/ready")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["budgets"], "in-process", "{v}");
 }

@@ -202,7 +202,7 @@ async fn connection_refused_falls_back_too() {
 }
 
 /// A cheap model on `primary` that falls back to a dear one on `backup`.
-fn cheap_to_dear_fallback_config(db: &str, primary: &str, backup: &str) -> String {
+pub(crate) fn cheap_to_dear_fallback_config(db: &str, primary: &str, backup: &str) -> String {
     format!(
         r#"
 listen = "127.0.0.1:0"

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use foldhash::{HashMap, HashMapExt};
 
-use super::{left_of, Applicable, BudgetStatus, BudgetStore, Loose, Refusal, Reservation, Scope};
+use super::{left_of, Applicable, BudgetStatus, BudgetStore, Hold, Loose, Refusal, Reservation, Scope, Unavailable};
 use crate::policy::pricing::NanoUsd;
 
 #[derive(Debug)]
@@ -67,7 +67,39 @@ impl BudgetBook {
 
 impl BudgetStore for BudgetBook {
     /// Status of one budget at `now`.
-    fn status(&self, applicable: &Applicable, now: DateTime<Utc>) -> BudgetStatus {
+    async fn status(&self, applicable: &Applicable, now: DateTime<Utc>) -> Result<BudgetStatus, Unavailable> {
+        Ok(self.status_now(applicable, now))
+    }
+
+    /// Atomically reserves `amount` against every budget, or none of them. `loose` marks a
+    /// reservation priced on a token bound, which others may tighten when they need room.
+    async fn reserve(
+        &self,
+        budgets: &[Applicable],
+        amount: NanoUsd,
+        now: DateTime<Utc>,
+        hold: Hold<'_>,
+    ) -> Result<Result<Reservation, Refusal>, Unavailable> {
+        Ok(self.reserve_now(budgets, amount, now, hold))
+    }
+
+    /// Loose reservations still untightened on any of these budgets.
+    fn loose_on(&self, budgets: &[Applicable]) -> Vec<Arc<Loose>> {
+        self.loose_on_now(budgets)
+    }
+
+    fn tighten(&self, loose: &[Arc<Loose>]) {
+        self.tighten_now(loose);
+    }
+
+    fn settle(&self, reservation: Reservation, cost: NanoUsd) {
+        self.settle_now(reservation, cost);
+    }
+}
+
+impl BudgetBook {
+    /// Status of one budget at `now`.
+    pub fn status_now(&self, applicable: &Applicable, now: DateTime<Utc>) -> BudgetStatus {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         let start = applicable.spec.period.start(now);
         let (spent, reserved) = match accounts.get_mut(&applicable.scope) {
@@ -87,13 +119,14 @@ impl BudgetStore for BudgetBook {
 
     /// Atomically reserves `amount` against every budget, or none of them. `loose` marks a
     /// reservation priced on a token bound, which others may tighten when they need room.
-    fn reserve(
+    pub fn reserve_now(
         &self,
         budgets: &[Applicable],
         amount: NanoUsd,
         now: DateTime<Utc>,
-        loose: Option<Arc<Loose>>,
+        hold: Hold<'_>,
     ) -> Result<Reservation, Refusal> {
+        let loose = hold.loose;
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         for b in budgets {
             let start = b.spec.period.start(now);
@@ -102,8 +135,7 @@ impl BudgetStore for BudgetBook {
             if let Some(limit) = b.spec.limit {
                 let used = account.spent + account.reserved;
                 if used + amount > limit {
-                    let retry_after_s =
-                        b.spec.period.reset(now).map(|at| ((at - now.timestamp_millis()).max(0) as u64).div_ceil(1000));
+                    let retry_after_s = retry_after_s(b, now);
                     return Err(Refusal { scope: b.scope.clone(), remaining: left_of(limit, used), retry_after_s });
                 }
             }
@@ -118,11 +150,11 @@ impl BudgetStore for BudgetBook {
                 held.push((b.scope.clone(), account.period_start));
             }
         }
-        Ok(Reservation { amount, held, loose })
+        Ok(Reservation { amount, held, loose, hold: None, floor: hold.floor })
     }
 
     /// Loose reservations still untightened on any of these budgets.
-    fn loose_on(&self, budgets: &[Applicable]) -> Vec<Arc<Loose>> {
+    pub fn loose_on_now(&self, budgets: &[Applicable]) -> Vec<Arc<Loose>> {
         let accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<Arc<Loose>> = Vec::new();
         for b in budgets.iter().filter(|b| b.spec.limit.is_some()) {
@@ -139,7 +171,7 @@ impl BudgetStore for BudgetBook {
 
     /// Replaces loose reservations' bound-priced amounts with their exact worst cases.
     /// The counting runs outside the lock; each is counted at most once.
-    fn tighten(&self, loose: &[Arc<Loose>]) {
+    pub fn tighten_now(&self, loose: &[Arc<Loose>]) {
         let exact: Vec<NanoUsd> = loose.iter().map(|l| l.exact()).collect();
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         for account in accounts.values_mut() {
@@ -154,7 +186,7 @@ impl BudgetStore for BudgetBook {
     }
 
     /// Releases the reservation and books `cost` as spent in the period it was taken in.
-    fn settle(&self, reservation: Reservation, cost: NanoUsd) {
+    pub fn settle_now(&self, reservation: Reservation, cost: NanoUsd) {
         let mut accounts = self.accounts.lock().unwrap_or_else(|e| e.into_inner());
         for (scope, period_start) in reservation.held {
             if let Some(account) = accounts.get_mut(&scope) {
@@ -173,6 +205,11 @@ impl BudgetStore for BudgetBook {
             }
         }
     }
+}
+
+/// Seconds until `budget`'s period resets (None: it never does).
+pub(crate) fn retry_after_s(budget: &Applicable, now: DateTime<Utc>) -> Option<u64> {
+    budget.spec.period.reset(now).map(|at| ((at - now.timestamp_millis()).max(0) as u64).div_ceil(1000))
 }
 
 /// Starts a new period: spend resets, reservations in flight stay held.

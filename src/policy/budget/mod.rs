@@ -15,8 +15,10 @@ mod rates;
 mod tests;
 
 pub use book::BudgetBook;
+pub(crate) use book::retry_after_s;
 pub use rates::{RateLimiter, RateRefusal, RateTicket};
 
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -190,7 +192,8 @@ impl Loose {
         })
     }
 
-    fn exact(&self) -> NanoUsd {
+    /// The exact worst case, counted on first use.
+    pub fn exact(&self) -> NanoUsd {
         *self.exact.get_or_init(|| (self.compute)().min(self.bound))
     }
 }
@@ -207,18 +210,56 @@ pub struct Reservation {
     amount: NanoUsd,
     held: Vec<(Scope, i64)>,
     loose: Option<Arc<Loose>>,
+    /// The store's name for the hold (a shared store's row), if it has one.
+    hold: Option<Arc<str>>,
+    /// What the request certainly costs once forwarded: its prompt, estimated.
+    floor: NanoUsd,
 }
 
 impl Reservation {
     /// A reservation that holds nothing (settling it changes no account).
     pub fn none() -> Reservation {
-        Reservation { amount: NanoUsd::ZERO, held: Vec::new(), loose: None }
+        Reservation { amount: NanoUsd::ZERO, held: Vec::new(), loose: None, hold: None, floor: NanoUsd::ZERO }
+    }
+
+    /// A reservation a store other than [`BudgetBook`] holds under the name `hold` (None:
+    /// nothing is held, no budget of the request has a limit).
+    pub fn held_as(hold: Option<Arc<str>>, amount: NanoUsd, held: Vec<(Scope, i64)>, floor: NanoUsd) -> Reservation {
+        Reservation { amount, held, loose: None, hold, floor }
     }
 
     /// The amount reserved when taken (a loose one may since have been tightened).
     pub fn amount(&self) -> NanoUsd {
         self.amount
     }
+
+    /// The budgets held, each with the start of the period it was held in.
+    pub fn held(&self) -> &[(Scope, i64)] {
+        &self.held
+    }
+
+    /// The store's name for the hold.
+    pub fn hold(&self) -> Option<&Arc<str>> {
+        self.hold.as_ref()
+    }
+
+    /// What the request certainly costs once forwarded (its prompt, estimated).
+    pub fn floor(&self) -> NanoUsd {
+        self.floor
+    }
+}
+
+/// What a reservation is for, beyond its amount.
+#[derive(Clone, Debug)]
+pub struct Hold<'a> {
+    /// The request it is held for.
+    pub request_id: &'a str,
+    /// Marks a reservation priced on a token bound, which others may tighten when they need
+    /// room.
+    pub loose: Option<Arc<Loose>>,
+    /// What the request certainly costs once forwarded: charged if the process holding the
+    /// reservation dies before it settles.
+    pub floor: NanoUsd,
 }
 
 /// Why a reservation was refused.
@@ -230,23 +271,37 @@ pub struct Refusal {
     pub retry_after_s: Option<u64>,
 }
 
+/// A shared store could not be reached: nothing was reserved, and no decision taken.
+#[derive(Debug, Clone)]
+pub struct Unavailable(pub String);
+
 /// Where budgets' reservations live: the seam routing decides through. This process's
 /// [`BudgetBook`] is one store; a store shared by several replicas is another. Each call is
 /// atomic over all the budgets it is given: however many requests race, `spent + reserved`
-/// never passes a limit.
+/// never passes a limit. A store that cannot answer says [`Unavailable`], never "no limit".
 pub trait BudgetStore: Send + Sync {
     /// The state of one budget now.
-    fn status(&self, applicable: &Applicable, now: DateTime<Utc>) -> BudgetStatus;
+    fn status(
+        &self,
+        applicable: &Applicable,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<BudgetStatus, Unavailable>> + Send;
 
-    /// Reserves `amount` against every budget, or none of them. `loose` marks a reservation
-    /// priced on a token bound, which others may tighten when they need room.
+    /// Reserves `amount` against every budget, or none of them.
     fn reserve(
         &self,
         budgets: &[Applicable],
         amount: NanoUsd,
         now: DateTime<Utc>,
-        loose: Option<Arc<Loose>>,
-    ) -> Result<Reservation, Refusal>;
+        hold: Hold<'_>,
+    ) -> impl Future<Output = Result<Result<Reservation, Refusal>, Unavailable>> + Send;
+
+    /// Whether the store takes loose reservations (priced on a token bound) and tightens
+    /// them when room is needed. One that cannot — its reservations are seen by other
+    /// processes, which cannot count this one's prompts — is given exact amounts only.
+    fn tightens(&self) -> bool {
+        true
+    }
 
     /// Loose reservations still untightened on any of these budgets.
     fn loose_on(&self, budgets: &[Applicable]) -> Vec<Arc<Loose>>;
@@ -259,18 +314,39 @@ pub trait BudgetStore: Send + Sync {
 
     /// Whether any budget is at or past its downgrade threshold (spent + reserved ≥
     /// downgrade_at × limit), before the request in question.
-    fn past_threshold(&self, budgets: &[Applicable], now: DateTime<Utc>) -> bool {
-        budgets.iter().any(|b| {
-            let (Some(limit), Some(at)) = (b.spec.limit, b.spec.downgrade_at) else { return false };
-            let status = self.status(b, now);
-            let threshold = (limit.0 as f64 * at).ceil() as i64;
-            (status.spent + status.reserved).0 >= threshold
-        })
+    fn past_threshold(
+        &self,
+        budgets: &[Applicable],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<bool, Unavailable>> + Send {
+        async move {
+            for b in budgets {
+                let (Some(limit), Some(at)) = (b.spec.limit, b.spec.downgrade_at) else { continue };
+                let status = self.status(b, now).await?;
+                let threshold = (limit.0 as f64 * at).ceil() as i64;
+                if (status.spent + status.reserved).0 >= threshold {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
     }
 
     /// Room left in the tightest budget (None: no limits apply).
-    fn headroom(&self, budgets: &[Applicable], now: DateTime<Utc>) -> Option<NanoUsd> {
-        budgets.iter().filter_map(|b| self.status(b, now).remaining).min()
+    fn headroom(
+        &self,
+        budgets: &[Applicable],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Option<NanoUsd>, Unavailable>> + Send {
+        async move {
+            let mut least: Option<NanoUsd> = None;
+            for b in budgets {
+                if let Some(left) = self.status(b, now).await?.remaining {
+                    least = Some(least.map_or(left, |l| l.min(left)));
+                }
+            }
+            Ok(least)
+        }
     }
 }
 

@@ -6,6 +6,19 @@ fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
 
+fn hold(loose: Option<Arc<Loose>>) -> Hold<'static> {
+    Hold { request_id: "req", loose, floor: NanoUsd::ZERO }
+}
+
+/// Runs a future of the in-process book, which never waits.
+fn now_or_never<T>(f: impl std::future::Future<Output = T>) -> T {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => v,
+        std::task::Poll::Pending => panic!("the in-process book waited"),
+    }
+}
+
 fn team(limit: i64, downgrade_at: Option<f64>) -> Applicable {
     Applicable {
         scope: Scope::Team("t".into()),
@@ -30,11 +43,11 @@ fn reservations_never_pass_the_limit() {
     let book = BudgetBook::default();
     let now = at("2026-11-28T19:00:00Z");
     let budgets = [team(100, None)];
-    let r1 = book.reserve(&budgets, NanoUsd(60), now, None).unwrap();
-    assert!(book.reserve(&budgets, NanoUsd(50), now, None).is_err());
+    let r1 = book.reserve_now(&budgets, NanoUsd(60), now, hold(None)).unwrap();
+    assert!(book.reserve_now(&budgets, NanoUsd(50), now, hold(None)).is_err());
     book.settle(r1, NanoUsd(10));
-    let _r2 = book.reserve(&budgets, NanoUsd(90), now, None).unwrap();
-    assert!(book.reserve(&budgets, NanoUsd(1), now, None).is_err());
+    let _r2 = book.reserve_now(&budgets, NanoUsd(90), now, hold(None)).unwrap();
+    assert!(book.reserve_now(&budgets, NanoUsd(1), now, hold(None)).is_err());
 }
 
 #[test]
@@ -44,11 +57,11 @@ fn spend_resets_with_the_period_and_late_settles_stay_in_their_period() {
         scope: Scope::Team("t".into()),
         spec: BudgetSpec { limit: Some(NanoUsd(100)), period: Period::Daily, ..Default::default() },
     }];
-    let r = book.reserve(&budgets, NanoUsd(100), at("2026-11-28T23:59:59Z"), None).unwrap();
+    let r = book.reserve_now(&budgets, NanoUsd(100), at("2026-11-28T23:59:59Z"), hold(None)).unwrap();
     let next_day = at("2026-11-29T00:00:01Z");
-    assert!(book.reserve(&budgets, NanoUsd(1), next_day, None).is_err(), "in-flight reservation still held");
+    assert!(book.reserve_now(&budgets, NanoUsd(1), next_day, hold(None)).is_err(), "in-flight reservation still held");
     book.settle(r, NanoUsd(100));
-    let s = book.status(&budgets[0], next_day);
+    let s = book.status_now(&budgets[0], next_day);
     assert_eq!(s.spent, NanoUsd(0));
     assert_eq!(s.remaining, Some(NanoUsd(100)));
 }
@@ -58,12 +71,12 @@ fn a_refusal_past_the_limit_reports_nothing_remaining() {
     let book = BudgetBook::default();
     let now = at("2026-11-28T19:00:00Z");
     let budgets = [team(100, None)];
-    let r = book.reserve(&budgets, NanoUsd(90), now, None).unwrap();
+    let r = book.reserve_now(&budgets, NanoUsd(90), now, hold(None)).unwrap();
     // The request cost more than its reservation: the period's spend passes the limit.
     book.settle(r, NanoUsd(109));
-    let refusal = book.reserve(&budgets, NanoUsd(1), now, None).unwrap_err();
+    let refusal = book.reserve_now(&budgets, NanoUsd(1), now, hold(None)).unwrap_err();
     assert_eq!(refusal.remaining, NanoUsd::ZERO);
-    assert_eq!(book.status(&budgets[0], now).remaining, Some(NanoUsd::ZERO));
+    assert_eq!(book.status_now(&budgets[0], now).remaining, Some(NanoUsd::ZERO));
 }
 
 #[test]
@@ -71,10 +84,10 @@ fn threshold_counts_reserved_money() {
     let book = BudgetBook::default();
     let now = at("2026-11-28T19:00:00Z");
     let budgets = [team(100, Some(0.8))];
-    let _r = book.reserve(&budgets, NanoUsd(79), now, None).unwrap();
-    assert!(!book.past_threshold(&budgets, now));
-    let _r2 = book.reserve(&budgets, NanoUsd(1), now, None).unwrap();
-    assert!(book.past_threshold(&budgets, now));
+    let _r = book.reserve_now(&budgets, NanoUsd(79), now, hold(None)).unwrap();
+    assert!(!now_or_never(book.past_threshold(&budgets, now)).unwrap());
+    let _r2 = book.reserve_now(&budgets, NanoUsd(1), now, hold(None)).unwrap();
+    assert!(now_or_never(book.past_threshold(&budgets, now)).unwrap());
 }
 
 #[test]
@@ -83,16 +96,16 @@ fn loose_reservations_are_tightened_when_room_is_needed() {
     let now = at("2026-11-28T19:00:00Z");
     let budgets = [team(100, None)];
     let loose = Loose::new(NanoUsd(60), || NanoUsd(40));
-    let r1 = book.reserve(&budgets, NanoUsd(60), now, Some(loose)).unwrap();
-    assert!(book.reserve(&budgets, NanoUsd(60), now, None).is_err());
+    let r1 = book.reserve_now(&budgets, NanoUsd(60), now, hold(Some(loose))).unwrap();
+    assert!(book.reserve_now(&budgets, NanoUsd(60), now, hold(None)).is_err());
     let pending = book.loose_on(&budgets);
     assert_eq!(pending.len(), 1);
     book.tighten(&pending);
     assert!(book.loose_on(&budgets).is_empty());
-    let r2 = book.reserve(&budgets, NanoUsd(60), now, None).unwrap();
+    let r2 = book.reserve_now(&budgets, NanoUsd(60), now, hold(None)).unwrap();
     book.settle(r1, NanoUsd(30));
     book.settle(r2, NanoUsd(60));
-    let s = book.status(&budgets[0], now);
+    let s = book.status_now(&budgets[0], now);
     assert_eq!((s.spent, s.reserved), (NanoUsd(90), NanoUsd(0)));
 }
 
