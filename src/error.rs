@@ -109,9 +109,7 @@ impl ApiError {
             ApiError::LedgerUnavailable
             | ApiError::LedgerNotDurable
             | ApiError::BudgetsUnavailable
-            | ApiError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -92,9 +92,10 @@ impl Replica {
 }
 
 /// Renews the lease every third of its length, and sweeps the reservations of replicas whose
-/// lease has run out.
+/// lease has run out at least once a second (a dead replica's holds are released within about
+/// a second of its lease's end, whatever this replica's own lease).
 async fn renew(replica: Arc<Replica>, stop: tokio_util::sync::CancellationToken) {
-    let every = Duration::from_millis((replica.lease_ms / 3).max(50));
+    let every = Duration::from_millis((replica.lease_ms / 3).clamp(50, 1000));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -202,7 +203,7 @@ impl BudgetStore for SharedBudgets {
         let name = self.replica.name();
         let row = HoldRow {
             hold: &name,
-            request_id: &hold.request_id,
+            request_id: hold.request_id,
             replica: &self.replica.id,
             scopes: &scopes,
             starts: &starts,
@@ -329,7 +330,10 @@ impl BudgetStore for Budgets {
 #[derive(Debug)]
 pub enum Ticket {
     Local(RateTicket),
-    Shared { name: String, tokens: u64 },
+    Shared {
+        name: String,
+        tokens: u64,
+    },
     /// No window limits the request.
     None,
 }

@@ -19,10 +19,10 @@ use crate::error::ApiError;
 use crate::ledger::{LedgerError, NotJournaled, Pin, RequestRecord, Slot, UsageSource};
 use crate::policy::budget::BudgetStore;
 use crate::policy::budget::Reservation;
-use crate::replicas::Ticket;
 use crate::policy::models::Model;
 use crate::policy::pricing::{NanoUsd, Usage};
 use crate::policy::tokens;
+use crate::replicas::Ticket;
 use crate::state::AppState;
 
 /// Everything needed to settle one forwarded request.

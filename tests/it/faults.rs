@@ -1013,3 +1013,71 @@ async fn nonsense_from_the_upstream_is_never_trusted_as_usage_or_passed_as_an_an
         assert_eq!(settled_record(&app, &id).await["status"], 502);
     }
 }
+
+/// SPEC §8: a replica killed with `kill -9` while a stream holds its reservation. Another
+/// replica finds the budget held, then released within `reservation_lease_ms` (and a sweep),
+/// charged only the prompt the upstream certainly billed; the killed replica's restart puts
+/// the request in the ledger as `interrupted` at that charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_stream_frees_its_reservations_within_the_lease() {
+    let test = "a_replica_killed_mid_stream_frees_its_reservations_within_the_lease";
+    let Some(url) = crate::postgres::pg::postgres_url(test).await else { return };
+    let up = FakeUpstream::start().await;
+    up.reply(
+        Reply::chat_sse(&["a", "b", "c", "d"], Some((5, 0, 4)), true).with_chunk_delay(Duration::from_millis(500)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("unused.db");
+    let journal = dir.path().join("journal");
+    let journal_line = format!("journal_dir = {:?}", journal.display().to_string());
+    let extra = format!("reservation_lease_ms = 3000\n{journal_line}");
+    let config =
+        config_with(&extra, &db, &up.url(), DEFAULT_MODELS).replace(&format!("sqlite://{}", db.display()), &url);
+    let mut p = Proc::start(dir.path(), &config, 1).await;
+    let probe = p.team_and_key("probe", json!({})).await;
+    let dry = p
+        .http
+        .post(p.url("/v1/chat/completions"))
+        .bearer_auth(&probe)
+        .header("x-tollgate-dry-run", "true")
+        .json(&stream_chat("x"))
+        .send()
+        .await
+        .unwrap();
+    let dry: Value = dry.json().await.unwrap();
+    let (worst, floor) = (usd_to_nanos(&dry["max_cost_usd"]), usd_to_nanos(&dry["estimated_cost_usd"]));
+    assert!(floor > 0 && floor < worst, "{dry}");
+    // Room for one request's worst case, not two.
+    let key = p.team_and_key("t", json!({"limit_usd": (worst + worst / 2) as f64 / 1e9, "period": "total"})).await;
+    let other = TestApp::start_with_config(tempfile::tempdir().unwrap(), &config.replace(&journal_line, "")).await;
+
+    let resp =
+        p.http.post(p.url("/v1/chat/completions")).bearer_auth(&key).json(&stream_chat("x")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = request_id(&resp);
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap(); // the upstream is answering: the reservation is held
+    p.child.kill().await.unwrap();
+    let killed = Instant::now();
+    assert_eq!(other.chat(&key, &stream_chat("x")).await.status(), 429, "the dead replica's hold still counts");
+    let team = poll(10, "the dead replica's reservation released", || async {
+        let (_, team) = other.admin(reqwest::Method::GET, "/admin/teams/t", None).await;
+        (team["reserved_usd"] == 0.0).then_some(team)
+    })
+    .await;
+    let released = killed.elapsed();
+    // The lease was last renewed at most a second before the kill; a sweep runs every second.
+    assert!(released > Duration::from_millis(1500), "released {released:?} after the kill, before its lease ran out");
+    assert!(released < Duration::from_millis(5000), "released {released:?} after the kill (lease 3 s)");
+    assert_eq!(usd_to_nanos(&team["spent_usd"]), floor, "charged its prompt, not its reservation: {team}");
+    let r = other.chat(&key, &stream_chat("x")).await;
+    assert_eq!(r.status(), 200, "the budget is free again");
+    let _ = r.bytes().await;
+
+    // The killed replica restarts on its journal: the request is in the ledger, interrupted.
+    let p2 = Proc::start(dir.path(), &config, 2).await;
+    let records = all_records(&p2.http, &p2.base()).await;
+    let r = records.get(&id).unwrap_or_else(|| panic!("the killed replica's request {id} left no record"));
+    assert_eq!(r["usage_source"], "interrupted", "{r}");
+    assert_eq!(usd_to_nanos(&r["cost_usd"]), floor, "{r}");
+}

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 #[path = "../common/postgres.rs"]
-mod pg;
+pub(crate) mod pg;
 
 #[tokio::test]
 async fn postgres_ledger_records_and_answers_spend() {

@@ -14,8 +14,8 @@ mod rates;
 #[cfg(test)]
 mod tests;
 
-pub use book::BudgetBook;
 pub(crate) use book::retry_after_s;
+pub use book::BudgetBook;
 pub use rates::{RateLimiter, RateRefusal, RateTicket};
 
 use std::future::Future;
