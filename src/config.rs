@@ -63,6 +63,8 @@ struct RawConfig {
     journal_dir: Option<String>,
     #[serde(default)]
     redis_url: Option<Secret>,
+    #[serde(default = "default_redis_prefix")]
+    redis_key_prefix: String,
     #[serde(default = "default_lease")]
     reservation_lease_ms: u64,
     #[serde(default = "default_segment_bytes")]
@@ -104,6 +106,9 @@ fn default_listen() -> String {
 }
 fn default_database_url() -> String {
     "sqlite://data/tollgate.db".into()
+}
+fn default_redis_prefix() -> String {
+    "tollgate:".into()
 }
 fn default_lease() -> u64 {
     30_000
@@ -235,9 +240,11 @@ pub struct Config {
     pub journal_dir: std::path::PathBuf,
     /// A journal segment takes appends until it is this long; then a new one starts.
     pub journal_segment_bytes: u64,
-    /// Accepted for deployments written for it; reservations and rate windows go through
-    /// PostgreSQL (see `replicas`).
+    /// With PostgreSQL: Redis for the budgets' reservations and the rate windows replicas
+    /// share (see `replicas`); without it, they are shared through PostgreSQL.
     pub redis_url: Option<Secret>,
+    /// What every Redis key of this deployment starts with (several on one Redis).
+    pub redis_key_prefix: String,
     /// On PostgreSQL, how long a replica's reservations outlive its last sign of life.
     pub reservation_lease_ms: u64,
     /// At SIGTERM, how long in-flight requests get to finish before they are cut (and
@@ -642,6 +649,7 @@ impl RawConfig {
             journal_dir: self.journal_dir.map_or_else(|| default_journal_dir(&self.database_url), PathBuf::from),
             journal_segment_bytes: self.journal_segment_bytes,
             redis_url: self.redis_url,
+            redis_key_prefix: self.redis_key_prefix,
             reservation_lease_ms: self.reservation_lease_ms,
             workers: self.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             database_url: self.database_url,

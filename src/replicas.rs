@@ -23,8 +23,8 @@ use chrono::{DateTime, Utc};
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ledger::shared::{HoldRow, SettleRow};
-use crate::ledger::{LedgerError, PostgresBackend};
+use crate::ledger::shared::{Correction, HoldRow, SettleRow, SharedStore};
+use crate::ledger::LedgerError;
 use crate::policy::budget::{
     retry_after_s, Applicable, BudgetBook, BudgetStatus, BudgetStore, Hold, Loose, RateLimiter, RateRefusal,
     RateTicket, Refusal, Reservation, Scope, Unavailable,
@@ -37,7 +37,7 @@ const SETTLE_BATCH: usize = 512;
 /// This replica on a shared PostgreSQL ledger: its name, its lease and its settlement queue.
 pub struct Replica {
     id: Arc<str>,
-    db: PostgresBackend,
+    db: SharedStore,
     lease_ms: u64,
     next: AtomicU64,
     queue: mpsc::UnboundedSender<Queued>,
@@ -45,7 +45,7 @@ pub struct Replica {
 
 enum Queued {
     Settle(Vec<SettleRow>),
-    Correct(String, i64),
+    Correct(Correction),
     /// Answered once everything queued before it has landed.
     Flush(oneshot::Sender<()>),
 }
@@ -54,23 +54,33 @@ impl Replica {
     /// Takes a lease under a new name and starts renewing it, sweeping dead replicas'
     /// reservations, and sending settlements. Stops when `stop` is cancelled (after
     /// [`Replica::close`]).
-    pub async fn start(
-        db: PostgresBackend,
-        lease_ms: u64,
-        stop: tokio_util::sync::CancellationToken,
-    ) -> Result<Arc<Replica>, LedgerError> {
+    pub async fn start(db: SharedStore, lease_ms: u64, stop: tokio_util::sync::CancellationToken) -> Arc<Replica> {
         let id: Arc<str> = format!("rep_{}", Alphanumeric.sample_string(&mut rand::rng(), 12)).into();
-        db.renew_lease(&id, lease_ms).await?;
+        // A replica starts while its shared store is down (Redis): it holds nothing, refusing
+        // budgeted requests with a 503 and saying so at /health/ready, until a renewal lands.
+        if let Err(e) = db.renew_lease(&id, lease_ms).await {
+            tracing::warn!(error = %e, "could not take a reservation lease; retrying");
+        }
         let (queue, rx) = mpsc::unbounded_channel();
         let replica = Arc::new(Replica { id, db, lease_ms, next: AtomicU64::new(1), queue });
         tokio::spawn(renew(replica.clone(), stop));
         tokio::spawn(send_settlements(replica.db.clone(), rx));
-        tracing::info!(replica = %replica.id, lease_ms, "budgets and rate windows shared through PostgreSQL");
-        Ok(replica)
+        tracing::info!(replica = %replica.id, lease_ms, store = replica.db.name(), "budgets and rate windows shared");
+        replica
     }
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Where budgets are shared: "postgres" or "redis".
+    pub fn store(&self) -> &'static str {
+        self.db.name()
+    }
+
+    /// Whether the shared store answers.
+    pub async fn ping(&self) -> bool {
+        matches!(tokio::time::timeout(Duration::from_secs(2), self.db.ping()).await, Ok(Ok(())))
     }
 
     /// Waits until every settlement queued so far has landed, then ends the lease (what is
@@ -117,7 +127,7 @@ async fn renew(replica: Arc<Replica>, stop: tokio_util::sync::CancellationToken)
 
 /// Sends queued settlements and token corrections in batches; a failed batch is retried until
 /// it lands (its reservations stay held meanwhile, so budgets stay exact, if tighter).
-async fn send_settlements(db: PostgresBackend, mut rx: mpsc::UnboundedReceiver<Queued>) {
+async fn send_settlements(db: SharedStore, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut settles = Vec::new();
     let mut corrections = Vec::new();
     let mut flushes = Vec::new();
@@ -126,7 +136,7 @@ async fn send_settlements(db: PostgresBackend, mut rx: mpsc::UnboundedReceiver<Q
         while let Some(item) = next {
             match item {
                 Queued::Settle(rows) => settles.extend(rows),
-                Queued::Correct(ticket, tokens) => corrections.push((ticket, tokens)),
+                Queued::Correct(c) => corrections.push(c),
                 Queued::Flush(tx) => flushes.push(tx),
             }
             next = if settles.len() + corrections.len() < SETTLE_BATCH { rx.try_recv().ok() } else { None };
@@ -175,8 +185,14 @@ pub struct SharedBudgets {
 impl BudgetStore for SharedBudgets {
     async fn status(&self, applicable: &Applicable, now: DateTime<Utc>) -> Result<BudgetStatus, Unavailable> {
         let start = applicable.spec.period.start(now);
-        let (spent, reserved) =
-            self.replica.db.budget_account(&scope_key(&applicable.scope), start).await.map_err(unavailable)?;
+        let scope = scope_key(&applicable.scope);
+        // Only limited budgets are accounted in the shared store; the spend of one without a
+        // limit is the ledger's.
+        let (spent, reserved) = match applicable.spec.limit {
+            Some(_) => self.replica.db.budget_account(&scope, start).await,
+            None => self.replica.db.ledger_spent(&scope, start).await.map(|spent| (spent, 0)),
+        }
+        .map_err(unavailable)?;
         let (spent, reserved) = (NanoUsd(spent), NanoUsd(reserved));
         Ok(BudgetStatus {
             spent,
@@ -332,6 +348,8 @@ pub enum Ticket {
     Local(RateTicket),
     Shared {
         name: String,
+        /// The windows it is in.
+        scopes: Vec<String>,
         tokens: u64,
     },
     /// No window limits the request.
@@ -357,11 +375,11 @@ impl Rates {
             Rates::Local(rl) => Ok(rl.admit(budgets, tokens, now_ms).map(Ticket::Local)),
             Rates::Shared(replica) => {
                 let name = replica.name();
-                Ok(shared_rates(replica, budgets, tokens, now_ms, Some(&name)).await?.map(|limited| {
-                    if limited {
-                        Ticket::Shared { name, tokens }
-                    } else {
+                Ok(shared_rates(replica, budgets, tokens, now_ms, Some(&name)).await?.map(|scopes| {
+                    if scopes.is_empty() {
                         Ticket::None
+                    } else {
+                        Ticket::Shared { name, scopes, tokens }
                     }
                 }))
             }
@@ -385,26 +403,27 @@ impl Rates {
     pub fn correct(&self, ticket: Ticket, actual_tokens: u64) {
         match (self, ticket) {
             (Rates::Local(rl), Ticket::Local(t)) => rl.correct(t, actual_tokens),
-            (Rates::Shared(replica), Ticket::Shared { name, tokens }) if tokens != actual_tokens => {
-                let _ = replica.queue.send(Queued::Correct(name, actual_tokens as i64));
+            (Rates::Shared(replica), Ticket::Shared { name, scopes, tokens }) if tokens != actual_tokens => {
+                let correction = Correction { ticket: name, scopes, tokens: actual_tokens as i64 };
+                let _ = replica.queue.send(Queued::Correct(correction));
             }
             _ => {}
         }
     }
 }
 
-/// Admits (`ticket` given) or checks a request against the shared windows; `Ok(false)` when
-/// none of its budgets has a window.
+/// Admits (`ticket` given) or checks a request against the shared windows; gives the windows
+/// it was admitted to (none when none of its budgets has one).
 async fn shared_rates(
     replica: &Replica,
     budgets: &[Applicable],
     tokens: u64,
     now_ms: i64,
     ticket: Option<&str>,
-) -> Result<Result<bool, RateRefusal>, Unavailable> {
+) -> Result<Result<Vec<String>, RateRefusal>, Unavailable> {
     let limited: Vec<&Applicable> = budgets.iter().filter(|b| b.spec.rpm.is_some() || b.spec.tpm.is_some()).collect();
     if limited.is_empty() {
-        return Ok(Ok(false));
+        return Ok(Ok(Vec::new()));
     }
     let scopes: Vec<String> = limited.iter().map(|b| scope_key(&b.scope)).collect();
     let rpm: Vec<Option<i64>> = limited.iter().map(|b| b.spec.rpm.map(|v| v as i64)).collect();
@@ -414,7 +433,7 @@ async fn shared_rates(
         .rate_admit(ticket.unwrap_or(""), &scopes, &rpm, &tpm, tokens as i64, now_ms, ticket.is_some())
         .await
         .map_err(unavailable)?;
-    Ok(admitted.map(|()| true).map_err(|r| {
+    Ok(admitted.map(|()| scopes).map_err(|r| {
         let b = limited[r.index];
         let per_minute = r.what.starts_with("requests");
         RateRefusal {

@@ -128,17 +128,27 @@ fn rfc3339(ms: i64) -> Value {
         .map_or(Value::Null, |t| json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)))
 }
 
-/// `spent_usd`, `reserved_usd`, `remaining_usd` and `resets_at` of one budget, now.
+/// `spent_usd`, `reserved_usd`, `remaining_usd` and `resets_at` of one budget, now. When the
+/// store replicas share budgets through cannot be reached, the three figures are null: the
+/// write a view answers has happened, and a figure from elsewhere could be wrong.
 async fn spend_fields(app: &AppState, scope: Scope, spec: &BudgetSpec) -> Result<Map<String, Value>, ApiError> {
     let now = app.clock.now();
     let applicable = Applicable { scope, spec: spec.clone() };
     app.load_account(&applicable, now).await?;
-    let status = app.budgets.status(&applicable, now).await.map_err(|_| ApiError::BudgetsUnavailable)?;
     let mut m = Map::new();
-    m.insert("spent_usd".into(), json!(status.spent.as_usd()));
-    m.insert("reserved_usd".into(), json!(status.reserved.as_usd()));
-    m.insert("remaining_usd".into(), status.remaining.map_or(Value::Null, |r| json!(r.as_usd())));
-    m.insert("resets_at".into(), status.resets_at_ms.map_or(Value::Null, rfc3339));
+    match app.budgets.status(&applicable, now).await {
+        Ok(status) => {
+            m.insert("spent_usd".into(), json!(status.spent.as_usd()));
+            m.insert("reserved_usd".into(), json!(status.reserved.as_usd()));
+            m.insert("remaining_usd".into(), status.remaining.map_or(Value::Null, |r| json!(r.as_usd())));
+        }
+        Err(_) => {
+            for field in ["spent_usd", "reserved_usd", "remaining_usd"] {
+                m.insert(field.into(), Value::Null);
+            }
+        }
+    }
+    m.insert("resets_at".into(), spec.period.reset(now).map_or(Value::Null, rfc3339));
     Ok(m)
 }
 

@@ -21,21 +21,22 @@ async fn ready(State(app): State<AppState>) -> Response {
     let ping = tokio::time::timeout(std::time::Duration::from_secs(2), app.ledger.backend().ping()).await;
     let database = matches!(ping, Ok(Ok(()))) && !app.ledger.health().failing();
     let journal = !app.ledger.journal_failing();
-    // Where budgets and rate windows are held: this process, or the database every replica
-    // shares (reachable exactly when the database is).
-    let budgets = match (app.replica.as_ref(), database) {
-        (None, _) => "in-process".to_string(),
-        (Some(_), true) => "postgres".to_string(),
-        (Some(_), false) => "unavailable".to_string(),
+    // Where budgets and rate windows are held: this process, or the store every replica
+    // shares. A replica that cannot reach it admits no budgeted request: not ready.
+    let (budgets, shared_ok) = match &app.replica {
+        None => ("in-process", true),
+        Some(r) if r.ping().await => (r.store(), true),
+        Some(_) => ("unavailable", false),
     };
+    let ready = database && journal && shared_ok;
     let body = json!({
-        "status": if database && journal { "ok" } else { "unavailable" },
+        "status": if ready { "ok" } else { "unavailable" },
         "database": if database { "ok" } else { "unreachable" },
         "journal": if journal { "ok" } else { "failing" },
         "budgets": budgets,
         "replica": app.replica.as_ref().map(|r| r.id()),
     });
-    let status = if database && journal { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }
 

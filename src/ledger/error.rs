@@ -24,6 +24,9 @@ pub enum LedgerError {
     /// holds nothing more until it renews.
     #[error("this replica's reservation lease has run out")]
     LeaseExpired,
+    /// Redis, which holds budgets and rate windows when `redis_url` is set.
+    #[error("redis: {0}")]
+    Redis(String),
     #[error("unsupported database url: {0}")]
     UnsupportedUrl(String),
 }

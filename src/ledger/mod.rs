@@ -20,8 +20,9 @@
 //! - `sqlite.rs` — SQLite: an sqlx pool for queries, and one rusqlite connection on a
 //!   thread of its own for every write of the writer (`sqlite/record_conn.rs`), its WAL
 //!   moved into the file by an idle-priority checkpointer (`sqlite/checkpointer.rs`).
-//! - `postgres.rs` — PostgreSQL, through sqlx; `shared.rs` its budgets and rate windows
-//!   shared by replicas (the calls; `replicas` decides when).
+//! - `postgres.rs` — PostgreSQL, through sqlx; `shared.rs` the budgets and rate windows
+//!   replicas share through it, or through Redis (`redis.rs`, Lua scripts; `replicas`
+//!   decides when to call them).
 //! - `sql/` — SQL both backends share, by concern (record writes, rows, directory, reports).
 //!
 //! The ledger imports money and usage (`pricing`), budget specs (`budget`), endpoint names
@@ -33,6 +34,7 @@ pub mod journal;
 mod postgres;
 mod records;
 mod recovery;
+mod redis;
 pub mod shared;
 mod sql;
 mod sqlite;
@@ -48,5 +50,6 @@ pub use records::{
     SpendTotals, TeamRow, UsageSource,
 };
 pub use recovery::recover;
+pub use redis::RedisShared;
 pub use sqlite::SqliteBackend;
 pub use writer::{Ledger, LedgerHealth, NotJournaled, Slot};

@@ -2,6 +2,7 @@
 //! `migrations/postgres/0003_shared_budgets.sql` defines, each one round trip and atomic over
 //! every budget it is given. `replicas` decides when to call them.
 
+use super::redis::RedisShared;
 use super::{LedgerError, PostgresBackend};
 
 /// A refusal by `tg_reserve`: which budget (index into the call's arrays) and its state.
@@ -28,6 +29,15 @@ pub struct SettleRow {
     pub period_start: i64,
     pub cost: i64,
     pub floor: i64,
+}
+
+/// A rate ticket's real token count, replacing its estimate.
+#[derive(Debug, Clone)]
+pub struct Correction {
+    pub ticket: String,
+    /// The windows the ticket is in.
+    pub scopes: Vec<String>,
+    pub tokens: i64,
 }
 
 /// A reservation to take: under which name, for which request, by which replica.
@@ -153,15 +163,32 @@ impl PostgresBackend {
     }
 
     /// Replaces rate tickets' estimated tokens with their real counts.
-    pub async fn rate_correct(&self, tickets: &[(String, i64)]) -> Result<(), LedgerError> {
-        let ids: Vec<&str> = tickets.iter().map(|t| t.0.as_str()).collect();
-        let tokens: Vec<i64> = tickets.iter().map(|t| t.1).collect();
+    pub async fn rate_correct(&self, tickets: &[Correction]) -> Result<(), LedgerError> {
+        let ids: Vec<&str> = tickets.iter().map(|t| t.ticket.as_str()).collect();
+        let tokens: Vec<i64> = tickets.iter().map(|t| t.tokens).collect();
         sqlx::query(
             "UPDATE rate_events e SET tokens = u.tokens FROM unnest($1::TEXT[], $2::BIGINT[]) AS u(ticket, tokens) \
              WHERE e.ticket = u.ticket",
         )
         .bind(ids)
         .bind(tokens)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Marks the journal entries of swept reservations' requests interrupted, each at its
+    /// floor (a sweep through Redis; PostgreSQL's `tg_sweep` does it itself).
+    pub async fn mark_swept(&self, swept: &[(String, i64)]) -> Result<(), LedgerError> {
+        let ids: Vec<&str> = swept.iter().map(|s| s.0.as_str()).collect();
+        let floors: Vec<i64> = swept.iter().map(|s| s.1).collect();
+        sqlx::query(
+            "UPDATE requests r SET usage_source = 'interrupted', cost_nano = u.floor \
+             FROM unnest($1::TEXT[], $2::BIGINT[]) AS u(id, floor) \
+             WHERE r.request_id = u.id AND r.usage_source = 'pending'",
+        )
+        .bind(ids)
+        .bind(floors)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -174,5 +201,97 @@ impl PostgresBackend {
         let mut listener = sqlx::postgres::PgListener::connect_with(self.pool()).await?;
         listener.listen(&channel).await?;
         Ok(listener)
+    }
+}
+
+/// A scope's kind and name: `key:<id>` or `team:<name>`.
+pub(crate) fn split_scope(scope: &str) -> (bool, &str) {
+    match scope.split_once(':') {
+        Some(("key", id)) => (true, id),
+        Some((_, name)) => (false, name),
+        None => (false, scope),
+    }
+}
+
+/// Where replicas share budgets and rate windows: PostgreSQL alone, or Redis beside it.
+#[derive(Clone)]
+pub enum SharedStore {
+    Postgres(PostgresBackend),
+    Redis(RedisShared),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            SharedStore::Postgres($s) => $body,
+            SharedStore::Redis($s) => $body,
+        }
+    };
+}
+
+impl SharedStore {
+    /// What holds the budgets, for readiness.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SharedStore::Postgres(_) => "postgres",
+            SharedStore::Redis(_) => "redis",
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    pub async fn renew_lease(&self, replica: &str, lease_ms: u64) -> Result<(), LedgerError> {
+        dispatch!(self, s => s.renew_lease(replica, lease_ms).await)
+    }
+
+    pub async fn end_lease(&self, replica: &str) -> Result<(), LedgerError> {
+        dispatch!(self, s => s.end_lease(replica).await)
+    }
+
+    pub async fn sweep(&self) -> Result<i64, LedgerError> {
+        dispatch!(self, s => s.sweep().await)
+    }
+
+    pub async fn budget_account(&self, scope: &str, start: i64) -> Result<(i64, i64), LedgerError> {
+        dispatch!(self, s => s.budget_account(scope, start).await)
+    }
+
+    /// What the ledger holds as spent by `scope` since `start`: the spend of a budget without
+    /// a limit, which the shared store does not track.
+    pub async fn ledger_spent(&self, scope: &str, start: i64) -> Result<i64, LedgerError> {
+        let pg = match self {
+            SharedStore::Postgres(pg) => pg,
+            SharedStore::Redis(r) => r.ledger(),
+        };
+        let (is_key, id) = split_scope(scope);
+        Ok(pg.spent_since(is_key, id, start).await?.0)
+    }
+
+    pub async fn reserve(&self, row: &HoldRow<'_>) -> Result<Result<(), Refused>, LedgerError> {
+        dispatch!(self, s => s.reserve(row).await)
+    }
+
+    pub async fn settle(&self, rows: &[SettleRow]) -> Result<(), LedgerError> {
+        dispatch!(self, s => s.settle(rows).await)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rate_admit(
+        &self,
+        ticket: &str,
+        scopes: &[String],
+        rpm: &[Option<i64>],
+        tpm: &[Option<i64>],
+        tokens: i64,
+        now_ms: i64,
+        record: bool,
+    ) -> Result<Result<(), RateRefused>, LedgerError> {
+        dispatch!(self, s => s.rate_admit(ticket, scopes, rpm, tpm, tokens, now_ms, record).await)
+    }
+
+    pub async fn rate_correct(&self, tickets: &[Correction]) -> Result<(), LedgerError> {
+        dispatch!(self, s => s.rate_correct(tickets).await)
     }
 }

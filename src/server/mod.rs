@@ -20,7 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Directory, POLL_INTERVAL};
 use crate::config::Config;
-use crate::ledger::{Backend, Ledger, LedgerError};
+use crate::ledger::shared::SharedStore;
+use crate::ledger::{Backend, Ledger, LedgerError, RedisShared};
 use crate::policy::budget::Clock;
 use crate::replicas::Replica;
 use crate::state::{AppState, Parts};
@@ -97,10 +98,13 @@ pub async fn run(
     let stop_polling = CancellationToken::new();
     let replica = match backend.postgres() {
         Some(pg) => {
-            if config.redis_url.is_some() {
-                tracing::warn!("redis_url is set but not used: reservations and rate windows go through PostgreSQL");
-            }
-            Some(Replica::start(pg.clone(), config.reservation_lease_ms, stop_polling.clone()).await?)
+            let store = match &config.redis_url {
+                Some(url) => {
+                    SharedStore::Redis(RedisShared::connect(url.expose(), &config.redis_key_prefix, pg.clone())?)
+                }
+                None => SharedStore::Postgres(pg.clone()),
+            };
+            Some(Replica::start(store, config.reservation_lease_ms, stop_polling.clone()).await)
         }
         None => None,
     };

@@ -1020,8 +1020,17 @@ async fn nonsense_from_the_upstream_is_never_trusted_as_usage_or_passed_as_an_an
 /// the request in the ledger as `interrupted` at that charge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_stream_frees_its_reservations_within_the_lease() {
+    replica_killed_mid_stream(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_stream_frees_its_reservations_within_the_lease_through_redis() {
+    replica_killed_mid_stream(true).await;
+}
+
+async fn replica_killed_mid_stream(redis: bool) {
     let test = "a_replica_killed_mid_stream_frees_its_reservations_within_the_lease";
-    let Some(url) = crate::postgres::pg::postgres_url(test).await else { return };
+    let Some((url, services)) = crate::postgres::services(test, redis).await else { return };
     let up = FakeUpstream::start().await;
     up.reply(
         Reply::chat_sse(&["a", "b", "c", "d"], Some((5, 0, 4)), true).with_chunk_delay(Duration::from_millis(500)),
@@ -1030,7 +1039,7 @@ async fn a_replica_killed_mid_stream_frees_its_reservations_within_the_lease() {
     let db = dir.path().join("unused.db");
     let journal = dir.path().join("journal");
     let journal_line = format!("journal_dir = {:?}", journal.display().to_string());
-    let extra = format!("reservation_lease_ms = 3000\n{journal_line}");
+    let extra = format!("reservation_lease_ms = 3000\n{services}\n{journal_line}");
     let config =
         config_with(&extra, &db, &up.url(), DEFAULT_MODELS).replace(&format!("sqlite://{}", db.display()), &url);
     let mut p = Proc::start(dir.path(), &config, 1).await;
@@ -1080,4 +1089,5 @@ async fn a_replica_killed_mid_stream_frees_its_reservations_within_the_lease() {
     let r = records.get(&id).unwrap_or_else(|| panic!("the killed replica's request {id} left no record"));
     assert_eq!(r["usage_source"], "interrupted", "{r}");
     assert_eq!(usd_to_nanos(&r["cost_usd"]), floor, "{r}");
+    other.stop().await;
 }

@@ -300,6 +300,13 @@ impl TestApp {
     }
 
     pub async fn start_with_config(dir: tempfile::TempDir, text: &str) -> TestApp {
+        let app = Self::start_unready(dir, text).await;
+        app.wait_ready().await;
+        app
+    }
+
+    /// Starts a server without waiting for it to be ready (only for it to answer).
+    pub async fn start_unready(dir: tempfile::TempDir, text: &str) -> TestApp {
         // Every server owns its journal folder: keep it in this app's data dir (a shared
         // default would make a second replica refuse to start).
         let text = if text.contains("journal_dir") {
@@ -323,8 +330,18 @@ impl TestApp {
         ));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         let app = TestApp { addr, http, dir, clock, shutdown: Some(tx), task: Some(task) };
-        app.wait_ready().await;
+        app.wait_live().await;
         app
+    }
+
+    async fn wait_live(&self) {
+        for _ in 0..500 {
+            if self.http.get(self.url("/health/live")).send().await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("tollgate did not start");
     }
 
     async fn wait_ready(&self) {

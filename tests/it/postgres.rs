@@ -38,6 +38,7 @@ async fn postgres_ledger_records_and_answers_spend() {
     assert_eq!(v["total"]["requests"], 1);
     assert_eq!(v["groups"][0]["team"], "search");
     assert_eq!(v["groups"][0]["day"].as_str().unwrap().len(), 10);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -78,6 +79,7 @@ async fn two_replicas_share_keys_and_spend_through_postgres() {
         assert!(tokio::time::Instant::now() < deadline, "replica b kept accepting a revoked key");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    stop_all(vec![a, b]).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -91,6 +93,14 @@ fn usd(nanos: i64) -> f64 {
     nanos as f64 / 1e9
 }
 
+/// Stops replicas gracefully: each ends its lease and closes its connections (a server left
+/// running past its test would hold them, and PostgreSQL takes 100 at most).
+async fn stop_all(apps: Vec<TestApp>) {
+    for app in apps {
+        app.stop().await;
+    }
+}
+
 /// Three replicas of `text` (a config naming `url`), each with its own journal.
 async fn three_replicas(text: &str) -> Vec<TestApp> {
     let mut apps = Vec::new();
@@ -98,6 +108,19 @@ async fn three_replicas(text: &str) -> Vec<TestApp> {
         apps.push(TestApp::start_with_config(tempfile::tempdir().unwrap(), text).await);
     }
     apps
+}
+
+/// What a replica test runs on: PostgreSQL (a schema of its own) and, with `redis`, Redis
+/// (a key prefix of its own). Gives the database URL and the top-level config lines naming
+/// both, or None (the test skipped, by name) when a service is missing.
+pub(crate) async fn services(test: &str, redis: bool) -> Option<(String, String)> {
+    let name = if redis { format!("{test}_through_redis") } else { test.to_string() };
+    let url = pg::postgres_url(&name).await?;
+    if !redis {
+        return Some((url, String::new()));
+    }
+    let (redis_url, prefix) = pg::redis_url(&name).await?;
+    Some((url, format!("redis_url = {redis_url:?}\nredis_key_prefix = {prefix:?}")))
 }
 
 fn pg_config(url: &str, upstream: &str, extra: &str) -> String {
@@ -145,10 +168,10 @@ async fn settled_team(apps: &[TestApp], team: &str) -> Vec<Value> {
     views
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_race_spread_over_three_replicas_serves_exactly_what_fits() {
-    let test = "a_race_spread_over_three_replicas_serves_exactly_what_fits";
-    let Some(url) = pg::postgres_url(test).await else { return };
+async fn race_over_replicas(redis: bool) {
+    let Some((url, extra)) = services("a_race_spread_over_three_replicas_serves_exactly_what_fits", redis).await else {
+        return;
+    };
     let up = FakeUpstream::start().await;
     let b = json!({"model": "gpt-4o-mini", "max_tokens": MAX_TOKENS,
                    "messages": [{"role": "user", "content": "How much is it?"}]});
@@ -156,7 +179,7 @@ async fn a_race_spread_over_three_replicas_serves_exactly_what_fits() {
     let cost = nanos(prompt, 0, MAX_TOKENS, MINI.0, MINI.1, MINI.2);
     // Every answer costs exactly its worst case, slowly: all 240 are in flight at once.
     up.reply(Reply::chat_json("x", Some((prompt, 0, MAX_TOKENS))).with_header_delay(Duration::from_millis(300)));
-    let apps = three_replicas(&pg_config(&url, &up.url(), "")).await;
+    let apps = three_replicas(&pg_config(&url, &up.url(), &extra)).await;
     const N: i64 = 37;
     let limit = N * cost + cost - 1;
     apps[0].create_team("t", json!({"limit_usd": usd(limit)})).await;
@@ -180,14 +203,14 @@ async fn a_race_spread_over_three_replicas_serves_exactly_what_fits() {
         assert_eq!(v["total"]["requests"], N);
         assert_eq!(usd_to_nanos(&v["total"]["cost_usd"]), N * cost);
     }
+    stop_all(apps).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rpm_and_tpm_are_counted_once_across_replicas() {
-    let Some(url) = pg::postgres_url("rpm_and_tpm_are_counted_once_across_replicas").await else { return };
+async fn rates_over_replicas(redis: bool) {
+    let Some((url, extra)) = services("rpm_and_tpm_are_counted_once_across_replicas", redis).await else { return };
     let up = FakeUpstream::start().await;
     up.reply(Reply::chat_json("x", Some((10, 0, 5))));
-    let apps = three_replicas(&pg_config(&url, &up.url(), "")).await;
+    let apps = three_replicas(&pg_config(&url, &up.url(), &extra)).await;
     apps[0].create_team("t", json!({})).await;
     let (_, key) = shared_key(&apps, "t", json!({"rpm": 5})).await;
     let b = chat_body("gpt-4o-mini", "x");
@@ -217,16 +240,19 @@ async fn rpm_and_tpm_are_counted_once_across_replicas() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(apps[2].chat(&key, &b).await.status(), 429);
     assert_eq!(apps[0].chat(&key, &b).await.status(), 429);
+    stop_all(apps).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_within_a_second() {
-    let test = "a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_within_a_second";
-    let Some(url) = pg::postgres_url(test).await else { return };
+async fn revocation_over_replicas(redis: bool) {
+    let Some((url, extra)) =
+        services("a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_within_a_second", redis).await
+    else {
+        return;
+    };
     let up = FakeUpstream::start().await;
     up.reply(Reply::chat_json("x", Some((10, 0, 5))));
     // The poll backstop is far slower than a second: the push must carry the change.
-    let text = pg_config(&url, &up.url(), "");
+    let text = pg_config(&url, &up.url(), &extra);
     let apps = three_replicas(&text).await;
     apps[0].create_team("t", json!({})).await;
     let (id, key) = shared_key(&apps, "t", json!({})).await;
@@ -260,18 +286,24 @@ async fn a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_wi
         .await;
     }
     assert!(cli < Duration::from_secs(5), "the CLI took {cli:?}");
+    stop_all(apps).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_replicas() {
-    let test = "a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_replicas";
-    let Some(url) = pg::postgres_url(test).await else { return };
+async fn fallback_over_replicas(redis: bool) {
+    let Some((url, extra)) =
+        services("a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_replicas", redis).await
+    else {
+        return;
+    };
     let primary = FakeUpstream::start().await;
     let backup = FakeUpstream::start().await;
     primary.reply(Reply::error(500, "boom"));
     backup.reply(Reply::chat_json("from dear", Some((20, 0, 10))).with_header_delay(Duration::from_millis(600)));
-    let text = crate::routing::cheap_to_dear_fallback_config("unused", &primary.url(), &backup.url())
-        .replace("sqlite://unused", &url);
+    let text = format!(
+        "{extra}\n{}",
+        crate::routing::cheap_to_dear_fallback_config("unused", &primary.url(), &backup.url())
+            .replace("sqlite://unused", &url)
+    );
     let apps = three_replicas(&text).await;
     let body = json!({"model": "cheap", "max_tokens": 1000, "messages": [{"role": "user", "content": "hello there"}]});
     apps[0].create_team("probe", json!({})).await;
@@ -308,17 +340,100 @@ async fn a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_repl
     for view in settled_team(&apps, "t").await {
         assert!(usd_to_nanos(&view["spent_usd"]) <= limit, "spent past the limit: {view}");
     }
+    stop_all(apps).await;
 }
 
-#[tokio::test]
-async fn readiness_says_where_budgets_are_held() {
-    let Some(url) = pg::postgres_url("readiness_says_where_budgets_are_held").await else { return };
+async fn readiness_of_replicas(redis: bool) {
+    let Some((url, extra)) = services("readiness_says_where_budgets_are_held", redis).await else { return };
     let up = FakeUpstream::start().await;
-    let app = TestApp::start_with_config(tempfile::tempdir().unwrap(), &pg_config(&url, &up.url(), "")).await;
+    let app = TestApp::start_with_config(tempfile::tempdir().unwrap(), &pg_config(&url, &up.url(), &extra)).await;
     let v: Value = app.http.get(app.url("/health/ready")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(v["budgets"], "postgres", "{v}");
+    assert_eq!(v["budgets"], if redis { "redis" } else { "postgres" }, "{v}");
     assert!(v["replica"].as_str().is_some_and(|r| r.starts_with("rep_")), "{v}");
     let local = TestApp::start(&up, DEFAULT_MODELS).await;
     let v: Value = local.http.get(local.url("/health/ready")).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["budgets"], "in-process", "{v}");
+    stop_all(vec![app, local]).await;
+}
+
+// The tests, each on PostgreSQL alone and with Redis beside it.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_race_spread_over_three_replicas_serves_exactly_what_fits() {
+    race_over_replicas(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_race_spread_over_three_replicas_serves_exactly_what_fits_through_redis() {
+    race_over_replicas(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_and_tpm_are_counted_once_across_replicas() {
+    rates_over_replicas(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpm_and_tpm_are_counted_once_across_replicas_through_redis() {
+    rates_over_replicas(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_within_a_second() {
+    revocation_over_replicas(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_replica_or_the_cli_refuses_on_every_replica_within_a_second_through_redis() {
+    revocation_over_replicas(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_replicas() {
+    fallback_over_replicas(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cheap_model_falling_back_to_a_dearer_one_never_overspends_across_replicas_through_redis() {
+    fallback_over_replicas(true).await;
+}
+
+#[tokio::test]
+async fn readiness_says_where_budgets_are_held() {
+    readiness_of_replicas(false).await;
+}
+
+#[tokio::test]
+async fn readiness_says_where_budgets_are_held_through_redis() {
+    readiness_of_replicas(true).await;
+}
+
+/// Redis unreachable: a budgeted request is refused with a 503 (never served without its
+/// budget checked), readiness says so, and a request no budget or window limits still flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_a_budgeted_request_is_refused_and_readiness_says_so() {
+    let test = "with_redis_down_a_budgeted_request_is_refused_and_readiness_says_so";
+    let Some(url) = pg::postgres_url(test).await else { return };
+    let up = FakeUpstream::start().await;
+    up.reply(Reply::chat_json("x", Some((10, 0, 5))));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let extra = format!("redis_url = \"redis://{closed}/0\"");
+    let app = TestApp::start_unready(tempfile::tempdir().unwrap(), &pg_config(&url, &up.url(), &extra)).await;
+    let r = app.http.get(app.url("/health/ready")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["budgets"], "unavailable", "{v}");
+    app.create_team("limited", json!({"limit_usd": 1.0})).await;
+    let (_, team) = app.admin(Method::GET, "/admin/teams/limited", None).await;
+    assert!(team["spent_usd"].is_null() && team["remaining_usd"].is_null(), "no figure it cannot know: {team}");
+    let (_, key) = app.create_key("limited", json!({})).await;
+    let r = app.chat(&key, &chat_body("gpt-4o-mini", "x")).await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_store_unavailable", "{v}");
+    app.create_team("free", json!({})).await;
+    let (_, key) = app.create_key("free", json!({})).await;
+    assert_eq!(app.chat(&key, &chat_body("gpt-4o-mini", "x")).await.status(), 200);
+    assert_eq!(up.hits(), 1, "only the request nothing limits went upstream");
+    app.stop().await;
 }
