@@ -11,6 +11,7 @@ use tollgate::policy::budget::{BudgetSpec, Period};
 use tollgate::policy::pricing::NanoUsd;
 
 #[path = "common/postgres.rs"]
+#[allow(dead_code)] // Redis is for the replica tests.
 mod postgres;
 
 use postgres::postgres_url;
