@@ -16,7 +16,7 @@ pub enum UsageSource {
     Estimated,
     /// In flight: journaled when forwarded, replaced by the final record when it settles.
     Pending,
-    /// Was in flight when the server died: charged its reservation (the worst case).
+    /// Was in flight when the server died: charged its prompt (what the upstream certainly billed).
     Interrupted,
 }
 

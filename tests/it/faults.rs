@@ -333,11 +333,11 @@ async fn kill_9_under_concurrent_load_loses_no_delivered_response_and_budgets_ag
         assert_eq!(r["status"], 200, "{r}");
     }
     // 2. Nothing is left pending: requests in flight at the kill are `interrupted` (charged
-    //    their reservation) or were settled before it.
+    //    their prompt) or were settled before it.
     assert_eq!(by_source("pending"), 0, "pending rows survive a restart");
     assert!(by_source("interrupted") > 0, "with ~32 requests in flight at the kill, some must be marked interrupted");
     for r in records.values().filter(|r| r["usage_source"] == "interrupted") {
-        assert!(usd_to_nanos(&r["cost_usd"]) > 0, "an interrupted request is charged its reservation: {r}");
+        assert!(usd_to_nanos(&r["cost_usd"]) > 0, "an interrupted request is charged its prompt: {r}");
     }
     // 3. Streams cut by the kill, whose headers (and so id) reached the client, were
     //    forwarded, so they were journaled first: every one is in the ledger.
@@ -424,7 +424,7 @@ async fn sigterm_refuses_new_connections_drains_the_stream_flushes_and_exits_0()
 
 /// A request is forwarded only once its journal entry is durable: if the process dies
 /// mid-request, the request the upstream served (and bills) is in the ledger after the
-/// restart, `interrupted` and charged its reservation. Made harder by holding the database's
+/// restart, `interrupted` and charged its prompt. Made harder by holding the database's
 /// write lock (from another process) the whole time: the entry is only in the journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_request_is_never_silently_dropped_by_kill_9() {
@@ -457,7 +457,7 @@ async fn forwarded_request_is_never_silently_dropped_by_kill_9() {
     assert_eq!(up.hits(), 1);
     let r = records.get(&id).unwrap_or_else(|| panic!("forwarded request {id} left no record after kill -9"));
     assert_eq!(r["usage_source"], "interrupted", "{r}");
-    assert!(usd_to_nanos(&r["cost_usd"]) > 0, "charged its reservation: {r}");
+    assert!(usd_to_nanos(&r["cost_usd"]) > 0, "charged its prompt: {r}");
 }
 
 /// Product bug (reported): the SIGTERM handler is installed only when the accept loop first
