@@ -10,9 +10,9 @@
 #
 #   bench/replicas.sh [--rounds N] [--secs S]      (defaults: 3 rounds of 5 s)
 #
-# Needs wrk, nginx, PostgreSQL on 127.0.0.1:5432 (trust auth; a database is created and
-# dropped) and Redis on 127.0.0.1:6379 (a key prefix of its own, deleted at the end). Builds
-# the release binaries when missing. Do not build while it runs.
+# Needs PostgreSQL on 127.0.0.1:5432 (trust auth; a database is created and
+# dropped) and Redis on 127.0.0.1:6379 (a key prefix of its own, deleted at the end); installs
+# wrk and nginx from Debian when missing, and builds the release binaries when missing. Do not build while it runs.
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -26,7 +26,6 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-command -v wrk >/dev/null && command -v nginx >/dev/null || { echo "bench/replicas.sh: needs wrk and nginx" >&2; exit 2; }
 PSQL=(psql -h 127.0.0.1 -U postgres -qtA)
 "${PSQL[@]}" -d postgres -c 'SELECT 1' >/dev/null || { echo "bench/replicas.sh: needs PostgreSQL on 127.0.0.1:5432" >&2; exit 2; }
 redis-cli -h 127.0.0.1 ping >/dev/null || { echo "bench/replicas.sh: needs Redis on 127.0.0.1:6379" >&2; exit 2; }
@@ -38,6 +37,7 @@ done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # shellcheck source=bench/lib.sh
 . "$ROOT/bench/lib.sh"
+command -v wrk >/dev/null && command -v nginx >/dev/null || debian_install wrk nginx
 work_dir replicas
 DB="tollgate_bench_$$" PREFIX="tollgate-bench-$$:"
 cleanup_services() {

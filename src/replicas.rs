@@ -23,8 +23,9 @@ use chrono::{DateTime, Utc};
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::ledger::shared::{Correction, HoldRow, SettleRow, SharedStore};
+use crate::ledger::shared::{Correction, HoldRow, RateAsk, SettleRow};
 use crate::ledger::LedgerError;
+use crate::ledger::SharedStore;
 use crate::policy::budget::{
     retry_after_s, Applicable, BudgetBook, BudgetStatus, BudgetStore, Hold, Loose, RateLimiter, RateRefusal,
     RateTicket, Refusal, Reservation, Scope, Unavailable,
@@ -428,11 +429,16 @@ async fn shared_rates(
     let scopes: Vec<String> = limited.iter().map(|b| scope_key(&b.scope)).collect();
     let rpm: Vec<Option<i64>> = limited.iter().map(|b| b.spec.rpm.map(|v| v as i64)).collect();
     let tpm: Vec<Option<i64>> = limited.iter().map(|b| b.spec.tpm.map(|v| v as i64)).collect();
-    let admitted = replica
-        .db
-        .rate_admit(ticket.unwrap_or(""), &scopes, &rpm, &tpm, tokens as i64, now_ms, ticket.is_some())
-        .await
-        .map_err(unavailable)?;
+    let ask = RateAsk {
+        ticket: ticket.unwrap_or(""),
+        scopes: &scopes,
+        rpm: &rpm,
+        tpm: &tpm,
+        tokens: tokens as i64,
+        now_ms,
+        record: ticket.is_some(),
+    };
+    let admitted = replica.db.rate_admit(&ask).await.map_err(unavailable)?;
     Ok(admitted.map(|()| scopes).map_err(|r| {
         let b = limited[r.index];
         let per_minute = r.what.starts_with("requests");

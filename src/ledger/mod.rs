@@ -21,8 +21,8 @@
 //!   thread of its own for every write of the writer (`sqlite/record_conn.rs`), its WAL
 //!   moved into the file by an idle-priority checkpointer (`sqlite/checkpointer.rs`).
 //! - `postgres.rs` — PostgreSQL, through sqlx; `shared.rs` the budgets and rate windows
-//!   replicas share through it, or through Redis (`redis.rs`, Lua scripts; `replicas`
-//!   decides when to call them).
+//!   replicas share through it, `redis.rs` the same through Redis (Lua scripts), and
+//!   `shared_store.rs` the one of the two a server uses (`replicas` decides when to call).
 //! - `sql/` — SQL both backends share, by concern (record writes, rows, directory, reports).
 //!
 //! The ledger imports money and usage (`pricing`), budget specs (`budget`), endpoint names
@@ -36,6 +36,7 @@ mod records;
 mod recovery;
 mod redis;
 pub mod shared;
+mod shared_store;
 mod sql;
 mod sqlite;
 mod writer;
@@ -51,5 +52,6 @@ pub use records::{
 };
 pub use recovery::recover;
 pub use redis::RedisShared;
+pub use shared_store::SharedStore;
 pub use sqlite::SqliteBackend;
 pub use writer::{Ledger, LedgerHealth, NotJournaled, Slot};

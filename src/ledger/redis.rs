@@ -16,7 +16,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
-use super::shared::{split_scope, Correction, HoldRow, RateRefused, Refused, SettleRow};
+use super::shared::{split_scope, Correction, HoldRow, RateAsk, RateRefused, Refused, SettleRow};
 use super::{LedgerError, PostgresBackend};
 
 const NOW: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
@@ -353,25 +353,15 @@ impl RedisShared {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub async fn rate_admit(
-        &self,
-        ticket: &str,
-        scopes: &[String],
-        rpm: &[Option<i64>],
-        tpm: &[Option<i64>],
-        tokens: i64,
-        now_ms: i64,
-        record: bool,
-    ) -> Result<Result<(), RateRefused>, LedgerError> {
+    pub async fn rate_admit(&self, ask: &RateAsk<'_>) -> Result<Result<(), RateRefused>, LedgerError> {
         let script = script(S_RATE_ADMIT);
         let mut call = script.prepare_invoke();
-        for scope in scopes {
+        for scope in ask.scopes {
             call.key(self.key(&format!("rate:{scope}"))).key(self.key(&format!("ratetok:{scope}")));
         }
-        call.arg(ticket).arg(tokens).arg(now_ms).arg(if record { 1 } else { 0 });
+        call.arg(ask.ticket).arg(ask.tokens).arg(ask.now_ms).arg(if ask.record { 1 } else { 0 });
         let text = |v: &Option<i64>| v.map_or_else(String::new, |v| v.to_string());
-        for (r, t) in rpm.iter().zip(tpm) {
+        for (r, t) in ask.rpm.iter().zip(ask.tpm) {
             call.arg(text(r)).arg(text(t));
         }
         let mut conn = self.conn.clone();

@@ -1,8 +1,8 @@
 //! The SQL of budgets and rate windows shared by replicas on PostgreSQL: calls of the functions
 //! `migrations/postgres/0003_shared_budgets.sql` defines, each one round trip and atomic over
-//! every budget it is given. `replicas` decides when to call them.
+//! every budget it is given; and the rows those calls take, which `redis.rs` takes too.
+//! `shared_store.rs` picks one of the two; `replicas` decides when to call them.
 
-use super::redis::RedisShared;
 use super::{LedgerError, PostgresBackend};
 
 /// A refusal by `tg_reserve`: which budget (index into the call's arrays) and its state.
@@ -19,6 +19,21 @@ pub struct RateRefused {
     pub index: usize,
     pub what: String,
     pub retry_ms: i64,
+}
+
+/// A request at its rate windows: one ticket, each window's scope and limits, its tokens.
+#[derive(Debug)]
+pub struct RateAsk<'a> {
+    pub ticket: &'a str,
+    pub scopes: &'a [String],
+    /// Each window's rpm and tpm (None: not limited).
+    pub rpm: &'a [Option<i64>],
+    pub tpm: &'a [Option<i64>],
+    pub tokens: i64,
+    /// On the server's clock (a test may pin it).
+    pub now_ms: i64,
+    /// False: only check, take no slot.
+    pub record: bool,
 }
 
 /// One budget of one settled reservation.
@@ -132,28 +147,17 @@ impl PostgresBackend {
         Ok(())
     }
 
-    /// Admits a request to every rate window of `scopes` or none (`record` false: only
-    /// checks). `rpm` / `tpm` hold each scope's limits.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn rate_admit(
-        &self,
-        ticket: &str,
-        scopes: &[String],
-        rpm: &[Option<i64>],
-        tpm: &[Option<i64>],
-        tokens: i64,
-        now_ms: i64,
-        record: bool,
-    ) -> Result<Result<(), RateRefused>, LedgerError> {
+    /// Admits a request to every rate window of its scopes or none.
+    pub async fn rate_admit(&self, ask: &RateAsk<'_>) -> Result<Result<(), RateRefused>, LedgerError> {
         let (refused, what, retry_ms): (i32, Option<String>, i64) =
             sqlx::query_as("SELECT refused, what, retry_ms FROM tg_rate_admit($1, $2, $3, $4, $5, $6, $7)")
-                .bind(ticket)
-                .bind(scopes)
-                .bind(rpm)
-                .bind(tpm)
-                .bind(tokens)
-                .bind(now_ms)
-                .bind(record)
+                .bind(ask.ticket)
+                .bind(ask.scopes)
+                .bind(ask.rpm)
+                .bind(ask.tpm)
+                .bind(ask.tokens)
+                .bind(ask.now_ms)
+                .bind(ask.record)
                 .fetch_one(self.pool())
                 .await?;
         match refused {
@@ -210,88 +214,5 @@ pub(crate) fn split_scope(scope: &str) -> (bool, &str) {
         Some(("key", id)) => (true, id),
         Some((_, name)) => (false, name),
         None => (false, scope),
-    }
-}
-
-/// Where replicas share budgets and rate windows: PostgreSQL alone, or Redis beside it.
-#[derive(Clone)]
-pub enum SharedStore {
-    Postgres(PostgresBackend),
-    Redis(RedisShared),
-}
-
-macro_rules! dispatch {
-    ($self:expr, $s:ident => $body:expr) => {
-        match $self {
-            SharedStore::Postgres($s) => $body,
-            SharedStore::Redis($s) => $body,
-        }
-    };
-}
-
-impl SharedStore {
-    /// What holds the budgets, for readiness.
-    pub fn name(&self) -> &'static str {
-        match self {
-            SharedStore::Postgres(_) => "postgres",
-            SharedStore::Redis(_) => "redis",
-        }
-    }
-
-    pub async fn ping(&self) -> Result<(), LedgerError> {
-        dispatch!(self, s => s.ping().await)
-    }
-
-    pub async fn renew_lease(&self, replica: &str, lease_ms: u64) -> Result<(), LedgerError> {
-        dispatch!(self, s => s.renew_lease(replica, lease_ms).await)
-    }
-
-    pub async fn end_lease(&self, replica: &str) -> Result<(), LedgerError> {
-        dispatch!(self, s => s.end_lease(replica).await)
-    }
-
-    pub async fn sweep(&self) -> Result<i64, LedgerError> {
-        dispatch!(self, s => s.sweep().await)
-    }
-
-    pub async fn budget_account(&self, scope: &str, start: i64) -> Result<(i64, i64), LedgerError> {
-        dispatch!(self, s => s.budget_account(scope, start).await)
-    }
-
-    /// What the ledger holds as spent by `scope` since `start`: the spend of a budget without
-    /// a limit, which the shared store does not track.
-    pub async fn ledger_spent(&self, scope: &str, start: i64) -> Result<i64, LedgerError> {
-        let pg = match self {
-            SharedStore::Postgres(pg) => pg,
-            SharedStore::Redis(r) => r.ledger(),
-        };
-        let (is_key, id) = split_scope(scope);
-        Ok(pg.spent_since(is_key, id, start).await?.0)
-    }
-
-    pub async fn reserve(&self, row: &HoldRow<'_>) -> Result<Result<(), Refused>, LedgerError> {
-        dispatch!(self, s => s.reserve(row).await)
-    }
-
-    pub async fn settle(&self, rows: &[SettleRow]) -> Result<(), LedgerError> {
-        dispatch!(self, s => s.settle(rows).await)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub async fn rate_admit(
-        &self,
-        ticket: &str,
-        scopes: &[String],
-        rpm: &[Option<i64>],
-        tpm: &[Option<i64>],
-        tokens: i64,
-        now_ms: i64,
-        record: bool,
-    ) -> Result<Result<(), RateRefused>, LedgerError> {
-        dispatch!(self, s => s.rate_admit(ticket, scopes, rpm, tpm, tokens, now_ms, record).await)
-    }
-
-    pub async fn rate_correct(&self, tickets: &[Correction]) -> Result<(), LedgerError> {
-        dispatch!(self, s => s.rate_correct(tickets).await)
     }
 }

@@ -20,8 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Directory, POLL_INTERVAL};
 use crate::config::Config;
-use crate::ledger::shared::SharedStore;
-use crate::ledger::{Backend, Ledger, LedgerError, RedisShared};
+use crate::ledger::{Backend, Ledger, LedgerError, RedisShared, SharedStore};
 use crate::policy::budget::Clock;
 use crate::replicas::Replica;
 use crate::state::{AppState, Parts};

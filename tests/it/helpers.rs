@@ -413,6 +413,21 @@ impl TestApp {
         self.http.post(self.url(path)).bearer_auth(key).json(body).send().await.unwrap()
     }
 
+    /// A dry run of `body` (`x-tollgate-dry-run: true`): what tollgate would do, as JSON.
+    pub async fn dry_run(&self, key: &str, body: &Value) -> Value {
+        let r = self
+            .http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("x-tollgate-dry-run", "true")
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
     pub async fn chat(&self, key: &str, body: &Value) -> reqwest::Response {
         self.post("/v1/chat/completions", key, body).await
     }

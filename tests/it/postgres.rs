@@ -312,17 +312,7 @@ async fn fallback_over_replicas(redis: bool) {
     for model in ["cheap", "dear"] {
         let mut b = body.clone();
         b["model"] = json!(model);
-        let r = apps[0]
-            .http
-            .post(apps[0].url("/v1/chat/completions"))
-            .bearer_auth(&probe)
-            .header("x-tollgate-dry-run", "true")
-            .json(&b)
-            .send()
-            .await
-            .unwrap();
-        let v: Value = r.json().await.unwrap();
-        worst.push(usd_to_nanos(&v["max_cost_usd"]));
+        worst.push(usd_to_nanos(&apps[0].dry_run(&probe, &b).await["max_cost_usd"]));
     }
     let (cheap, dear) = (worst[0], worst[1]);
     // Room for three dear answers beside four cheap reservations (see routing.rs).

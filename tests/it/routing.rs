@@ -257,17 +257,7 @@ async fn a_fallback_to_a_dearer_model_is_reserved_at_its_own_price_and_never_ove
     let (_, probe) = app.create_key("probe", json!({})).await;
     let mut worst = Vec::new();
     for model in ["cheap", "dear"] {
-        let r = app
-            .http
-            .post(app.url("/v1/chat/completions"))
-            .bearer_auth(&probe)
-            .header("x-tollgate-dry-run", "true")
-            .json(&body(model))
-            .send()
-            .await
-            .unwrap();
-        let v: Value = r.json().await.unwrap();
-        worst.push(usd_to_nanos(&v["max_cost_usd"]));
+        worst.push(usd_to_nanos(&app.dry_run(&probe, &body(model)).await["max_cost_usd"]));
     }
     let (cheap, dear) = (worst[0], worst[1]);
     assert!(dear > 4 * cheap, "the fallback must be the dearer model: {cheap} vs {dear}");
