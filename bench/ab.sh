@@ -5,7 +5,9 @@
 #     --secs S       seconds per wrk run (default 5)
 #     --rounds N     rounds; each runs nginx and every BIN, per case, in an order that
 #                    rotates from round to round (default 3)
-#     --cases "..."  any of chat_c64 stream_c64 chat_c1 ttfb (default: all four); ttfb is
+#     --cases "..."  any of chat_c64 stream_c64 chat_c1 ttfb (default: all four); the mock
+#                    streams one event per write (as providers do), 20 events a stream, and
+#                    stream rows also print CPU per relayed event; ttfb is
 #                    streaming time to first byte at c=1, 200 requests in a row on one
 #                    connection per run, against a mock that drips its events 5 ms apart
 #     --direct       also run wrk straight at the mock (the "direct" row)
@@ -200,6 +202,9 @@ touch "$RESULTS" "$W/ttfb"
 python3 - "$RESULTS" "$(getconf CLK_TCK)" "$W/ttfb" <<'EOF'
 import collections, json, statistics, sys
 hz = int(sys.argv[2])
+# A streamed answer from the mock is 20 events (role, 16 content chunks, finish, usage, [DONE]),
+# each in its own upstream write.
+EVENTS = 20
 ttfb = collections.OrderedDict()
 for line in open(sys.argv[3]):
     target, doc = line.split(" ", 1)
@@ -229,6 +234,8 @@ for (case, target), runs in rows.items():
     cpu, user = ("", "") if direct else (f"{med[3]:.1f}", f"{med[8]:.1f}")
     print(f"{case:<11} {target:<11} {med[0]:8.0f} {med[1]:7.0f} {med[2]:7.0f} {cpu:>10} {user:>5} {split}"
           f" {sum(r[7] for r in runs):6d} {med[9]:4.0f}%  {[round(r[0]) for r in runs]}")
+    if case.startswith("stream") and not direct:
+        print(f"{'':<11} {'':<11} {'':>8} {'':>7} {'':>7} {med[3] / EVENTS:10.2f} µs of CPU per relayed event")
 stolen = [r[9] for runs in rows.values() for r in runs]
 if stolen and max(stolen) >= 5:
     print(f"steal: the hypervisor took {max(stolen):.0f}% of the machine in the worst run "

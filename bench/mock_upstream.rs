@@ -9,9 +9,12 @@
 //! never a full JSON parse: the mock must cost as little as possible, since its cost lands in
 //! every target's numbers alike.
 //!
-//! `--latency-ms` delays the response headers; `--chunk-interval-ms` spaces the SSE chunks
-//! (slow streams: the first chunk goes out with the headers, each later one after the
-//! interval). Prompt tokens are reported as body bytes / 4, completion tokens as one per chunk.
+//! A stream goes out as providers send theirs: one event per HTTP chunk, each written on its
+//! own (the body yields between events, so the connection flushes each before the next);
+//! `--one-write` sends the whole stream in one write instead. `--latency-ms` delays the
+//! response headers; `--chunk-interval-ms` spaces the events (slow streams: the first goes out
+//! with the headers, each later one after the interval). Prompt tokens are reported as body
+//! bytes / 4, completion tokens as one per content chunk.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,9 +46,13 @@ struct Args {
     /// Delay before the response headers, in milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
-    /// Delay between SSE content chunks, in milliseconds (0: the whole stream in one write).
+    /// Delay between SSE events, in milliseconds (0: each event written as soon as the
+    /// last one was).
     #[arg(long, default_value_t = 0)]
     chunk_interval_ms: u64,
+    /// Write a whole stream at once, not one event per write.
+    #[arg(long)]
+    one_write: bool,
     /// Number of content chunks in a streamed answer (also the completion token count).
     #[arg(long, default_value_t = 16)]
     chunks: usize,
@@ -59,6 +66,7 @@ type Body = BoxBody<Bytes, Infallible>;
 struct Mock {
     latency: Duration,
     interval: Duration,
+    one_write: bool,
     chunks: usize,
     next_id: AtomicU64,
 }
@@ -84,6 +92,7 @@ async fn serve(args: Args) -> std::io::Result<()> {
     let mock = Arc::new(Mock {
         latency: Duration::from_millis(args.latency_ms),
         interval: Duration::from_millis(args.chunk_interval_ms),
+        one_write: args.one_write,
         chunks: args.chunks.max(1),
         next_id: AtomicU64::new(1),
     });
@@ -145,14 +154,19 @@ impl Mock {
             );
         }
         let frames = self.sse_frames(id, created, model, prompt_tokens, include_usage);
-        if self.interval.is_zero() {
+        if self.one_write {
             return respond("text/event-stream", Full::new(Bytes::from(frames.concat())).boxed());
         }
         let interval = self.interval;
         let frames = futures::stream::unfold((frames.into_iter(), true), move |(mut frames, first)| async move {
             let frame = frames.next()?;
             if !first {
-                tokio::time::sleep(interval).await;
+                if interval.is_zero() {
+                    // Pending once: hyper writes what it holds before it asks for more.
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(interval).await;
+                }
             }
             Some((Ok::<_, Infallible>(Frame::data(Bytes::from(frame))), (frames, false)))
         });
@@ -177,8 +191,8 @@ impl Mock {
         )
     }
 
-    /// One string per write: the first carries the role chunk and the first content chunk,
-    /// the last also the finish chunk, the usage chunk (when asked for) and `[DONE]`.
+    /// One event per string: the role chunk, the content chunks, the finish chunk, the usage
+    /// chunk (when asked for) and `[DONE]`.
     fn sse_frames(&self, id: u64, created: u64, model: &str, prompt_tokens: u64, include_usage: bool) -> Vec<String> {
         let usage_null = if include_usage { r#","usage":null"# } else { "" };
         let chunk = |delta: &str, finish: &str| {
@@ -197,19 +211,14 @@ impl Mock {
                 usage_null = usage_null,
             )
         };
-        let mut frames = Vec::with_capacity(self.chunks);
-        for i in 0..self.chunks {
-            let mut frame = String::new();
-            if i == 0 {
-                frame.push_str(&chunk(r#"{"role":"assistant","content":"","refusal":null}"#, "null"));
-            }
-            frame.push_str(&chunk(r#"{"content":" lorem"}"#, "null"));
-            frames.push(frame);
+        let mut frames = Vec::with_capacity(self.chunks + 4);
+        frames.push(chunk(r#"{"role":"assistant","content":"","refusal":null}"#, "null"));
+        for _ in 0..self.chunks {
+            frames.push(chunk(r#"{"content":" lorem"}"#, "null"));
         }
-        let last = frames.last_mut().expect("at least one chunk");
-        last.push_str(&chunk("{}", r#""stop""#));
+        frames.push(chunk("{}", r#""stop""#));
         if include_usage {
-            last.push_str(&format!(
+            frames.push(format!(
                 concat!(
                     r#"data: {{"id":"chatcmpl-mock{id}","object":"chat.completion.chunk","created":{created},"#,
                     r#""model":"{model}","service_tier":"default","system_fingerprint":"fp_mock","choices":[],"#,
@@ -222,7 +231,7 @@ impl Mock {
                 usage = usage(prompt_tokens, self.chunks as u64),
             ));
         }
-        last.push_str("data: [DONE]\n\n");
+        frames.push("data: [DONE]\n\n".to_string());
         frames
     }
 }
