@@ -42,6 +42,9 @@ pub struct Replica {
     lease_ms: u64,
     next: AtomicU64,
     queue: mpsc::UnboundedSender<Queued>,
+    /// The renewal task, stopped before the lease is ended (a renewal landing after the end
+    /// would take the lease again, and hold what is left for a whole lease).
+    renewer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 enum Queued {
@@ -59,12 +62,14 @@ impl Replica {
         let id: Arc<str> = format!("rep_{}", Alphanumeric.sample_string(&mut rand::rng(), 12)).into();
         // A replica starts while its shared store is down (Redis): it holds nothing, refusing
         // budgeted requests with a 503 and saying so at /health/ready, until a renewal lands.
-        if let Err(e) = db.renew_lease(&id, lease_ms).await {
+        if let Err(e) = db.renew_lease(&id, lease_term(lease_ms)).await {
             tracing::warn!(error = %e, "could not take a reservation lease; retrying");
         }
         let (queue, rx) = mpsc::unbounded_channel();
-        let replica = Arc::new(Replica { id, db, lease_ms, next: AtomicU64::new(1), queue });
-        tokio::spawn(renew(replica.clone(), stop));
+        let replica =
+            Arc::new(Replica { id, db, lease_ms, next: AtomicU64::new(1), queue, renewer: Default::default() });
+        let renewer = tokio::spawn(renew(replica.clone(), stop));
+        *replica.renewer.lock().unwrap_or_else(|e| e.into_inner()) = Some(renewer);
         tokio::spawn(send_settlements(replica.db.clone(), rx));
         tracing::info!(replica = %replica.id, lease_ms, store = replica.db.name(), "budgets and rate windows shared");
         replica
@@ -87,6 +92,11 @@ impl Replica {
     /// Waits until every settlement queued so far has landed, then ends the lease (what is
     /// still held, nothing should be, is released by the next sweep of another replica).
     pub async fn close(&self) {
+        let renewer = self.renewer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(renewer) = renewer {
+            renewer.abort();
+            let _ = renewer.await;
+        }
         let (tx, rx) = oneshot::channel();
         if self.queue.send(Queued::Flush(tx)).is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
@@ -102,11 +112,23 @@ impl Replica {
     }
 }
 
-/// Renews the lease every third of its length, and sweeps the reservations of replicas whose
-/// lease has run out at least once a second (a dead replica's holds are released within about
-/// a second of its lease's end, whatever this replica's own lease).
+/// How often a replica renews its lease and sweeps: every third of the lease, at least once a
+/// second (a dead replica's holds are released within a tick of its lease's end, whatever the
+/// sweeping replica's own lease).
+fn tick_ms(lease_ms: u64) -> u64 {
+    (lease_ms / 3).clamp(50, 1000)
+}
+
+/// How far ahead a renewal sets the lease's end: one tick short of `lease_ms`, so that a
+/// replica dead just after a renewal has its holds swept within `lease_ms` of its death, while
+/// a live one, renewing every tick, keeps a third of its lease or more in hand.
+fn lease_term(lease_ms: u64) -> u64 {
+    lease_ms.saturating_sub(tick_ms(lease_ms)).max(tick_ms(lease_ms) * 2)
+}
+
+/// Renews the lease every tick and sweeps the reservations of replicas whose lease has run out.
 async fn renew(replica: Arc<Replica>, stop: tokio_util::sync::CancellationToken) {
-    let every = Duration::from_millis((replica.lease_ms / 3).clamp(50, 1000));
+    let every = Duration::from_millis(tick_ms(replica.lease_ms));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -114,7 +136,7 @@ async fn renew(replica: Arc<Replica>, stop: tokio_util::sync::CancellationToken)
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        if let Err(e) = replica.db.renew_lease(&replica.id, replica.lease_ms).await {
+        if let Err(e) = replica.db.renew_lease(&replica.id, lease_term(replica.lease_ms)).await {
             tracing::warn!(error = %e, "could not renew this replica's reservation lease");
             continue;
         }
@@ -142,24 +164,20 @@ async fn send_settlements(db: SharedStore, mut rx: mpsc::UnboundedReceiver<Queue
             }
             next = if settles.len() + corrections.len() < SETTLE_BATCH { rx.try_recv().ok() } else { None };
         }
+        // Each part is cleared once it has landed: a retry never books a settlement twice.
         let mut backoff = Duration::from_millis(50);
-        loop {
-            let settled = if settles.is_empty() { Ok(()) } else { db.settle(&settles).await };
-            let corrected = match settled {
-                Ok(()) if !corrections.is_empty() => db.rate_correct(&corrections).await,
-                other => other,
+        while !settles.is_empty() || !corrections.is_empty() {
+            let sent = if !settles.is_empty() {
+                db.settle(&settles).await.map(|()| settles.clear())
+            } else {
+                db.rate_correct(&corrections).await.map(|()| corrections.clear())
             };
-            match corrected {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not settle reservations; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
+            if let Err(e) = sent {
+                tracing::warn!(error = %e, "could not settle reservations; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
-        settles.clear();
-        corrections.clear();
         for tx in flushes.drain(..) {
             let _ = tx.send(());
         }
@@ -228,7 +246,17 @@ impl BudgetStore for SharedBudgets {
             amount: amount.0,
             floor: hold.floor.0,
         };
-        match self.replica.db.reserve(&row).await.map_err(unavailable)? {
+        let reserved = match self.replica.db.reserve(&row).await {
+            Ok(reserved) => reserved,
+            Err(e) => {
+                // The hold may have been taken and only its answer lost: release it by name
+                // (a release of a hold never taken books nothing).
+                let rows = settle_rows(&name, scopes.iter().cloned().zip(starts.iter().copied()), 0, 0);
+                let _ = self.replica.queue.send(Queued::Settle(rows));
+                return Err(unavailable(e));
+            }
+        };
+        match reserved {
             Ok(()) => {
                 let held = limited.iter().zip(&starts).map(|(b, s)| (b.scope.clone(), *s)).collect();
                 Ok(Ok(Reservation::held_as(Some(name.into()), amount, held, hold.floor)))
@@ -258,22 +286,33 @@ impl BudgetStore for SharedBudgets {
     fn tighten(&self, _loose: &[Arc<Loose>]) {}
 
     fn settle(&self, reservation: Reservation, cost: NanoUsd) {
-        let Some(hold) = reservation.hold() else { return };
-        let rows = reservation
-            .held()
-            .iter()
-            .map(|(scope, start)| SettleRow {
-                hold: hold.to_string(),
-                scope: scope_key(scope),
-                period_start: *start,
-                cost: cost.0,
-                floor: reservation.floor().0,
-            })
-            .collect();
-        // The receiver lives as long as the process's runtime; if it is gone, the lease
-        // runs out and the sweep releases the hold.
-        let _ = self.replica.queue.send(Queued::Settle(rows));
+        if let Some(rows) = rows_of(&reservation, cost) {
+            // The receiver lives as long as the process's runtime; if it is gone, the lease
+            // runs out and the sweep releases the hold.
+            let _ = self.replica.queue.send(Queued::Settle(rows));
+        }
     }
+
+    /// Gives the hold back at once (a fallback's reservation must find its room free),
+    /// queueing the release only if the store does not answer.
+    async fn release(&self, reservation: Reservation) {
+        let Some(rows) = rows_of(&reservation, NanoUsd::ZERO) else { return };
+        if let Err(e) = self.replica.db.settle(&rows).await {
+            tracing::warn!(error = %e, "could not release a reservation; queued");
+            let _ = self.replica.queue.send(Queued::Settle(rows));
+        }
+    }
+}
+
+/// The settlement rows of `reservation` at `cost`, one per budget held (None: nothing held).
+fn rows_of(reservation: &Reservation, cost: NanoUsd) -> Option<Vec<SettleRow>> {
+    let hold = reservation.hold()?;
+    let held = reservation.held().iter().map(|(scope, start)| (scope_key(scope), *start));
+    Some(settle_rows(hold, held, cost.0, reservation.floor().0))
+}
+
+fn settle_rows(hold: &str, held: impl Iterator<Item = (String, i64)>, cost: i64, floor: i64) -> Vec<SettleRow> {
+    held.map(|(scope, period_start)| SettleRow { hold: hold.to_string(), scope, period_start, cost, floor }).collect()
 }
 
 /// The budget store a server uses: its own, or the one shared with its replicas.
@@ -339,6 +378,13 @@ impl BudgetStore for Budgets {
         match self {
             Budgets::Local(b) => b.settle(reservation, cost),
             Budgets::Shared(s) => s.settle(reservation, cost),
+        }
+    }
+
+    async fn release(&self, reservation: Reservation) {
+        match self {
+            Budgets::Local(b) => b.release(reservation).await,
+            Budgets::Shared(s) => s.release(reservation).await,
         }
     }
 }

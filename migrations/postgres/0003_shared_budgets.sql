@@ -38,6 +38,13 @@ CREATE TABLE budget_holds (
 );
 CREATE INDEX budget_holds_replica ON budget_holds(replica);
 
+-- Holds the sweep released (their replica's lease ran out): a late settlement of one books
+-- only what it cost beyond its floor, once; one of a hold never taken books nothing.
+CREATE TABLE budget_swept (
+    hold_id  TEXT PRIMARY KEY,
+    at_ms    BIGINT NOT NULL
+);
+
 CREATE TABLE rate_scopes (
     scope  TEXT PRIMARY KEY
 );
@@ -113,8 +120,9 @@ BEGIN
 END $$;
 
 -- Settles reservations, one element per (hold, budget): the hold is released and its cost
--- booked. A hold already swept (its replica's lease ran out meanwhile) was charged its floor;
--- only what it cost beyond that is booked now.
+-- booked. A hold swept meanwhile (its replica's lease ran out) was charged its floor: only
+-- what it cost beyond that is booked, once. A hold never taken (a reservation whose answer
+-- was lost) books nothing.
 CREATE FUNCTION tg_settle(
     p_holds TEXT[], p_scopes TEXT[], p_starts BIGINT[], p_costs BIGINT[], p_floors BIGINT[]
 ) RETURNS VOID LANGUAGE plpgsql AS $$
@@ -126,12 +134,17 @@ BEGIN
      ORDER BY a.scope, a.period_start FOR UPDATE OF a;
     WITH gone AS (
         DELETE FROM budget_holds WHERE hold_id = ANY(p_holds) RETURNING hold_id, amount_nano
+    ), late AS (
+        DELETE FROM budget_swept WHERE hold_id = ANY(p_holds) RETURNING hold_id
     ), d AS (
         SELECT u.s, u.st,
                SUM(COALESCE(g.amount_nano, 0)) AS release,
-               SUM(CASE WHEN g.hold_id IS NULL THEN GREATEST(u.cost - u.floor, 0) ELSE u.cost END) AS spend
+               SUM(CASE WHEN g.hold_id IS NOT NULL THEN u.cost
+                        WHEN l.hold_id IS NOT NULL THEN GREATEST(u.cost - u.floor, 0)
+                        ELSE 0 END) AS spend
           FROM unnest(p_holds, p_scopes, p_starts, p_costs, p_floors) AS u(h, s, st, cost, floor)
           LEFT JOIN gone g ON g.hold_id = u.h
+          LEFT JOIN late l ON l.hold_id = u.h
          GROUP BY u.s, u.st
     )
     UPDATE budget_accounts a
@@ -159,7 +172,10 @@ BEGIN
         WITH gone AS (
             DELETE FROM budget_holds h WHERE h.hold_id = ANY(ids)
                AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.id = h.replica AND r.lease_until_ms >= now_ms)
-            RETURNING h.request_id, h.scopes, h.starts, h.amount_nano, h.floor_nano
+            RETURNING h.hold_id, h.request_id, h.scopes, h.starts, h.amount_nano, h.floor_nano
+        ), tombstones AS (
+            INSERT INTO budget_swept SELECT g.hold_id, now_ms FROM gone g ON CONFLICT DO NOTHING
+            RETURNING 1
         ), per AS (
             SELECT u.s, u.st, SUM(g.amount_nano) AS release, SUM(g.floor_nano) AS spend
               FROM gone g, unnest(g.scopes, g.starts) AS u(s, st) GROUP BY u.s, u.st
@@ -176,7 +192,7 @@ BEGIN
         SELECT count(*) INTO n FROM gone;
     END IF;
     DELETE FROM replicas WHERE lease_until_ms < now_ms - 86400000;
-    DELETE FROM rate_events WHERE at_ms < now_ms - 120000;
+    DELETE FROM budget_swept WHERE at_ms < now_ms - 86400000;
     RETURN n;
 END $$;
 

@@ -50,20 +50,26 @@ redis.call('HSET', KEYS[2], 'amount', ARGV[3], 'floor', ARGV[4], 'request', ARGV
 redis.call('SADD', KEYS[3], ARGV[2])
 return {0, 0, 0}";
 
-/// ARGV: the prefix, then per settlement: hold name, replica, cost, floor, n, n accounts.
+/// ARGV: the prefix, then per settlement: hold name, replica, cost, floor, n, n accounts. As
+/// `tg_settle`: a held hold is released and its cost booked; a swept one books what it cost
+/// beyond its floor, once; one never taken books nothing. Only accounts that exist are
+/// touched (one that vanished, with Redis's data, is opened again from the ledger).
 const SETTLE: &str = r"
 local p = ARGV[1]
 local i = 2
 while i <= #ARGV do
   local hold, replica, cost, floor, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
   local amount = redis.call('HGET', p .. 'hold:' .. hold, 'amount')
+  local late = not amount and redis.call('SREM', p .. 'swept', hold) == 1
   for j = 1, n do
     local acct = ARGV[i + 4 + j]
-    if amount then
-      redis.call('HINCRBY', acct, 'reserved', -tonumber(amount))
-      redis.call('HINCRBY', acct, 'spent', cost)
-    elseif cost > floor then
-      redis.call('HINCRBY', acct, 'spent', cost - floor)
+    if redis.call('EXISTS', acct) == 1 then
+      if amount then
+        if redis.call('HINCRBY', acct, 'reserved', -tonumber(amount)) < 0 then redis.call('HSET', acct, 'reserved', 0) end
+        redis.call('HINCRBY', acct, 'spent', cost)
+      elseif late and cost > floor then
+        redis.call('HINCRBY', acct, 'spent', cost - floor)
+      end
     end
   end
   if amount then
@@ -84,12 +90,15 @@ for _, r in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now)) do
     local v = redis.call('HMGET', p .. 'hold:' .. h, 'amount', 'floor', 'request', 'accounts')
     if v[1] then
       for acct in string.gmatch(v[4], '[^\n]+') do
-        redis.call('HINCRBY', acct, 'reserved', -tonumber(v[1]))
-        redis.call('HINCRBY', acct, 'spent', v[2])
+        if redis.call('EXISTS', acct) == 1 then
+          if redis.call('HINCRBY', acct, 'reserved', -tonumber(v[1])) < 0 then redis.call('HSET', acct, 'reserved', 0) end
+          redis.call('HINCRBY', acct, 'spent', v[2])
+        end
       end
       table.insert(out, v[3])
       table.insert(out, v[2])
       redis.call('DEL', p .. 'hold:' .. h)
+      redis.call('SADD', p .. 'swept', h)
     end
   end
   redis.call('DEL', set)

@@ -98,6 +98,18 @@ impl PostgresBackend {
         Ok(sqlx::query_scalar("SELECT tg_sweep()").fetch_one(self.pool()).await?)
     }
 
+    /// Deletes rate-window events long out of every window, skipping rows a correction holds
+    /// (never waiting on one: no lock order to get wrong).
+    pub async fn prune_rate_events(&self) -> Result<(), LedgerError> {
+        sqlx::query(
+            "DELETE FROM rate_events WHERE ctid IN (SELECT ctid FROM rate_events \
+             WHERE at_ms < tg_now_ms() - 120000 LIMIT 10000 FOR UPDATE SKIP LOCKED)",
+        )
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// A budget's account for the period starting at `start`: (spent, reserved).
     pub async fn budget_account(&self, scope: &str, start: i64) -> Result<(i64, i64), LedgerError> {
         Ok(sqlx::query_as("SELECT spent, reserved FROM tg_budget_status($1, $2)")

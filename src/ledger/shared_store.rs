@@ -43,7 +43,12 @@ impl SharedStore {
         dispatch!(self, s => s.end_lease(replica).await)
     }
 
+    /// Releases dead replicas' holds (see `tg_sweep`), and on PostgreSQL prunes old rate-window
+    /// events (Redis expires them itself).
     pub async fn sweep(&self) -> Result<i64, LedgerError> {
+        if let SharedStore::Postgres(pg) = self {
+            pg.prune_rate_events().await?;
+        }
         dispatch!(self, s => s.sweep().await)
     }
 

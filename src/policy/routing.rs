@@ -246,7 +246,7 @@ pub async fn reserve_fallback(
     if let Some(why) = unfit(request, caller, asked, m, counter) {
         return Err((held, why));
     }
-    book.settle(held, NanoUsd::ZERO);
+    book.release(held).await;
     match reserve(book, budgets, request, request_id, m, max_output(request, m), counter, now).await {
         Ok(Ok((reservation, ..))) => Ok(reservation),
         Ok(Err((cost, refusal))) => Err((Reservation::none(), does_not_fit(m, cost, &refusal))),

@@ -16,7 +16,7 @@ use crate::auth;
 use crate::config::OnLedgerError;
 use crate::edge;
 use crate::error::ApiError;
-use crate::policy::budget::BudgetStore;
+use crate::policy::budget::{BudgetStore, Reservation};
 use crate::policy::models::Model;
 use crate::policy::pricing::NanoUsd;
 use crate::policy::request::{self, Endpoint, ParsedRequest};
@@ -120,29 +120,27 @@ pub(super) async fn admit(
             });
         }
     };
+    let Admission { model, decision, reason, reservation, prompt_tokens, prompt_exact, .. } = admission;
+    // From here until the request is forwarded, a refusal or a client gone gives it back.
+    let taken = Taken::new(app, reservation);
     // Rate limits count admitted requests; tpm needs the prompt's tokens.
     let limited_tpm = budgets.iter().any(|b| b.spec.tpm.is_some());
-    let rate_tokens = if limited_tpm { counter.exact(&admission.model) } else { admission.prompt_tokens };
+    let rate_tokens = if limited_tpm { counter.exact(&model) } else { prompt_tokens };
     let rate = match app.rates.admit(&budgets, rate_tokens, now.timestamp_millis()).await {
         Ok(Ok(t)) => t,
-        Err(_) => {
-            app.budgets.settle(admission.reservation, NanoUsd::ZERO);
-            return Err(ApiError::BudgetsUnavailable);
-        }
+        Err(_) => return Err(ApiError::BudgetsUnavailable),
         Ok(Err(refusal)) => {
-            app.budgets.settle(admission.reservation, NanoUsd::ZERO);
             return Err(ApiError::RateLimited {
                 message: rate_limit_message(&refusal),
                 retry_after_s: refusal.retry_after_s,
             });
         }
     };
-    let local_prompt = if admission.prompt_exact || limited_tpm {
-        LocalPrompt::Exact(counter.exact(&admission.model))
+    let local_prompt = if prompt_exact || limited_tpm {
+        LocalPrompt::Exact(counter.exact(&model))
     } else {
         LocalPrompt::Deferred(parsed.prompt.clone(), endpoint)
     };
-    let Admission { model, decision, reason, reservation, prompt_tokens, .. } = admission;
     tracing::debug!(request_id, model = %model.name, decision = decision.as_str(), %reason, "routed");
     let downgraded_from = (decision == Decision::Downgrade).then(|| asked.name.clone());
     let Some(slot) = slot else {
@@ -159,7 +157,7 @@ pub(super) async fn admit(
         asked: asked.name.clone(),
         stream: parsed.stream,
         local_prompt_tokens: local_prompt,
-        reservation,
+        reservation: taken.keep(),
         rate,
         slot,
         entry: None,
@@ -190,21 +188,19 @@ async fn dry_run_answer(
     counter: &mut PromptCounter<'_>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Response, ApiError> {
-    // The rate limits as the request would meet them (checked, no slot taken).
+    // The rate limits as the request would meet them (checked, no slot taken). A dry run
+    // charges nothing: every reservation goes back before the room left is read.
     let admitted = match admitted {
-        Ok(a) => {
+        Ok(mut a) => {
+            let taken = Taken::new(app, std::mem::replace(&mut a.reservation, Reservation::none()));
             let rate_tokens =
                 if budgets.iter().any(|b| b.spec.tpm.is_some()) { counter.exact(&a.model) } else { a.prompt_tokens };
-            match app.rates.check(budgets, rate_tokens, now.timestamp_millis()).await {
+            let checked = app.rates.check(budgets, rate_tokens, now.timestamp_millis()).await;
+            taken.give_back().await;
+            match checked {
                 Ok(Ok(())) => Ok(a),
-                Ok(Err(refusal)) => {
-                    app.budgets.settle(a.reservation, NanoUsd::ZERO);
-                    Err(rate_limit_message(&refusal))
-                }
-                Err(_) => {
-                    app.budgets.settle(a.reservation, NanoUsd::ZERO);
-                    return Err(ApiError::BudgetsUnavailable);
-                }
+                Ok(Err(refusal)) => Err(rate_limit_message(&refusal)),
+                Err(_) => return Err(ApiError::BudgetsUnavailable),
             }
         }
         Err(NotAdmitted::Refused(reason, _)) => Err(reason),
@@ -215,8 +211,6 @@ async fn dry_run_answer(
             let exact = counter.exact(&a.model);
             let estimated = a.model.price.worst_case(exact, 0);
             let max_cost = a.model.price.worst_case(exact, routing::max_output(parsed, &a.model));
-            // A dry run charges nothing: give the reservation straight back.
-            app.budgets.settle(a.reservation, NanoUsd::ZERO);
             (a.decision, Some(a.model.name.clone()), a.reason, max_cost, estimated)
         }
         Err(reason) => {
@@ -237,4 +231,37 @@ async fn dry_run_answer(
         "remaining_usd": remaining.map(|r| r.as_usd()),
     }))
     .into_response())
+}
+
+/// A reservation admission has taken: given back (nothing spent) if it is dropped before the
+/// request is forwarded, as when the client goes away while a rate window is asked.
+struct Taken<'a> {
+    app: &'a AppState,
+    reservation: Option<Reservation>,
+}
+
+impl<'a> Taken<'a> {
+    fn new(app: &'a AppState, reservation: Reservation) -> Self {
+        Taken { app, reservation: Some(reservation) }
+    }
+
+    /// The reservation, now the request's to settle.
+    fn keep(mut self) -> Reservation {
+        self.reservation.take().unwrap_or_else(Reservation::none)
+    }
+
+    /// Gives the reservation back, returning once its room is free.
+    async fn give_back(mut self) {
+        if let Some(r) = self.reservation.take() {
+            self.app.budgets.release(r).await;
+        }
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            self.app.budgets.settle(r, NanoUsd::ZERO);
+        }
+    }
 }

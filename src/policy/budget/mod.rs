@@ -309,8 +309,15 @@ pub trait BudgetStore: Send + Sync {
     /// Replaces loose reservations' bound-priced amounts with their exact worst cases.
     fn tighten(&self, loose: &[Arc<Loose>]);
 
-    /// Releases the reservation and books `cost` as spent in the period it was taken in.
+    /// Releases the reservation and books `cost` as spent in the period it was taken in. A
+    /// shared store may book it a moment later; the money stays held until it has.
     fn settle(&self, reservation: Reservation, cost: NanoUsd);
+
+    /// Releases the reservation, nothing spent, and returns once its room is free again.
+    fn release(&self, reservation: Reservation) -> impl Future<Output = ()> + Send {
+        self.settle(reservation, NanoUsd::ZERO);
+        std::future::ready(())
+    }
 
     /// Whether any budget is at or past its downgrade threshold (spent + reserved ≥
     /// downgrade_at × limit), before the request in question.
